@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The main job: the whole ASTRO pipeline on the built-in Countdown task, on a CPU.
+#
+#   bash runs/countdown.sh              # full run into out/ (budget: <= 30 min on 2 cores)
+#   SMOKE=1 OUT=/tmp/smoke bash runs/countdown.sh   # the same pipeline, tiny budgets (~1 min; the tests run it)
+#
+# prepare -> base policy (SFT from scratch on direct solutions) -> MCTS on train problems -> linearize (ASTRO and
+# Direct traces from the same trees) -> SFT from the base on each -> RL from each SFT model -> eval of all five on
+# the same held-out test problems -> report.md. Every stage resumes: re-running the script skips finished stages
+# and continues an interrupted one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+DATA=$OUT/data
+mkdir -p "$OUT"
+
+if [ "${SMOKE:-0}" = 1 ]; then   # tiny budgets: exercises every stage and file hand-off, proves nothing
+  PREP="--train=40 --warmup=300 --val=10 --test=10"
+  BASE="--max_steps=30 --batch_size=8 --micro_batch=8 --seq_len=256 --eval_every=0 --save_every=10 --dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --progress=False"
+  SEARCH="--limit=6 --num_simulations=4 --k=3 --M=2 --problems_per_batch=6 --max_rollout_tokens=64"
+  SFT="--max_steps=10 --batch_size=8 --micro_batch=8 --seq_len=512 --eval_every=0 --progress=False"
+  RL="--max_steps=3 --prompts_per_step=4 --filter_samples=0 --eval_every=0 --max_new_tokens=96"
+  EVAL="--limit=6 --num_samples=2 --max_new_tokens=96"
+else
+  PREP=""; BASE=""; SEARCH=""; SFT=""; RL=""; EVAL=""
+fi
+
+stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
+t0=$(date +%s)
+
+stage "prepare the Countdown task"
+# shellcheck disable=SC2086
+python data/countdown/prepare.py --out_dir="$DATA" $PREP
+
+stage "base policy: SFT from scratch on direct solutions"
+# shellcheck disable=SC2086
+python sft.py config/base_countdown.py --data="$DATA/warmup.jsonl" --tokenizer="$DATA/tokenizer.model" \
+  --out_dir="$OUT/base" $BASE
+
+stage "search: MCTS with the base policy"
+# shellcheck disable=SC2086
+python search.py config/search_countdown.py --problems="$DATA/train.jsonl" --policy="$OUT/base" \
+  --out_dir="$OUT/search" $SEARCH
+
+stage "linearize: ASTRO and Direct traces from the same trees"
+for mode in astro direct; do
+  python linearize.py --mode=$mode --trees="$OUT/search/trees.jsonl" --out="$OUT/linearize/$mode.jsonl"
+done
+
+for mode in direct astro; do
+  stage "SFT $mode"
+  # shellcheck disable=SC2086
+  python sft.py config/sft_$mode.py --init="$OUT/base" --data="$OUT/linearize/$mode.jsonl" \
+    --out_dir="$OUT/sft_$mode" $SFT
+done
+
+for mode in direct astro; do
+  stage "RL $mode"
+  # shellcheck disable=SC2086
+  python rl.py config/rl_$mode.py --init="$OUT/sft_$mode" --train="$DATA/train.jsonl" --val="$DATA/val.jsonl" \
+    --out_dir="$OUT/rl_$mode" $RL
+done
+
+for name in base sft_direct sft_astro rl_direct rl_astro; do
+  stage "eval $name"
+  # shellcheck disable=SC2086
+  python eval.py config/eval_countdown.py --init="$OUT/$name" --data="$DATA/test.jsonl" --out_dir="$OUT/eval/$name" $EVAL
+done
+
+stage "report"
+python runs/report.py --out="$OUT"
+echo "main job finished in $(( $(date +%s) - t0 )) s; report: $OUT/report.md"

@@ -1,0 +1,105 @@
+"""
+runs/report.py — the main job's last step: the paper's table in miniature, computed from the stage outputs.
+
+    python runs/report.py --out=out          # reads out/eval/*/summary.json, out/search, out/linearize -> out/report.md
+
+Every number comes from a file the stages wrote; nothing is typed in.
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
+
+MODELS = [("base", "Base policy (warm-up SFT, no search)"), ("sft_direct", "Direct-SFT"), ("sft_astro", "ASTRO-SFT"),
+          ("rl_direct", "Direct-RL"), ("rl_astro", "ASTRO-RL")]
+
+
+@dataclass
+class Config:
+    out: str = "out"  # the main job's output root
+    report: str = ""  # "" = <out>/report.md
+
+
+def load(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def pct(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def main(cfg):
+    rows = [(key, name, load(os.path.join(cfg.out, "eval", key, "summary.json"))) for key, name in MODELS]
+    rows = [r for r in rows if r[2]]
+    if not rows:
+        raise common.UserError(f"no {cfg.out}/eval/*/summary.json found: run the eval stage first")
+    levels = sorted({lv for _, _, s in rows for lv in s["pass@1_by_level"]}, key=int)
+    s0 = rows[0][2]
+    sizes = ", ".join(f"{s0['problems_by_level'][lv]} with {lv} numbers" for lv in levels)
+    lines = ["# nanoastro: ASTRO in miniature on Countdown", "",
+             f"Held-out test problems: {s0['problems']} "
+             f"({sizes}); "
+             f"{s0['samples_per_problem']:.0f} samples per problem. pass@1 = mean accuracy over the samples "
+             f"(95% interval: {s0['ci_method']}); maj@k = majority vote over those samples; greedy = temperature 0.",
+             "", "| model | pass@1 (95% CI) | maj@k | greedy | " + " | ".join(f"pass@1, {lv} numbers" for lv in levels)
+             + " | tokens/response | backtracks/response | r(backtracks, correct) |",
+             "|---|---|---|---|" + "---|" * len(levels) + "---|---|---|"]
+    for key, name, s in rows:
+        lo, hi = s["pass@1_ci95"]
+        corr = s["pearson_backtracks_correct"]
+        lines.append(f"| {name} | {pct(s['pass@1'])} ({pct(lo)}–{pct(hi)}) | {pct(s['maj@k'])} | "
+                     f"{pct(s['greedy_acc'])} | " + " | ".join(pct(s["pass@1_by_level"].get(lv)) for lv in levels)
+                     + f" | {s['mean_tokens']:.1f} | {s['backtracks_per_response']:.2f} | "
+                     + ("–" if corr is None else f"{corr:+.2f}") + " |")
+    lines += ["", "Accuracies in %. Truncated responses (hit the token budget): "
+              + ", ".join(f"{name} {pct(s['truncated'])}%" for _, name, s in rows) + "."]
+
+    search = load(os.path.join(cfg.out, "search", "stats.json"))
+    if search:
+        lines += ["", "## Search (MCTS with the base policy on training problems)", "",
+                  "| statistic | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in search.items() if not isinstance(v, (dict, list))]
+    for mode in ("astro", "direct"):
+        st = load(os.path.join(cfg.out, "linearize", f"{mode}.jsonl.stats.json"))
+        if st:
+            lines += ["", f"## Linearized {mode} traces", "", "| statistic | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                      for k, v in st.items() if not isinstance(v, (dict, list))]
+
+    # One example: a test response of the ASTRO model that backtracked, else a training trace with a backtrack.
+    example, where = None, ""
+    for key in ("rl_astro", "sft_astro"):
+        path = os.path.join(cfg.out, "eval", key, "predictions.jsonl")
+        if os.path.exists(path):
+            for p in common.resume_jsonl(path):
+                if p.get("backtracks", 0) > 0 and p.get("correct"):
+                    example, where = p["response"], f"a correct test response of {key} with a backtrack ({p['id']})"
+                    break
+        if example:
+            break
+    if example is None:
+        path = os.path.join(cfg.out, "linearize", "astro.jsonl")
+        if os.path.exists(path):
+            for r in common.resume_jsonl(path):
+                if r.get("meta", {}).get("backtracks", 0) > 0:
+                    example, where = r["messages"][-1]["content"], f"an ASTRO training trace ({r['id']})"
+                    break
+    if example:
+        lines += ["", f"## Example: {where}", "", "```", example.strip(), "```"]
+    text = "\n".join(lines) + "\n"
+    path = cfg.report or os.path.join(cfg.out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print(text)
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config)
