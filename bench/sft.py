@@ -1,0 +1,152 @@
+"""
+Tokens/s of sft.py's training step against a plain training loop over transformers' LlamaForCausalLM with the same
+model config, data, batch (conversations per micro-step, micro-steps per step), precision and AdamW, in one process.
+
+    python bench/sft.py                               # the built-in base policy (dim 256, 4 layers), fp32
+    python bench/sft.py --steps=2 --warmup=1 --threads=1 --batch_size=4 --micro_batch=2   # a quick probe
+    python bench/sft.py --compile=True                # sft.py with torch.compile (the plain loop stays eager)
+Ours is sft.main itself (batch building, doc-masked forward, loss, backward, clip, AdamW), timed from its own
+metrics.jsonl after `warmup` steps. Two baselines: (1) the same packed rows fed to LlamaForCausalLM(input_ids,
+labels) with its plain causal attention: less work than ours (no block-diagonal mask) but packed documents see
+each other; (2) the usual HF SFT loop: the same conversations, one per row, padded to the longest of the
+micro-batch. Rates are data tokens/s (padding excluded; processed tokens in brackets) and the ratio
+ours / transformers. Target (issue 4): >= 1.3x. Data: data/countdown/warmup.jsonl + tokenizer.model when present,
+else synthetic Countdown-like conversations with a byte-level tokenizer. Don't tune timings while others use the CPU.
+"""
+import base64
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+
+import common
+import sft
+from model import ModelConfig, Tokenizer, ffn_hidden
+
+
+@dataclass
+class Config:
+    data: str = "data/countdown/warmup.jsonl"  # conversations; synthetic ones if the file is missing
+    tokenizer: str = "data/countdown/tokenizer.model"  # used with `data`
+    dim: int = 256  # model shape (the base policy's)
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    seq_len: int = 1024  # packed row length
+    batch_size: int = 16  # rows per optimizer step
+    micro_batch: int = 4  # rows per forward
+    steps: int = 10  # timed steps
+    warmup: int = 2  # untimed steps first
+    dtype: str = "float32"  # "bfloat16" (autocast, fp32 master weights) or "float32"
+    compile: bool = False  # torch.compile in sft.py (a trainer option; the plain loop stays eager)
+    compile_hf: bool = False  # torch.compile the transformers model too
+    threads: int = 0  # torch threads; 0 = torch's default
+
+
+def synthetic(dirname, n=3000, seed=0):
+    """Countdown-like conversations (one operation per line) and a byte-level tokenizer."""
+    rnd = random.Random(seed)
+    tok = os.path.join(dirname, "bytes.model")
+    with open(tok, "w") as f:
+        for i in range(256):
+            f.write(f"{base64.b64encode(bytes([i])).decode()} {i}\n")
+    data = os.path.join(dirname, "conv.jsonl")
+    with open(data, "w") as f:
+        for _ in range(n):
+            nums = [rnd.randint(1, 99) for _ in range(4)]
+            steps, pool = [], list(nums)
+            while len(pool) > 1:
+                a, b = pool.pop(rnd.randrange(len(pool))), pool.pop(rnd.randrange(len(pool)))
+                pool.append(a + b)
+                steps.append(f"{a} + {b} = {a + b}, remaining: {pool}\n")
+            msgs = [{"role": "user", "content": f"Use {nums} to reach {pool[0]}."},
+                    {"role": "assistant", "content": "".join(steps) + f"\\boxed{{{pool[0]}}}"}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return data, tok
+
+
+def ours(b, data, tok, out_dir):
+    cfg = sft.Config(data=data, tokenizer=tok, dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads,
+                     n_kv_heads=b.n_kv_heads, seq_len=b.seq_len, batch_size=b.batch_size, micro_batch=b.micro_batch,
+                     max_steps=b.warmup + b.steps, dtype=b.dtype, compile=b.compile, val_frac=0.0, eval_every=0,
+                     save_every=10**9, log_every=1, progress=False, out_dir=out_dir)
+    sft.main(cfg)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if '"loss"' in line][b.warmup:]
+    seconds = sum(r["tokens"] / r["tok_s"] for r in recs)
+    data_tokens = sum(r["tokens"] * (1 - r["pad"]) for r in recs)  # padding excluded
+    return data_tokens / seconds, sum(r["tokens"] for r in recs) / seconds
+
+
+def transformers_loop(b, data, tok_path, packed):
+    """Data tokens/s and processed tokens/s of a plain LlamaForCausalLM loop. packed=True: our packed rows, full
+    length, plain causal attention (documents see each other: less work than ours, and a different objective).
+    packed=False: the same conversations per micro-step as ours, one per row, padded to the longest (the usual
+    HF SFT loop)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = Tokenizer(tok_path)
+    docs, _ = sft.render(sft.read_conversations(data), tok, sft.Config(seq_len=b.seq_len))  # val_frac=0 below too
+    order = np.random.default_rng([sft.Config.seed, 2, 0]).permutation(len(docs))  # sft.py's epoch-0 order
+    rows = sft.pack([len(ids) for ids, _ in docs], order, b.seq_len)  # so: the rows ours trains on, in order
+    mcfg = ModelConfig(dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads, n_kv_heads=b.n_kv_heads)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tok.n_vocab, hidden_size=b.dim, intermediate_size=ffn_hidden(mcfg), num_hidden_layers=b.n_layers,
+        num_attention_heads=b.n_heads, num_key_value_heads=b.n_kv_heads, rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=b.seq_len, tie_word_embeddings=False, attn_implementation="sdpa"))
+    model = torch.compile(hf) if b.compile_hf else hf
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=b.dtype == "bfloat16")
+    accum, k, t0, data_tokens, slots = b.batch_size // b.micro_batch, 0, None, 0, 0
+    for step in range(b.warmup + b.steps):
+        if step == b.warmup:
+            t0, data_tokens, slots = time.time(), 0, 0
+        for _ in range(accum):
+            mine = [rows[(k + i) % len(rows)] for i in range(b.micro_batch)]
+            k += b.micro_batch
+            if packed:
+                x, y, _ = sft.make_batch(mine, docs, b.seq_len, trim=False)
+            else:
+                x, y, _ = sft.make_batch([[i] for r in mine for i in r], docs, b.seq_len)
+                longest = max(len(docs[i][0]) for r in mine for i in r)
+                x, y = x[:, :longest], y[:, :longest]
+            labels = torch.full_like(x, -100)  # HF shifts labels itself: labels[t] is predicted at t-1
+            labels[:, 1:] = torch.where(y[:, :-1] == -1, -100, y[:, :-1])
+            with autocast:
+                loss = model(input_ids=x, labels=labels).loss
+            (loss / accum).backward()
+            data_tokens += sum(len(docs[i][0]) for r in mine for i in r)
+            slots += x.numel()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    return data_tokens / dt, slots / dt
+
+
+def main(b):
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, tok = (b.data, b.tokenizer) if os.path.isfile(b.data) and os.path.isfile(b.tokenizer) \
+            else synthetic(tmp)
+        print(f"data {data} | dim {b.dim} x {b.n_layers} layers | {b.batch_size}x{b.seq_len} tokens per step "
+              f"({b.micro_batch} rows per forward) | {b.dtype} | compile {b.compile} | "
+              f"{torch.get_num_threads()} threads | {b.steps} timed steps after {b.warmup}")
+        ours_data, ours_all = ours(b, data, tok, os.path.join(tmp, "out"))
+        print(f"sft.py: {ours_data:,.0f} data tok/s ({ours_all:,.0f} processed, padding included)", flush=True)
+        for packed, name in ((True, "same packed rows, plain causal"), (False, "one conversation per row, padded")):
+            hf_data, hf_all = transformers_loop(b, data, tok, packed)
+            print(f"transformers ({name}): {hf_data:,.0f} data tok/s ({hf_all:,.0f} processed) | "
+                  f"ratio sft.py / transformers = {ours_data / hf_data:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config)
