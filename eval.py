@@ -69,8 +69,8 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 
 def countdown_prompt(numbers, target):
     """The Countdown problem statement (data/countdown/prepare.py writes it as the record's "problem")."""
-    return (f"Make {target} from the numbers {' '.join(map(str, numbers))} using + - * / and each number exactly "
-            f"once. Write one operation per line, then the expression in \\boxed{{}}.")
+    # Short on purpose: every stage re-reads the prompt (training, search prefill, RL, eval) on a CPU budget.
+    return f"Make {target} from {' '.join(map(str, numbers))} with + - * /, each number once, answer in \\boxed{{}}."
 
 
 def prompt_messages(rec):

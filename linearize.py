@@ -40,7 +40,7 @@ SEEMS_RIGHT = "Our solution seems to be correct so far."
 class Config:
     mode: str = "astro"          # "astro": search traces; "direct": the baseline, plain root->n* paths, same counts
     trees: str = "out/search/trees.jsonl"  # input: search.py's trees
-    out: str = ""                # output JSONL; "" = out/linearize/<mode>.jsonl. Stats go to <out>.stats.json
+    out: str = ""                # output JSONL; "" = out/linearize/<mode>.jsonl. Stats: <out without .jsonl>.stats.json
     ks: tuple = (0, 1, 1, 2)     # k (wrong terminals visited) of each trace per tree: the paper's 1 direct + 3
                                  # with k >= 1. k is capped by the number of distinct wrong answers; a k >= 1 slot
                                  # is dropped when the tree has no wrong terminal at all (it would be direct).

@@ -3,7 +3,7 @@ rl.py — reinforcement learning with verifiable rewards (GRPO-style), from the 
 
 Run (the built-in Countdown task; resumes from out_dir/state.pt when it exists, so rerun the same command):
     python rl.py                                    # out/sft_astro -> out/rl_astro, prompts data/countdown/train.jsonl
-    python rl.py config/rl_direct.py                # out/sft_direct -> out/rl_direct (the Direct baseline)
+    python rl.py config/rl_astro.py config/rl_direct.py   # out/sft_direct -> out/rl_direct (the Direct baseline)
     python rl.py --max_steps=20 --prompts_per_step=8 --filter_samples=0   # a quick CPU smoke run
     torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py  # several GPUs
 Writes out_dir/{model.pt, tokenizer.model, state.pt, metrics.jsonl, config.json, prompts.jsonl}.
@@ -86,7 +86,7 @@ class Config:
     prompts_per_step: int = 16      # prompts per step over all ranks
     group_size: int = 4             # G completions per prompt (the paper: 4)
     temperature: float = 1.0        # 1.0: sample the very policy we train
-    max_new_tokens: int = 512       # completion budget (notes: 2-4x the longest SFT trace)
+    max_new_tokens: int = 256       # completion budget (notes: 2-4x the longest SFT trace)
     gen_batch_size: int = 256       # rows per model.generate batch
     # reward and advantage
     reward_correct: float = 1.0
@@ -94,11 +94,11 @@ class Config:
     std_adv: bool = False           # divide A by the group's std (verl/TRL default); off = Dr. GRPO / nanochat
     truncation: str = "mask"        # "mask": drop truncated completions (DAPO); "wrong": reward_wrong
     # prompt selection
-    filter_samples: int = 8         # keep prompts with 0 < start-policy pass rate < 1 over this many samples; 0 = all
-    filter_limit: int = 1024        # how many (shuffled) train problems the filter looks at; 0 = all
+    filter_samples: int = 4         # keep prompts with 0 < start-policy pass rate < 1 over this many samples; 0 = all
+    filter_limit: int = 512        # how many (shuffled) train problems the filter looks at; 0 = all
     # optimization
-    max_steps: int = 200
-    lr: float = 1e-5                # notes: 1e-6..5e-6 for mid-size models, larger for tiny ones
+    max_steps: int = 40
+    lr: float = 1e-4                # notes: 1e-6..5e-6 for mid-size models, larger for tiny ones
     warmup_steps: int = 10
     min_lr_frac: float = 0.1
     weight_decay: float = 0.0
@@ -109,10 +109,10 @@ class Config:
     kl_beta: float = 0.0            # β of the k3 KL penalty to the start policy
     log_kl: bool = True             # measure that KL even when kl_beta = 0 (one extra no-grad forward)
     # evaluation, logging, checkpoints
-    eval_every: int = 25            # held-out evaluation every N steps and at the end (0 = never)
+    eval_every: int = 0            # held-out evaluation every N steps and at the end (0 = never)
     eval_limit: int = 200           # the first N val problems (0 = all)
     eval_temperature: float = 0.0   # 0 = greedy
-    save_every: int = 25            # state.pt + model.pt every N steps and at the end
+    save_every: int = 20            # state.pt + model.pt every N steps and at the end
     seed: int = 1337
     # system
     device: str = ""                # "" = cuda if available else cpu

@@ -5,7 +5,7 @@ chain-of-thoughts that linearize.py writes (ASTRO traces, or the Direct baseline
     python sft.py                                  # base policy of the built-in task, from scratch -> out/base
     python sft.py config/base_countdown.py         # the same, spelled out, with its token budget
     python sft.py config/sft_astro.py              # ASTRO SFT of out/base on out/linearize/astro.jsonl -> out/sft_astro
-    python sft.py config/sft_direct.py             # Direct SFT (the control) -> out/sft_direct
+    python sft.py config/sft_astro.py config/sft_direct.py   # Direct SFT (the control) -> out/sft_direct
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_llama_math.py    # DDP, or FSDP2 with --fsdp=True
 
 Data: JSONL of {"messages": [{"role": ..., "content": ...}, ...]} rendered with the Llama 3 chat format
@@ -43,22 +43,22 @@ class Config:
     val_data: str = ""                # held-out conversations; "" = hold out val_frac of `data`
     val_frac: float = 0.02            # share of `data` held out (fixed by seed) when val_data is ""
     loss_on: str = "assistant"        # "assistant": assistant content + its <|eot_id|>; "all": every token
-    seq_len: int = 1024               # packed row length = longest conversation allowed (in tokens)
+    seq_len: int = 256                # packed row length = longest conversation allowed (in tokens)
     skip_long: bool = False           # longer conversations: False = error naming file:line, True = drop + count
     # model
     init: str = "scratch"             # "scratch" (shape and tokenizer below) or a checkpoint dir (ours/Meta/HF)
     tokenizer: str = "data/countdown/tokenizer.model"  # used by init="scratch" only
-    dim: int = 256                    # scratch only: width (dim 256, 4 layers, 8/4 heads = ~3.4M params)
+    dim: int = 128                    # scratch only: width (dim 128, 4 layers, 4/2 heads = ~1.0M params)
     n_layers: int = 4                 # scratch only
-    n_heads: int = 8                  # scratch only
-    n_kv_heads: int = 4               # scratch only
+    n_heads: int = 4                  # scratch only
+    n_kv_heads: int = 2               # scratch only
     max_seq_len: int = 4096           # scratch only: rotary table size, room for longer generations (search, RL)
     # optimization
-    batch_size: int = 16              # rows of seq_len tokens per optimizer step, summed over ranks and micro-steps
-    micro_batch: int = 4              # rows per forward per rank; grad accumulation = batch_size/(micro_batch*ranks)
+    batch_size: int = 32              # rows of seq_len tokens per optimizer step, summed over ranks and micro-steps
+    micro_batch: int = 32             # rows per forward per rank; grad accumulation = batch_size/(micro_batch*ranks)
     epochs: float = 1.0               # passes over the data (rounded up to whole steps); used when max_steps is 0
-    max_steps: int = 150              # optimizer steps; 0 = derive from epochs. 150*16*1024 = 2.5M tokens
-    lr: float = 1e-3                  # peak learning rate
+    max_steps: int = 600              # optimizer steps; 0 = derive from epochs. 600*32*256 = 4.9M tokens
+    lr: float = 3e-3                  # peak learning rate
     warmup_steps: int = 20            # linear warm-up, then cosine decay to lr*min_lr_frac
     min_lr_frac: float = 0.1
     weight_decay: float = 0.1         # on matrices and embeddings only

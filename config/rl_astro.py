@@ -1,4 +1,4 @@
-# RL (GRPO-style) from the ASTRO-SFT policy on the built-in Countdown task (these are rl.py's defaults, spelled out).
+# RL (GRPO-style) from the ASTRO-SFT policy on the built-in Countdown task (the CPU budget of the main job: ~3 min).
 # python rl.py config/rl_astro.py
 init = "out/sft_astro"
 train = "data/countdown/train.jsonl"
@@ -6,8 +6,10 @@ val = "data/countdown/val.jsonl"
 out_dir = "out/rl_astro"
 prompts_per_step = 16
 group_size = 4
-max_new_tokens = 512
-filter_samples = 8
-filter_limit = 1024
-max_steps = 200
-lr = 1e-5
+max_new_tokens = 256
+filter_samples = 4
+filter_limit = 512
+max_steps = 40
+lr = 1e-4
+eval_every = 0
+save_every = 20

@@ -14,13 +14,13 @@ OUT=${OUT:-out}
 DATA=$OUT/data
 mkdir -p "$OUT"
 
-if [ "${SMOKE:-0}" = 1 ]; then   # tiny budgets: exercises every stage and file hand-off, proves nothing
-  PREP="--train=40 --warmup=300 --val=10 --test=10"
-  BASE="--max_steps=30 --batch_size=8 --micro_batch=8 --seq_len=256 --eval_every=0 --save_every=10 --dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --progress=False"
-  SEARCH="--limit=6 --num_simulations=4 --k=3 --M=2 --problems_per_batch=6 --max_rollout_tokens=64"
-  SFT="--max_steps=10 --batch_size=8 --micro_batch=8 --seq_len=512 --eval_every=0 --progress=False"
-  RL="--max_steps=3 --prompts_per_step=4 --filter_samples=0 --eval_every=0 --max_new_tokens=96"
-  EVAL="--limit=6 --num_samples=2 --max_new_tokens=96"
+if [ "${SMOKE:-0}" = 1 ]; then   # tiny budgets and 2-number problems: exercises every stage and hand-off, proves nothing
+  PREP="--train=40 --warmup=2000 --val=8 --test=8 --levels=(2,) --level_mix=(1,) --hi=99"
+  BASE="--max_steps=250 --batch_size=8 --micro_batch=8 --lr=3e-3 --dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --eval_every=0 --progress=False"
+  SEARCH="--limit=16 --num_simulations=6 --k=3 --M=4 --problems_per_batch=16 --max_rollout_tokens=64"
+  SFT="--max_steps=10 --batch_size=8 --micro_batch=8 --eval_every=0 --progress=False"
+  RL="--max_steps=3 --prompts_per_step=4 --filter_samples=0 --max_new_tokens=96"
+  EVAL="--num_samples=2 --max_new_tokens=96"
 else
   PREP=""; BASE=""; SEARCH=""; SFT=""; RL=""; EVAL=""
 fi
@@ -50,14 +50,14 @@ done
 for mode in direct astro; do
   stage "SFT $mode"
   # shellcheck disable=SC2086
-  python sft.py config/sft_$mode.py --init="$OUT/base" --data="$OUT/linearize/$mode.jsonl" \
-    --out_dir="$OUT/sft_$mode" $SFT
+  python sft.py config/sft_astro.py config/sft_$mode.py --init="$OUT/base" --data="$OUT/linearize/$mode.jsonl" \
+    --out_dir="$OUT/sft_$mode" $SFT   # Direct = the ASTRO recipe with other data
 done
 
 for mode in direct astro; do
   stage "RL $mode"
   # shellcheck disable=SC2086
-  python rl.py config/rl_$mode.py --init="$OUT/sft_$mode" --train="$DATA/train.jsonl" --val="$DATA/val.jsonl" \
+  python rl.py config/rl_astro.py config/rl_$mode.py --init="$OUT/sft_$mode" --train="$DATA/train.jsonl" --val="$DATA/val.jsonl" \
     --out_dir="$OUT/rl_$mode" $RL
 done
 

@@ -67,7 +67,7 @@ def main(cfg):
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in search.items() if not isinstance(v, (dict, list))]
     for mode in ("astro", "direct"):
-        st = load(os.path.join(cfg.out, "linearize", f"{mode}.jsonl.stats.json"))
+        st = load(os.path.join(cfg.out, "linearize", f"{mode}.stats.json"))
         if st:
             lines += ["", f"## Linearized {mode} traces", "", "| statistic | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
