@@ -360,6 +360,9 @@ def main(cfg):
     B = cfg.problems_per_batch
     chunks = [recs[i:i + B] for i in range(0, len(recs), B)]
     todo = [c for c in range(rank, len(chunks), world) if any(r["id"] not in done for r in chunks[c])]
+    if not todo and world == 1 and os.path.exists(os.path.join(cfg.out_dir, "stats.json")):
+        print(f"{out_path}: all {len(done)} trees already done")  # keep the stats of the run that searched them
+        return
     if todo:
         print(f"rank {rank}: {len(done)} trees already in {out_path}; {len(todo)} chunks to search with {cfg.policy}")
         net, tok = model.load_model(cfg.policy, device=device, dtype=dtype)
