@@ -313,7 +313,7 @@ def main(cfg):
     if cfg.group_size < 2 or cfg.prompts_per_step < 1 or cfg.ppo_epochs < 1 or cfg.micro_batch < 1:
         raise common.UserError("need group_size >= 2, prompts_per_step >= 1, ppo_epochs >= 1, micro_batch >= 1")
     rank, world, local = common.dist_setup()
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or common.autodetect_device()
     if device == "cuda" and world > 1:
         device = f"cuda:{local}"
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
