@@ -84,6 +84,41 @@ def step_delimiter(rec):
     return "\n" if "numbers" in rec else "\n\n"
 
 
+CALC = re.compile(r"(?<![\d.])(\d{1,6})([-+*/])(\d{1,6})=$")  # "...11*4=" at the end of the text so far
+TARGET = re.compile(r"Make (\d+) from ")  # the target in a Countdown prompt (countdown_prompt above)
+
+
+def tool(rec, tok):
+    """The task's tool for model.generate (the same in search, RL and eval), or None. Countdown has a calculator:
+    when the policy writes "a op b=", the sampler writes the result (integer results only: a - b with a >= b, exact
+    division; anything else is left to the model, and the grader rejects it); on the \\boxed{} line it also
+    compares the result with the target of the row's problem and ends the line ("=12*2=24 == 24\\n",
+    "=18+8=26 != 24\\n"). The miniature is about search, not
+    about a 1M-parameter model learning arithmetic: with its own arithmetic a third of the steps were wrong, and
+    even with exact results it never learned to compare its value with the target in the budget, so its
+    reflections could not tell right answers from wrong ones (EXPERIMENTS.md, runs 3-7). The model still chooses
+    every operation, copies every number, and decides when to reflect, where to go back and what to try next."""
+    if "numbers" not in rec:
+        return None
+    triggers = [i for i in tok.ids_containing("=") if tok.decode([i]).endswith("=")]
+
+    def calculator(prompt, ids):
+        line = tok.decode(ids[-64:]).rsplit("\n", 1)[-1]
+        m = CALC.search(line)
+        if not m:
+            return []
+        a, op, b = int(m[1]), m[2], int(m[3])
+        value = {"+": a + b, "-": a - b if a >= b else None, "*": a * b,
+                 "/": a // b if b and a % b == 0 else None}[op]
+        if value is None:
+            return []
+        if "\\boxed{" in line:  # the answer's line: compare with the target of THIS row's problem, and end the line
+            target = int(TARGET.search(tok.decode(prompt))[1])
+            return tok.encode(f"{value} {'==' if value == target else '!='} {target}\n")
+        return tok.encode(str(value))
+    return triggers, calculator
+
+
 def read_problems(path):
     """Problem records of a JSONL file, validated; a bad record is a UserError naming file:line: field."""
     recs, seen = common.read_jsonl(path, required=("id", "problem", "answer")), set()
@@ -677,7 +712,7 @@ def main(cfg):
                 for first, kw in runs:
                     outs = model.generate(net, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=stop,
                                           seed=cfg.seed + chunk[0][0], batch_size=cfg.batch_size,
-                                          compile=cfg.compile, **kw)
+                                          compile=cfg.compile, tool=tool(chunk[0][1], tok), **kw)
                     for res, samples in zip(results, outs):
                         res.extend((first + j if first >= 0 else -1, s) for j, s in enumerate(samples))
                 lines = []

@@ -270,6 +270,7 @@ class Sample:
     tokens: list[int]  # generated ids, including the stop token if one was hit
     logprobs: list[float]  # log p(token) under the model at temperature 1 (raw policy; no top-k/top-p), per token
     stopped: bool  # True if it ended on a stop id, False if it hit max_new_tokens / context
+    forced: list[int] = dataclasses.field(default_factory=list)  # positions (in tokens) a tool wrote, not the model
 
 
 _stats = {"prefill_tokens": 0, "decode_tokens": 0}
@@ -310,8 +311,12 @@ def sample_next(logits, temperature, top_k, top_p, gen):
 
 @torch.inference_mode()  # like no_grad, with less per-op overhead; nothing it creates leaves as a tensor
 def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
-             seed=0, batch_size=256, compile=False, progress=False):
+             seed=0, batch_size=256, compile=False, progress=False, tool=None):
     """Sample num_samples[i] continuations of each prompt (lists of ids); returns result[i] = [Sample, ...].
+
+    tool = (trigger ids, fn): when a row writes a trigger id, fn(its prompt, its generated ids so far) returns ids to
+    write next instead of samples (e.g. a calculator's result after "11*4="); they are fed one per step like sampled ids, and
+    Sample.forced lists their positions so RL can leave them out of the policy gradient.
 
     Continuous batching: up to batch_size rows decode together, one token per row per step. A row that finishes
     hands its slot to the next pending sample; when none are left, finished rows are dropped from the batch.
@@ -353,6 +358,9 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
     out_tok = torch.zeros(B, S, dtype=torch.long, device=dev)  # a generated token sits at its position
     out_lp = torch.zeros(B, S, dtype=torch.float32, device=dev)
     rows = [None] * B  # (prompt index, sample index) held by each row
+    triggers = torch.tensor(sorted(tool[0]) if tool else [], dtype=torch.long, device=dev)
+    queue = {}  # row -> ids the tool still has to write there
+    forced = [[] for _ in range(B)]  # row -> positions (from the prompt's end) the tool wrote
     prefix = {}  # prompt index -> (keys/values of its prefill chunk, its row there) while it has samples to start
 
     def prefill(idxs):
@@ -409,11 +417,26 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
         tok = sample_next(logits, temperature, top_k, top_p, gen)
         pos += 1
         max_pos += 1
+        if queue:  # rows in the middle of a tool's output: its next id replaces the sample
+            busy = list(queue)
+            tok[busy] = torch.tensor([queue[r].pop(0) for r in busy], device=dev)
+            for r in busy:
+                forced[r].append(int(pos[r]) - len(prompts[rows[r][0]]))
+                if not queue[r]:
+                    del queue[r]
         out_tok[ar, pos] = tok
         out_lp[ar, pos] = logits.log_softmax(dim=-1).gather(1, tok[:, None])[:, 0]
         done = pos >= limit
         if len(stops):
             done |= torch.isin(tok, stops)
+        if len(triggers):  # a second host sync, only with a tool
+            for r in (torch.isin(tok, triggers) & ~done).nonzero()[:, 0].tolist():
+                if r in queue:  # a trigger inside the tool's own output (" == 24") does not call it again
+                    continue
+                prompt = prompts[rows[r][0]]
+                ids = tool[1](prompt, out_tok[r, len(prompt) : int(pos[r]) + 1].tolist())
+                if ids:
+                    queue[r] = list(ids)
         fin = done.nonzero()[:, 0].tolist()  # the one host sync per step
         if not fin:
             continue
@@ -421,8 +444,9 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
         for r, t, lp, e in zip(fin, toks, lps, ends):
             i, j = rows[r]
             n = len(prompts[i])
-            results[i][j] = Sample(t[n : e + 1], lp[n : e + 1], t[e] in stop_set)
-            rows[r] = None
+            results[i][j] = Sample(t[n : e + 1], lp[n : e + 1], t[e] in stop_set, forced[r])
+            rows[r], forced[r] = None, []
+            queue.pop(r, None)
         bar.update(len(fin))
         admit(fin)  # refill the finished rows with pending samples, if any
         if None in rows:  # nothing left to start: drop the finished rows from the batch
@@ -431,6 +455,9 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
                 break
             cache.keep(keep)
             tok, pos, limit, out_tok, out_lp = (t[keep] for t in (tok, pos, limit, out_tok, out_lp))
+            kept = keep.tolist()
+            queue = {kept.index(r): q for r, q in queue.items()}  # (finished rows have no queue)
+            forced = [forced[r] for r in kept]
             rows = [x for x in rows if x is not None]
             ar = torch.arange(len(rows), device=dev)
         max_pos = int(pos.max())

@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 import common
 import sft
-from eval import count_reflections, grade, prompt_messages, read_problems, summarize
+from eval import count_reflections, grade, prompt_messages, read_problems, summarize, tool
 from model import generate, load_model, save_checkpoint
 
 
@@ -170,21 +170,23 @@ def token_logprobs(model, inputs, targets, start=0):
 
 
 def collate(rows, pad, device):
-    """rows: (prompt ids, completion ids, sampling logprobs, advantage) -> inputs, targets [B, L] (right-padded:
-    causal attention keeps padding out of real positions), old logprobs and mask [B, L - start] (mask marks the
-    completion targets; start = the first position holding one), adv [B], start. [] gives a dummy row, no loss."""
+    """rows: (prompt ids, completion ids, sampling logprobs, advantage, forced positions) -> inputs, targets [B, L]
+    (right-padded: causal attention keeps padding out of real positions), old logprobs and mask [B, L - start] (mask
+    marks the completion targets the policy sampled: not the padding, not what a tool wrote; start = the first
+    position holding one), adv [B], start. [] gives a dummy row, no loss."""
     dummy = not rows
-    rows = rows or [([pad], [pad], [0.0], 0.0)]
-    B, L = len(rows), max(len(p) + len(c) for p, c, _, _ in rows) - 1
+    rows = rows or [([pad], [pad], [0.0], 0.0, [])]
+    B, L = len(rows), max(len(r[0]) + len(r[1]) for r in rows) - 1
     inputs, targets = torch.full((B, L), pad), torch.full((B, L), pad)
     old, mask = torch.zeros(B, L), torch.zeros(B, L, dtype=torch.bool)
-    for i, (p, c, lp, _) in enumerate(rows):
+    for i, (p, c, lp, _, forced) in enumerate(rows):
         full = torch.tensor(p + c)
         inputs[i, :len(full) - 1], targets[i, :len(full) - 1] = full[:-1], full[1:]
         s = len(p) - 1
         mask[i, s:s + len(c)], old[i, s:s + len(c)] = not dummy, torch.tensor(lp)
-    start = min(len(p) for p, _, _, _ in rows) - 1  # no completion target before it: skip those logits
-    adv = torch.tensor([a for _, _, _, a in rows], dtype=torch.float32)
+        mask[i, [s + k for k in forced]] = False
+    start = min(len(r[0]) for r in rows) - 1  # no completion target before it: skip those logits
+    adv = torch.tensor([r[3] for r in rows], dtype=torch.float32)
     return [t.to(device) for t in (inputs, targets, old[:, start:], mask[:, start:], adv)] + [start]
 
 
@@ -213,15 +215,16 @@ def rollout(sampler, tok, recs, n, temperature, seed, cfg):
         return []
     prompts = [tok.render_prompt(prompt_messages(r)) for r in recs]
     groups = generate(sampler, prompts, n, max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-                      stop_ids=tok.stop_ids, seed=seed, batch_size=cfg.gen_batch_size, compile=cfg.compile)
+                      stop_ids=tok.stop_ids, seed=seed, batch_size=cfg.gen_batch_size, compile=cfg.compile,
+                      tool=tool(recs[0], tok))
     out = []
     for rec, prompt, samples in zip(recs, prompts, groups):
         for s in samples:
             text = tok.decode(s.tokens[:-1] if s.stopped else s.tokens)
             pred, correct = grade(rec, text)
             backtracks, reflections = count_reflections(text)
-            out.append(dict(prompt=prompt, tokens=s.tokens, logprobs=s.logprobs, stopped=s.stopped, pred=pred,
-                            correct=bool(correct), backtracks=backtracks, reflections=reflections))
+            out.append(dict(prompt=prompt, tokens=s.tokens, logprobs=s.logprobs, forced=s.forced, stopped=s.stopped,
+                            pred=pred, correct=bool(correct), backtracks=backtracks, reflections=reflections))
     return out
 
 
@@ -276,7 +279,7 @@ def update(model, ref, optimizer, rows, cfg, world, device, pad, amp):
     """ppo_epochs optimizer steps on this rank's rows (gradient accumulation over micro-batches).
     Returns (T, loss sum, clipped tokens, kl sum, grad norm); T = loss tokens over all ranks. No signal: no step."""
     micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
-    n_tok = all_reduce(torch.tensor(float(sum(len(r[1]) for r in rows)), device=device), world).item()
+    n_tok = all_reduce(torch.tensor(float(sum(len(r[1]) - len(r[4]) for r in rows)), device=device), world).item()
     n_micro = int(all_reduce(torch.tensor(float(len(micro)), device=device), world, "MAX").item())
     policy = getattr(model, "module", model)
     loss_sum = clipped = kl_sum = grad_norm = 0.0
@@ -395,8 +398,8 @@ def main(cfg):
                                 else cfg.reward_wrong for c in comps])
         keep = torch.tensor([c["stopped"] or trunc_wrong for c in comps], dtype=torch.bool)
         adv, signal = group_advantages(rewards, keep, G, cfg.std_adv)
-        rows = [(c["prompt"], c["tokens"], c["logprobs"], a) for i, (c, a) in enumerate(zip(comps, adv.tolist()))
-                if keep[i] and signal[i // G]]
+        rows = [(c["prompt"], c["tokens"], c["logprobs"], a, c["forced"])
+                for i, (c, a) in enumerate(zip(comps, adv.tolist())) if keep[i] and signal[i // G]]
         lr = sft.get_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
         for g in optimizer.param_groups:
             g["lr"] = lr

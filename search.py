@@ -50,7 +50,7 @@ import torch
 
 import common
 import model
-from eval import grade, prompt_messages, read_problems, step_delimiter
+from eval import grade, prompt_messages, read_problems, step_delimiter, tool
 
 
 @dataclass
@@ -300,12 +300,13 @@ def search(recs, policy, tok, cfg, seed, emit=None):
 
 # ----------------------------------------------------------------------------- main
 
-def make_policy(net, cfg):
-    """The one place the neural policy is called: model.generate with this run's sampling settings."""
+def make_policy(net, cfg, tool=None):
+    """The one place the neural policy is called: model.generate with this run's sampling settings (and the task's
+    tool: Countdown's calculator, see eval.tool)."""
     def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed):
         return model.generate(net, prompts, nums, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=cfg.top_p, stop_ids=stop_ids, seed=seed, batch_size=cfg.batch_size,
-                              compile=cfg.compile)
+                              compile=cfg.compile, tool=tool)
     return policy
 
 
@@ -366,7 +367,7 @@ def main(cfg):
     if todo:
         print(f"rank {rank}: {len(done)} trees already in {out_path}; {len(todo)} chunks to search with {cfg.policy}")
         net, tok = model.load_model(cfg.policy, device=device, dtype=dtype)
-        policy = make_policy(net, cfg)
+        policy = make_policy(net, cfg, tool(recs[0], tok))  # one task per file (check() above)
     model.reset_generate_stats()
     t0, new = time.time(), []
     with open(out_path, "a", encoding="utf-8") as f:

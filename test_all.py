@@ -272,6 +272,40 @@ def test_fanout_rows_sample_independently_and_seed_reproduces():
     assert M.generate(m, [[1, 2, 3]], 16, seed=4, **kw)[0] != a
 
 
+def test_tool_writes_after_its_trigger():
+    """A tool's ids replace the samples after a trigger, in every row (fan-out, refill and compaction included),
+    are marked forced, and the model then continues from them as from its own tokens."""
+    m = random_model(tiny_cfg(), seed=8)
+    with torch.no_grad():
+        m.output.weight.mul_(0.05)  # flat: triggers get sampled
+    trig = set(range(0, 512, 7))
+    tool = (trig, lambda prompt, ids: [500, 501, 502][: 1 + ids[-1] % 3])  # 1-3 ids, chosen from the trigger
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    kw = dict(max_new_tokens=20, temperature=1.0, seed=5, stop_ids={3})
+    for bs in (256, 3):
+        res = M.generate(m, prompts, [5, 3], batch_size=bs, tool=tool, **kw)
+        hits = 0
+        for s in (s for ss in res for s in ss):
+            k, want = 0, []
+            while k < len(s.tokens):
+                if s.tokens[k] in trig and not (s.stopped and k == len(s.tokens) - 1):
+                    n = 1 + s.tokens[k] % 3
+                    want += list(range(k + 1, min(k + 1 + n, len(s.tokens))))
+                    assert s.tokens[k + 1:k + 1 + n] == [500, 501, 502][:n][:len(s.tokens) - k - 1]
+                    hits, k = hits + 1, k + 1 + n
+                else:
+                    k += 1
+            assert s.forced == want and len(s.logprobs) == len(s.tokens)
+        assert hits > 5
+    # a forced id is fed back like a sampled one: the greedy run with a tool equals the greedy run without one
+    # continued from the same prefix
+    [[g]] = M.generate(m, [[9, 9]], max_new_tokens=12, temperature=0, tool=({M.generate(m, [[9, 9]], max_new_tokens=1,
+                       temperature=0)[0][0].tokens[0]}, lambda prompt, ids: [42] if len(ids) == 1 and prompt == [9, 9] else []))
+    [[h]] = M.generate(m, [[9, 9, g.tokens[0], 42]], max_new_tokens=10, temperature=0)
+    assert g.tokens[1] == 42 and g.forced == [1] and g.tokens[2:] == h.tokens
+
+
+
 def test_stop_ids_and_max_new_tokens():
     m = random_model(tiny_cfg(), seed=8)
     prompt = [4, 5, 6]
@@ -741,21 +775,21 @@ def test_countdown_solver_and_grader_agree():
         assert (count > 0).sum() > 10
         for i in np.flatnonzero(count):
             rec = {"id": "x", "problem": "", "numbers": nums[i].tolist(), "target": int(tgt[i]), "answer": str(tgt[i])}
-            lines = CD.steps(rec["numbers"], paths[i])
+            lines = CD.steps(rec["numbers"], paths[i], rec["target"])
             assert len(lines) == k - 1 and all(" left " in s for s in lines[:-1])
             assert E.grade(rec, "\n".join(lines) + "\n") == (E.extract_boxed(lines[-1]), True)
             box = E.extract_boxed(lines[-1])
             first = __import__("re").search(r"[0-9]+", box)
             bad = box[:first.start()] + str(int(first.group()) + 1) + box[first.end():]  # a mutated number
             assert E.grade(rec, f"\\boxed{{{bad}}}")[1] is False
-            assert int(lines[-1].rsplit("=", 1)[1]) == rec["target"]  # the written arithmetic ends at the target
+            assert lines[-1].endswith(f"={rec['target']} == {rec['target']}")  # the arithmetic ends at the target
         assert all(p is None for p in np.array(paths, dtype=object)[count == 0])
 
 
 def test_countdown_steps_format():
-    lines = CD.steps([7, 3, 12, 25], [(1, 2, "*"), (1, 2, "+"), (0, 1, "-")])
-    assert lines == ["12*3=36 left 7 25 36", "(12*3)+25=36+25=61 left 7 61", "\\boxed{((12*3)+25)-7}=61-7=54"]
-    assert CD.steps([5, 20], [(0, 1, "/")]) == ["\\boxed{20/5}=20/5=4"]
+    lines = CD.steps([7, 3, 12, 25], [(1, 2, "*"), (1, 2, "+"), (0, 1, "-")], 54)
+    assert lines == ["12*3=36 left 7 25 36", "(12*3)+25=36+25=61 left 7 61", "\\boxed{((12*3)+25)-7}=61-7=54 == 54"]
+    assert CD.steps([5, 20], [(0, 1, "/")], 3) == ["\\boxed{20/5}=20/5=4 != 3"]
 
 
 def small_prepare(out_dir, **kw):
@@ -800,8 +834,28 @@ def test_countdown_prepare(cd_data, tmp_path):
         assert user == E.prompt_messages(rec)[0] and asst["role"] == "assistant"
         assert E.grade(rec, asst["content"])[1] and asst["content"].endswith("\n")
         assert asst["content"].count("\n") == len(rec["numbers"]) - 1 and c["meta"]["backtracks"] == 0
+        assert asst["content"].endswith(f"={rec['target']} == {rec['target']}\n")  # as eval.tool writes it
     with pytest.raises(common.UserError, match="only .* new solvable 3-number"):
         CD.main(CD.Config(out_dir=str(tmp_path / "x"), hi=3, train=600, warmup=10, level_mix=(1, 0), val=5, test=5))
+
+
+def test_countdown_calculator(cd_data):
+    import model
+    tok = model.Tokenizer(str(cd_data / "tokenizer.model"))
+    rec = {"numbers": [7, 3, 12, 25], "target": 54}
+    triggers, calc = E.tool(rec, tok)
+    assert E.tool({"problem": "x", "answer": "1"}, tok) is None  # math: no tool
+    prompt = tok.render_prompt(E.prompt_messages(rec))
+    for text, want in [("12*3=", "36"), ("(12*3)+25=36+25=", "61"), ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
+                       ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"), ("7 left 3\n\\boxed{3}=3\n61-7=", "54"),
+                       ("7 left 3 25 36\n600*25=", "15000"), ("20/5=", "4"), ("(12*3)+25=", None),
+                       ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None), ("1.5+2=", None)]:
+        ids = tok.encode(text)
+        assert ids[-1] in triggers, text  # every "...=" ends in a trigger id
+        assert calc(prompt, ids) == (tok.encode(want) if want else []), text
+    other = tok.render_prompt(E.prompt_messages({"numbers": [7, 3, 12, 25], "target": 68}))  # each row: its own target
+    assert calc(other, tok.encode("\\boxed{((12*3)+25)+7}=61+7=")) == tok.encode("68 == 68\n")
+    assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))
 
 
 def test_countdown_tokenizer(cd_data):
@@ -1014,7 +1068,7 @@ def test_eval_grades_what_it_generates(cd_data, tiny_model, tmp_path, monkeypatc
     common.write_jsonl(str(data), recs)
     tok = model.Tokenizer(str(cd_data / "tokenizer.model"))
     _, [path] = CD.solve(np.array([recs[0]["numbers"]]), np.array([recs[0]["target"]]), np.random.default_rng(0))
-    right = "".join(line + "\n" for line in CD.steps(recs[0]["numbers"], path))
+    right = "".join(line + "\n" for line in CD.steps(recs[0]["numbers"], path, recs[0]["target"]))
 
     def fake_generate(net, prompts, num_samples=1, **kw):  # problem 0 solved, the others answered wrongly
         texts = [right if recs[0]["problem"] in tok.decode(p) else "\\boxed{1+1}" for p in prompts]
@@ -2119,11 +2173,13 @@ def test_logprobs_match_the_sampler(easy):
     groups = model.generate(net, prompts, 3, max_new_tokens=12, stop_ids=tok.stop_ids, seed=3)
     assert all(len(s.tokens) == 12 for ss in groups for s in ss)  # then cut to different lengths below
     samples = [(p, s) for p, ss in zip(prompts, groups) for s in ss]
-    rows = [(p, s.tokens[:k], s.logprobs[:k], 0.0) for k, (p, s) in zip((12, 3, 7, 1, 12, 5), samples)]
+    rows = [(p, s.tokens[:k], s.logprobs[:k], 0.0, []) for k, (p, s) in zip((12, 3, 7, 1, 12, 5), samples)]
     inputs, targets, old, mask, adv, start = rl.collate(rows, tok.bos_id, "cpu")
     with torch.no_grad():
         logp = rl.token_logprobs(net, inputs, targets, start)
     assert mask.sum().item() == sum(len(r[1]) for r in rows)
+    m2 = rl.collate([r if k else r[:4] + ([0, 2],) for k, r in enumerate(rows)], tok.bos_id, "cpu")[3]
+    assert m2.sum().item() == mask.sum().item() - 2 and not m2[0, len(rows[0][0]) - 1 - start]  # tool ids: no loss
     assert torch.allclose(logp[mask], old[mask], atol=1e-4)
     assert torch.equal(targets[:, start:][mask], torch.tensor([t for r in rows for t in r[1]]))
 
@@ -2226,7 +2282,7 @@ def test_ddp_update_equals_single_process(easy):
     net, tok = model.load_model(cfg.init)
     p1, p2 = (tok.render_prompt([{"role": "user", "content": t}]) for t in ("make 5", "a longer prompt: make 5"))
     rnd = random.Random(0)
-    rows = [(p, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a) for p, n, a in
+    rows = [(p, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a, []) for p, n, a in
             [(p1, 3, 1.0), (p2, 5, -0.5), (p1, 1, 0.7), (p2, 8, -1.2), (p1, 4, 2.0)]]  # ranks get 3 and 2 rows
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     n_tok, loss_sum, _ = rl.update(net, None, opt, rows, cfg, 1, "cpu", tok.bos_id, contextlib.nullcontext())[:3]

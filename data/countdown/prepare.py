@@ -23,11 +23,13 @@ vectorized over thousands of problems at once with numpy).
 Trace format (one operation per line, each ending in "\\n"; the larger operand is written first), for 7 3 12 25:
     12*3=36 left 7 25 36
     (12*3)+25=36+25=61 left 7 61
-    \\boxed{((12*3)+25)-7}=61-7=54
+    \\boxed{((12*3)+25)-7}=61-7=54 == 54
 A line is [the expression over the original numbers, when an operand is itself a result: copied from the start of
 that result's line, parenthesized, plus one operator =] a op b = result, then the numbers left (the unused ones in
 their order, the result last). The last line boxes the full expression: the grader reads only the \\boxed{}, and
-the box is a copy of what is already written, never a composition the model must do in its head. Every step is
+the box is a copy of what is already written, never a composition the model must do in its head. The last line
+ends with the comparison with the target ("== 54" / "!= 54"): at sampling time eval.tool's calculator writes every
+result and that comparison, so the traces here are in the form the policy's own lines take. Every step is
 computable from the line before it (its numbers left) and the lines that wrote its operands.
 
 Numbers chosen (the lead will tune them with real training; all are Config fields):
@@ -126,7 +128,7 @@ def solve(numbers, targets, rng):
     return count, [paths[p] if p >= 0 else None for p in pick]
 
 
-def steps(numbers, path):
+def steps(numbers, path, target):
     """The step lines of an operation sequence (see the docstring for the format)."""
     items = [(n, str(n), False) for n in numbers]  # (value, expression over the inputs, is it a result)
     lines = []
@@ -138,7 +140,7 @@ def steps(numbers, path):
         items = [t for k, t in enumerate(items) if k not in (i, j)] + [(value, expr, True)]
         calc = f"{x}{op}{y}={value}"
         if s == len(path) - 1:
-            lines.append(f"\\boxed{{{expr}}}={calc}")
+            lines.append(f"\\boxed{{{expr}}}={calc} {'==' if value == target else '!='} {target}")
         else:
             lines.append(f"{expr + '=' if cx or cy else ''}{calc} left {' '.join(str(t[0]) for t in items)}")
     return lines
@@ -275,9 +277,10 @@ def main(cfg):
     convs = []
     for k in rng.permutation(len(splits["warmup"])):
         rec, path = splits["warmup"][k]
-        trace = "".join(line + "\n" for line in steps(rec["numbers"], path))  # every step ends in its delimiter
+        trace = "".join(line + "\n" for line in steps(rec["numbers"], path, rec["target"]))  # each step ends in "\n"
         convs.append({"id": f"{rec['id']}#0", "messages": tasks.prompt_messages(rec) +
-                      [{"role": "assistant", "content": trace}], "meta": {"k": 0, "backtracks": 0, "mode": "warmup"}})
+                      [{"role": "assistant", "content": trace}],
+                      "meta": {"k": 0, "backtracks": 0, "mode": "warmup"}})
     common.write_jsonl(os.path.join(cfg.out_dir, "warmup.jsonl"), convs)
 
     t1 = time.time()
@@ -290,7 +293,8 @@ def main(cfg):
     enc = tiktoken.Encoding("countdown", pat_str=PAT_STR, mergeable_ranks={t: i for i, t in enumerate(vocab)},
                             special_tokens={})
     stats = {"ranks": len(vocab), "n_vocab_with_llama3_specials": len(vocab) + 256,
-             "held_out_targets": sorted(held_set), "seconds": {"problems": round(t1 - t0, 2),
+             "held_out_targets": sorted(held_set),
+             "seconds": {"problems": round(t1 - t0, 2),
                                                                 "tokenizer": round(t2 - t1, 2)}}
     for level in cfg.levels:
         tr = [c["messages"][1]["content"] for c in convs[:2000] if c["id"].startswith(f"cd{level}-")]
