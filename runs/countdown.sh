@@ -3,6 +3,7 @@
 #
 #   bash runs/countdown.sh              # full run into out/ (budget: <= 30 min on 2 cores)
 #   SMOKE=1 OUT=/tmp/smoke bash runs/countdown.sh   # the same pipeline, tiny budgets (~1 min; the tests run it)
+#   SPLIT=val bash runs/countdown.sh    # evaluate on val instead (-> out/eval_val, out/report_val.md): tune with this
 #
 # prepare -> base policy (SFT from scratch on direct solutions) -> MCTS on train problems -> linearize (ASTRO and
 # Direct traces from the same trees) -> SFT from the base on each -> RL from each SFT model -> eval of all five on
@@ -11,7 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
+SPLIT=${SPLIT:-test}
 DATA=$OUT/data
+EVALS=$OUT/eval; [ "$SPLIT" = test ] || EVALS=$OUT/eval_$SPLIT
 mkdir -p "$OUT"
 
 if [ "${SMOKE:-0}" = 1 ]; then   # tiny budgets and 2-number problems: exercises every stage and hand-off, proves nothing
@@ -25,8 +28,15 @@ else
   PREP=""; BASE=""; SEARCH=""; SFT=""; RL=""; EVAL=""
 fi
 
-stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
-t0=$(date +%s)
+# Each stage's wall time goes to $OUT/times.txt (this invocation's: a skipped stage shows its few seconds).
+t0=$(date +%s); ts=$t0; current=""
+stage() {
+  now=$(date +%s)
+  [ -z "$current" ] || printf '%5d s  %s\n' $((now - ts)) "$current" >> "$OUT/times.txt"
+  ts=$now; current=$1
+  [ -z "$1" ] || { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
+}
+: > "$OUT/times.txt"
 
 stage "prepare the Countdown task"
 # shellcheck disable=SC2086
@@ -64,9 +74,12 @@ done
 for name in base sft_direct sft_astro rl_direct rl_astro; do
   stage "eval $name"
   # shellcheck disable=SC2086
-  python eval.py config/eval_countdown.py --init="$OUT/$name" --data="$DATA/test.jsonl" --out_dir="$OUT/eval/$name" $EVAL
+  python eval.py config/eval_countdown.py --init="$OUT/$name" --data="$DATA/$SPLIT.jsonl" --out_dir="$EVALS/$name" $EVAL
 done
 
 stage "report"
-python runs/report.py --out="$OUT"
-echo "main job finished in $(( $(date +%s) - t0 )) s; report: $OUT/report.md"
+python runs/report.py --out="$OUT" --split="$SPLIT"
+stage ""
+printf '%5d s  whole job\n' $(( $(date +%s) - t0 )) >> "$OUT/times.txt"
+cat "$OUT/times.txt"
+echo "main job finished in $(( $(date +%s) - t0 )) s; report: $OUT/report$([ "$SPLIT" = test ] || echo "_$SPLIT").md"

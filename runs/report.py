@@ -2,6 +2,7 @@
 runs/report.py — the main job's last step: the paper's table in miniature, computed from the stage outputs.
 
     python runs/report.py --out=out          # reads out/eval/*/summary.json, out/search, out/linearize -> out/report.md
+    python runs/report.py --out=out --split=val   # out/eval_val/*/summary.json -> out/report_val.md (for tuning)
 
 Every number comes from a file the stages wrote; nothing is typed in.
 """
@@ -19,8 +20,9 @@ MODELS = [("base", "Base policy (warm-up SFT, no search)"), ("sft_direct", "Dire
 
 @dataclass
 class Config:
-    out: str = "out"  # the main job's output root
-    report: str = ""  # "" = <out>/report.md
+    out: str = "out"      # the main job's output root
+    split: str = "test"   # which eval: test reads <out>/eval, any other split <out>/eval_<split>
+    report: str = ""      # "" = <out>/report.md (test) or <out>/report_<split>.md
 
 
 def load(path):
@@ -35,15 +37,16 @@ def pct(x):
 
 
 def main(cfg):
-    rows = [(key, name, load(os.path.join(cfg.out, "eval", key, "summary.json"))) for key, name in MODELS]
+    evals = "eval" if cfg.split == "test" else f"eval_{cfg.split}"
+    rows = [(key, name, load(os.path.join(cfg.out, evals, key, "summary.json"))) for key, name in MODELS]
     rows = [r for r in rows if r[2]]
     if not rows:
-        raise common.UserError(f"no {cfg.out}/eval/*/summary.json found: run the eval stage first")
+        raise common.UserError(f"no {cfg.out}/{evals}/*/summary.json found: run the eval stage first")
     levels = sorted({lv for _, _, s in rows for lv in s["pass@1_by_level"]}, key=int)
     s0 = rows[0][2]
     sizes = ", ".join(f"{s0['problems_by_level'][lv]} with {lv} numbers" for lv in levels)
     lines = ["# nanoastro: ASTRO in miniature on Countdown", "",
-             f"Held-out test problems: {s0['problems']} "
+             f"Held-out {cfg.split} problems: {s0['problems']} "
              f"({sizes}); "
              f"{s0['samples_per_problem']:.0f} samples per problem. pass@1 = mean accuracy over the samples "
              f"(95% interval: {s0['ci_method']}); maj@k = majority vote over those samples; greedy = temperature 0.",
@@ -59,6 +62,22 @@ def main(cfg):
                      + ("–" if corr is None else f"{corr:+.2f}") + " |")
     lines += ["", "Accuracies in %. Truncated responses (hit the token budget): "
               + ", ".join(f"{name} {pct(s['truncated'])}%" for _, name, s in rows) + "."]
+
+    # The paper's claims, checked on these numbers: each pair ordered, and by how much, per level.
+    got = {key: s for key, _, s in rows}
+    names = dict(MODELS)
+    pairs = [(a, b) for a, b in [("base", "sft_direct"), ("sft_direct", "sft_astro"), ("rl_direct", "rl_astro"),
+                                 ("sft_astro", "rl_astro")] if a in got and b in got]
+    if pairs:
+        lines += ["", "## The paper's ordering on these problems", "",
+                  "| claim | pass@1 gain (points) | intervals disjoint | " +
+                  " | ".join(f"gain, {lv} numbers" for lv in levels) + " |", "|---|---|---|" + "---|" * len(levels)]
+        for a, b in pairs:
+            sa, sb = got[a], got[b]
+            disjoint = sb["pass@1_ci95"][0] > sa["pass@1_ci95"][1]
+            gains = [sb["pass@1_by_level"].get(lv, 0) - sa["pass@1_by_level"].get(lv, 0) for lv in levels]
+            lines.append(f"| {names[a]} < {names[b]} | {100 * (sb['pass@1'] - sa['pass@1']):+.1f} | "
+                         f"{'yes' if disjoint else 'no'} | " + " | ".join(f"{100 * g:+.1f}" for g in gains) + " |")
 
     search = load(os.path.join(cfg.out, "search", "stats.json"))
     if search:
@@ -76,11 +95,11 @@ def main(cfg):
     # One example: a test response of the ASTRO model that backtracked, else a training trace with a backtrack.
     example, where = None, ""
     for key in ("rl_astro", "sft_astro"):
-        path = os.path.join(cfg.out, "eval", key, "predictions.jsonl")
+        path = os.path.join(cfg.out, evals, key, "predictions.jsonl")
         if os.path.exists(path):
             for p in common.resume_jsonl(path):
                 if p.get("backtracks", 0) > 0 and p.get("correct"):
-                    example, where = p["response"], f"a correct test response of {key} with a backtrack ({p['id']})"
+                    example, where = p["response"], f"a correct {cfg.split} response of {key} with a backtrack ({p['id']})"
                     break
         if example:
             break
@@ -94,7 +113,7 @@ def main(cfg):
     if example:
         lines += ["", f"## Example: {where}", "", "```", example.strip(), "```"]
     text = "\n".join(lines) + "\n"
-    path = cfg.report or os.path.join(cfg.out, "report.md")
+    path = cfg.report or os.path.join(cfg.out, "report.md" if cfg.split == "test" else f"report_{cfg.split}.md")
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
