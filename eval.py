@@ -93,10 +93,10 @@ def tool(rec, tok):
     when the policy writes "a op b=", the sampler writes the result (integer results only: a - b with a >= b, exact
     division; anything else is left to the model, and the grader rejects it); on the \\boxed{} line it also
     compares the result with the target of the row's problem and ends the line ("=12*2=24 == 24\\n",
-    "=18+8=26 != 24\\n"). The miniature is about search, not
-    about a 1M-parameter model learning arithmetic: with its own arithmetic a third of the steps were wrong, and
-    even with exact results it never learned to compare its value with the target in the budget, so its
-    reflections could not tell right answers from wrong ones (EXPERIMENTS.md, runs 3-7). The model still chooses
+    "=18+8=26 != 24\\n"). The miniature is about search, not about a 1M-parameter model learning arithmetic: with
+    its own arithmetic a third of the steps were wrong, and even with exact results it never learned to compare
+    its value with the target in the budget, so its reflections could not tell right answers from wrong ones
+    (EXPERIMENTS.md, runs 3-8). The model still chooses
     every operation, copies every number, and decides when to reflect, where to go back and what to try next."""
     if "numbers" not in rec:
         return None
@@ -107,11 +107,10 @@ def tool(rec, tok):
         m = CALC.search(line)
         if not m:
             return []
-        a, op, b = int(m[1]), m[2], int(m[3])
-        value = {"+": a + b, "-": a - b if a >= b else None, "*": a * b,
-                 "/": a // b if b and a % b == 0 else None}[op]
-        if value is None:
+        value = (countdown_eval(m[0][:-1]) or (None,))[0]  # the grader's arithmetic (None: division by zero)
+        if value is None or value < 0 or value.denominator != 1:  # illegal moves are left to the model
             return []
+        value = int(value)
         if "\\boxed{" in line:  # the answer's line: compare with the target of THIS row's problem, and end the line
             target = int(TARGET.search(tok.decode(prompt))[1])
             return tok.encode(f"{value} {'==' if value == target else '!='} {target}\n")

@@ -315,8 +315,8 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
     """Sample num_samples[i] continuations of each prompt (lists of ids); returns result[i] = [Sample, ...].
 
     tool = (trigger ids, fn): when a row writes a trigger id, fn(its prompt, its generated ids so far) returns ids to
-    write next instead of samples (e.g. a calculator's result after "11*4="); they are fed one per step like sampled ids, and
-    Sample.forced lists their positions so RL can leave them out of the policy gradient.
+    write next instead of samples (e.g. a calculator's result after "11*4="); they are fed one per step like
+    sampled ids, and Sample.forced lists their positions so RL can leave them out of the policy gradient.
 
     Continuous batching: up to batch_size rows decode together, one token per row per step. A row that finishes
     hands its slot to the next pending sample; when none are left, finished rows are dropped from the batch.

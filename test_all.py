@@ -299,8 +299,9 @@ def test_tool_writes_after_its_trigger():
         assert hits > 5
     # a forced id is fed back like a sampled one: the greedy run with a tool equals the greedy run without one
     # continued from the same prefix
-    [[g]] = M.generate(m, [[9, 9]], max_new_tokens=12, temperature=0, tool=({M.generate(m, [[9, 9]], max_new_tokens=1,
-                       temperature=0)[0][0].tokens[0]}, lambda prompt, ids: [42] if len(ids) == 1 and prompt == [9, 9] else []))
+    first = M.generate(m, [[9, 9]], max_new_tokens=1, temperature=0)[0][0].tokens[0]
+    [[g]] = M.generate(m, [[9, 9]], max_new_tokens=12, temperature=0,
+                       tool=({first}, lambda prompt, ids: [42] if len(ids) == 1 and prompt == [9, 9] else []))
     [[h]] = M.generate(m, [[9, 9, g.tokens[0], 42]], max_new_tokens=10, temperature=0)
     assert g.tokens[1] == 42 and g.forced == [1] and g.tokens[2:] == h.tokens
 

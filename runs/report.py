@@ -99,7 +99,8 @@ def main(cfg):
         if os.path.exists(path):
             for p in common.resume_jsonl(path):
                 if p.get("backtracks", 0) > 0 and p.get("correct"):
-                    example, where = p["response"], f"a correct {cfg.split} response of {key} with a backtrack ({p['id']})"
+                    example = p["response"]
+                    where = f"a correct {cfg.split} response of {key} with a backtrack ({p['id']})"
                     break
         if example:
             break
