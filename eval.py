@@ -85,36 +85,48 @@ def step_delimiter(rec):
 
 
 CALC = re.compile(r"(?<![\d.])(\d{1,6})([-+*/])(\d{1,6})=$")  # "...11*4=" at the end of the text so far
-TARGET = re.compile(r"Make (\d+) from ")  # the target in a Countdown prompt (countdown_prompt above)
+TARGET = re.compile(r"Make (\d+) from ([\d ]+) with")  # target and numbers in a Countdown prompt (countdown_prompt)
+BOXED_LINE = re.compile(r".*\\boxed\{(.*)\}=")  # an answer line's boxed expression (greedy: up to its last "}=")
 
 
 def tool(rec, tok):
     """The task's tool for model.generate (the same in search, RL and eval), or None. Countdown has a calculator:
     when the policy writes "a op b=", the sampler writes the result (integer results only: a - b with a >= b, exact
-    division; anything else is left to the model, and the grader rejects it); on the \\boxed{} line it also
-    compares the result with the target of the row's problem and ends the line ("=12*2=24 == 24\\n",
-    "=18+8=26 != 24\\n"). The miniature is about search, not about a 1M-parameter model learning arithmetic: with
-    its own arithmetic a third of the steps were wrong, and even with exact results it never learned to compare
-    its value with the target in the budget, so its reflections could not tell right answers from wrong ones
-    (EXPERIMENTS.md, runs 3-8). The model still chooses
+    division; anything else is left to the model). On the \\boxed{} line it writes the value of the boxed
+    expression itself and the verifier's verdict against the row's own problem, and ends the line:
+    "=12*2=24 == 24\\n" when the box solves it, "=18+8=26 != 24\\n" when its value differs, "... == 24 but the
+    numbers are wrong\\n" when it reaches the target without using each number once. The verdict is exactly the
+    grader's (countdown_correct), so a policy that miscopies an operand ("=25-22=" after "(25-11)...") gets the
+    box's true value, not the target it wished for. Why a calculator at all: the miniature is about search, not
+    about a 1M-parameter model learning arithmetic; with its own arithmetic a third of the steps were wrong, and
+    even with exact results it never learned to compare its value with the target in the budget, so its
+    reflections could not tell right answers from wrong ones (EXPERIMENTS.md, runs 3-9). The model still chooses
     every operation, copies every number, and decides when to reflect, where to go back and what to try next."""
     if "numbers" not in rec:
         return None
     triggers = [i for i in tok.ids_containing("=") if tok.decode([i]).endswith("=")]
 
     def calculator(prompt, ids):
-        line = tok.decode(ids[-64:]).rsplit("\n", 1)[-1]
+        line = tok.decode(ids[-96:]).rsplit("\n", 1)[-1]
         m = CALC.search(line)
         if not m:
             return []
+        box = BOXED_LINE.match(line)
+        if box:  # the answer's line: judge the box against THIS row's problem, and end the line
+            target, numbers = TARGET.search(tok.decode(prompt)).groups()
+            row = {"target": int(target), "numbers": [int(n) for n in numbers.split()]}
+            parsed = countdown_eval(box[1])  # (value, literals), or None: malformed / division by zero
+            if parsed is None:
+                return tok.encode(f"undefined != {target}\n")
+            value, ok = parsed[0], countdown_correct(row, box[1])
+            shown = str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+            verdict = "==" if value == row["target"] else "!="
+            wrong_numbers = "" if ok or verdict == "!=" else " but the numbers are wrong"
+            return tok.encode(f"{shown} {verdict} {target}{wrong_numbers}\n")
         value = (countdown_eval(m[0][:-1]) or (None,))[0]  # the grader's arithmetic (None: division by zero)
         if value is None or value < 0 or value.denominator != 1:  # illegal moves are left to the model
             return []
-        value = int(value)
-        if "\\boxed{" in line:  # the answer's line: compare with the target of THIS row's problem, and end the line
-            target = int(TARGET.search(tok.decode(prompt))[1])
-            return tok.encode(f"{value} {'==' if value == target else '!='} {target}\n")
-        return tok.encode(str(value))
+        return tok.encode(str(int(value)))
     return triggers, calculator
 
 

@@ -850,12 +850,20 @@ def test_countdown_calculator(cd_data):
     for text, want in [("12*3=", "36"), ("(12*3)+25=36+25=", "61"), ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
                        ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"), ("7 left 3\n\\boxed{3}=3\n61-7=", "54"),
                        ("7 left 3 25 36\n600*25=", "15000"), ("20/5=", "4"), ("(12*3)+25=", None),
-                       ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None), ("1.5+2=", None)]:
+                       ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None), ("1.5+2=", None),
+                       # the answer's line shows the box's own value and the grader's verdict, whatever was copied
+                       ("\\boxed{((12*3)+25)-7}=61-9=", "54 == 54\n"), ("\\boxed{((12*3)+7)+3}=61-7=", "46 != 54\n"),
+                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7 != 54\n"), ("\\boxed{(12*3)/(7-7)}=36/0=", "undefined != 54\n"),
+                       ("\\boxed{(12*3)+(25-7)}=36+18=", "54 == 54\n"),
+                       ("\\boxed{(25+25)+(7-3)}=50+4=", "54 == 54 but the numbers are wrong\n")]:
         ids = tok.encode(text)
         assert ids[-1] in triggers, text  # every "...=" ends in a trigger id
         assert calc(prompt, ids) == (tok.encode(want) if want else []), text
     other = tok.render_prompt(E.prompt_messages({"numbers": [7, 3, 12, 25], "target": 68}))  # each row: its own target
     assert calc(other, tok.encode("\\boxed{((12*3)+25)+7}=61+7=")) == tok.encode("68 == 68\n")
+    for text in ("\\boxed{((12*3)+25)-7}=61-7=", "\\boxed{((12*3)+7)+3}=61-7=", "\\boxed{(25+25)+(7-3)}=50+4="):
+        verdict = tok.decode(calc(prompt, tok.encode(text)))  # "==" exactly when the grader accepts the box
+        assert (" == " in verdict and "wrong" not in verdict) == E.grade(rec, text + verdict)[1], text
     assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))
 
 

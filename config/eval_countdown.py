@@ -3,4 +3,4 @@
 num_samples = 4
 temperature = 1.0
 greedy = True
-max_new_tokens = 256
+max_new_tokens = 512
