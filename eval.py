@@ -93,15 +93,16 @@ def tool(rec, tok):
     """The task's tool for model.generate (the same in search, RL and eval), or None. Countdown has a calculator:
     when the policy writes "a op b=", the sampler writes the result (integer results only: a - b with a >= b, exact
     division; anything else is left to the model). On the \\boxed{} line it writes the value of the boxed
-    expression itself and the verifier's verdict against the row's own problem, and ends the line:
+    expression itself and the grader's verdict (countdown_correct) on the row's own problem, and ends the line:
     "=12*2=24 == 24\\n" when the box solves it, "=18+8=26 != 24\\n" when its value differs, "... == 24 but the
-    numbers are wrong\\n" when it reaches the target without using each number once. The verdict is exactly the
-    grader's (countdown_correct), so a policy that miscopies an operand ("=25-22=" after "(25-11)...") gets the
-    box's true value, not the target it wished for. Why a calculator at all: the miniature is about search, not
-    about a 1M-parameter model learning arithmetic; with its own arithmetic a third of the steps were wrong, and
-    even with exact results it never learned to compare its value with the target in the budget, so its
-    reflections could not tell right answers from wrong ones (EXPERIMENTS.md, runs 3-9). The model still chooses
-    every operation, copies every number, and decides when to reflect, where to go back and what to try next."""
+    numbers are wrong\\n" when it reaches the target without using each number once, "invalid != 24\\n" when the
+    box is malformed or divides by zero. A policy that miscopies an operand ("=25-22=" after "(25-11)...") gets
+    the box's true value, not the target it wished for (89% of the "==" in run 8's trees were such copies).
+    Why a calculator at all: the miniature is about search, not about a 1M-parameter model learning arithmetic;
+    with its own arithmetic a third of the steps were wrong, and even with exact results it never learned to
+    compare its value with the target in the budget, so its reflections could not tell right answers from wrong
+    ones (EXPERIMENTS.md, runs 3-9). The model still chooses every operation, copies every number, and decides when
+    to reflect, where to go back and what to try next."""
     if "numbers" not in rec:
         return None
     triggers = [i for i in tok.ids_containing("=") if tok.decode([i]).endswith("=")]
@@ -111,14 +112,15 @@ def tool(rec, tok):
         m = CALC.search(line)
         if not m:
             return []
-        box = BOXED_LINE.match(line)
-        if box:  # the answer's line: judge the box against THIS row's problem, and end the line
+        if "\\boxed{" in line:  # the answer's line: judge the box against THIS row's problem, and end the line
             target, numbers = TARGET.search(tok.decode(prompt)).groups()
             row = {"target": int(target), "numbers": [int(n) for n in numbers.split()]}
-            parsed = countdown_eval(box[1])  # (value, literals), or None: malformed / division by zero
+            box = BOXED_LINE.match(line)  # None: "a op b=" inside an unclosed box
+            parsed = countdown_eval(box[1]) if box else None  # (value, literals), or None: malformed, x/0
             if parsed is None:
-                return tok.encode(f"undefined != {target}\n")
-            value, ok = parsed[0], countdown_correct(row, box[1])
+                return tok.encode(f"invalid != {target}\n")
+            box = box[1]
+            value, ok = parsed[0], countdown_correct(row, box)
             shown = str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
             verdict = "==" if value == row["target"] else "!="
             wrong_numbers = "" if ok or verdict == "!=" else " but the numbers are wrong"

@@ -853,7 +853,8 @@ def test_countdown_calculator(cd_data):
                        ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None), ("1.5+2=", None),
                        # the answer's line shows the box's own value and the grader's verdict, whatever was copied
                        ("\\boxed{((12*3)+25)-7}=61-9=", "54 == 54\n"), ("\\boxed{((12*3)+7)+3}=61-7=", "46 != 54\n"),
-                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7 != 54\n"), ("\\boxed{(12*3)/(7-7)}=36/0=", "undefined != 54\n"),
+                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7 != 54\n"), ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid != 54\n"),
+                       ("\\boxed{(12*3)+(25-7=", "invalid != 54\n"),
                        ("\\boxed{(12*3)+(25-7)}=36+18=", "54 == 54\n"),
                        ("\\boxed{(25+25)+(7-3)}=50+4=", "54 == 54 but the numbers are wrong\n")]:
         ids = tok.encode(text)
