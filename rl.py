@@ -33,10 +33,11 @@ them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
   unbiased for KL(π_θ || π_ref) on samples of π_θ and low-variance; mind the sign (TinyZero had it reversed).
 - Zero-signal groups (all kept rewards equal, or < 2 kept): A = 0, no policy gradient (only KL would remain).
   Dropped from the batch and from T; their share is logged (`zero`).
-- Truncated completions (max_new_tokens or the context hit without a stop id): truncation="mask" (default; DAPO's
-  overlong filtering) removes them from their group before A is computed, and from the loss and T: a cut-off
-  trace is no evidence that its reasoning was wrong. truncation="wrong" gives them reward_wrong (a length
-  penalty). Their share is logged (`trunc`). With "mask" nothing pushes back on truncation: watch `trunc`.
+- Truncated completions (max_new_tokens or the context hit without a stop id): truncation="wrong" (default) gives
+  them reward_wrong, a length penalty: no answer is a wrong answer. truncation="mask" (DAPO's overlong filtering)
+  removes them from their group before A is computed, and from the loss and T (a cut-off trace is no evidence that
+  its reasoning was wrong), but then nothing pushes back on truncation: on Countdown, ASTRO-RL drifted from 33% to
+  90% truncated in 40 steps (EXPERIMENTS.md, run 9). Their share is logged (`trunc`).
 - Prompts: "moderately difficult" ones only (the paper's 8.7K): the START policy's pass rate over filter_samples
   (8) samples per train problem must be in (0, 1), i.e. [1/8, 7/8] (the notes' rule; such a prompt tends to give
   a group with signal). Cached in out_dir/prompts.jsonl, so a resume does not redo it; filter_samples=0 keeps all.
@@ -86,18 +87,18 @@ class Config:
     prompts_per_step: int = 16      # prompts per step over all ranks
     group_size: int = 4             # G completions per prompt (the paper: 4)
     temperature: float = 1.0        # 1.0: sample the very policy we train
-    max_new_tokens: int = 256       # completion budget (notes: 2-4x the longest SFT trace)
+    max_new_tokens: int = 512       # completion budget (notes: 2-4x the longest SFT trace)
     gen_batch_size: int = 256       # rows per model.generate batch
     # reward and advantage
     reward_correct: float = 1.0
     reward_wrong: float = -1.0      # wrong or unparsable answer
     std_adv: bool = False           # divide A by the group's std (verl/TRL default); off = Dr. GRPO / nanochat
-    truncation: str = "mask"        # "mask": drop truncated completions (DAPO); "wrong": reward_wrong
+    truncation: str = "wrong"       # "wrong": a truncated completion gets reward_wrong; "mask": dropped (DAPO)
     # prompt selection
     filter_samples: int = 4         # keep prompts with 0 < start-policy pass rate < 1 over this many samples; 0 = all
-    filter_limit: int = 512        # how many (shuffled) train problems the filter looks at; 0 = all
+    filter_limit: int = 256         # how many (shuffled) train problems the filter looks at; 0 = all
     # optimization
-    max_steps: int = 40
+    max_steps: int = 30
     lr: float = 1e-4                # notes: 1e-6..5e-6 for mid-size models, larger for tiny ones
     warmup_steps: int = 10
     min_lr_frac: float = 0.1
@@ -207,6 +208,16 @@ def step_prompts(n, step, per_step, seed):
             random.Random(f"{seed}-{epoch}").shuffle(perms[epoch])
         out.append(perms[epoch][i])
     return out
+
+
+def score(comps, cfg):
+    """(rewards, keep) of the completions: +1/-1 from the grader; a truncated one is wrong (truncation="wrong",
+    even if its last \\boxed{} happened to be right) or dropped from its group (truncation="mask": keep False)."""
+    trunc_wrong = cfg.truncation == "wrong"
+    rewards = torch.tensor([cfg.reward_correct if c["correct"] and (c["stopped"] or not trunc_wrong)
+                            else cfg.reward_wrong for c in comps])
+    keep = torch.tensor([c["stopped"] or trunc_wrong for c in comps], dtype=torch.bool)
+    return rewards, keep
 
 
 def rollout(sampler, tok, recs, n, temperature, seed, cfg):
@@ -393,10 +404,7 @@ def main(cfg):
         comps = rollout(sync(), tok, recs, G, cfg.temperature, derive_seed(cfg.seed, "rollout", step, rank), cfg)
 
         # rewards -> group advantages -> rows to train on (zero-signal groups and masked truncations dropped)
-        trunc_wrong = cfg.truncation == "wrong"
-        rewards = torch.tensor([cfg.reward_correct if c["correct"] and (c["stopped"] or not trunc_wrong)
-                                else cfg.reward_wrong for c in comps])
-        keep = torch.tensor([c["stopped"] or trunc_wrong for c in comps], dtype=torch.bool)
+        rewards, keep = score(comps, cfg)
         adv, signal = group_advantages(rewards, keep, G, cfg.std_adv)
         rows = [(c["prompt"], c["tokens"], c["logprobs"], a, c["forced"])
                 for i, (c, a) in enumerate(zip(comps, adv.tolist())) if keep[i] and signal[i // G]]

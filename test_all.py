@@ -2020,6 +2020,14 @@ def test_loss_ratio_clip_by_hand():
         assert torch.allclose(logp.grad[0], torch.tensor(want_grad), atol=1e-6)
 
 
+def test_score_truncations():
+    comps = [dict(correct=c, stopped=s) for c, s in [(True, True), (False, True), (True, False), (False, False)]]
+    rewards, keep = rl.score(comps, rl.Config(truncation="wrong"))  # no answer in the budget is a wrong answer
+    assert rewards.tolist() == [1, -1, -1, -1] and keep.all()
+    rewards, keep = rl.score(comps, rl.Config(truncation="mask"))  # DAPO: truncations leave their group
+    assert rewards[:2].tolist() == [1, -1] and keep.tolist() == [True, True, False, False]
+
+
 def test_loss_masks_padding_and_truncations():
     """Masked positions (padding, truncated completions) contribute nothing, even with extreme values there."""
     logp = torch.tensor([[-0.5, -80.0], [-1.0, -0.2]], requires_grad=True)

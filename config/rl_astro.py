@@ -11,7 +11,7 @@ filter_samples = 4
 filter_limit = 256
 max_steps = 30
 truncation = "wrong"  # a cut-off answer is a wrong answer: masking them (DAPO) let ASTRO-RL drift into endless
-                     # backtracking (EXPERIMENTS.md, run 9: 33% -> 90% truncated)
+                      # backtracking (EXPERIMENTS.md, run 9: 33% -> 90% truncated)
 lr = 1e-4
 eval_every = 0
 save_every = 20
