@@ -96,7 +96,7 @@ class Config:
     truncation: str = "wrong"       # "wrong": a truncated completion gets reward_wrong; "mask": dropped (DAPO)
     # prompt selection
     filter_samples: int = 4         # keep prompts with 0 < start-policy pass rate < 1 over this many samples; 0 = all
-    filter_limit: int = 256         # how many (shuffled) train problems the filter looks at; 0 = all
+    filter_limit: int = 512         # how many (shuffled) train problems the filter looks at; 0 = all
     # optimization
     max_steps: int = 30
     lr: float = 1e-4                # notes: 1e-6..5e-6 for mid-size models, larger for tiny ones

@@ -8,7 +8,7 @@ prompts_per_step = 16
 group_size = 4
 max_new_tokens = 512
 filter_samples = 4
-filter_limit = 256
+filter_limit = 512
 max_steps = 30
 truncation = "wrong"  # a cut-off answer is a wrong answer: masking them (DAPO) let ASTRO-RL drift into endless
                       # backtracking (EXPERIMENTS.md, run 9: 33% -> 90% truncated)

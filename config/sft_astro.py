@@ -11,8 +11,8 @@ out_dir = "out/sft_astro"
 loss_on = "assistant"  # deviation from the paper's all-token loss: see EXPERIMENTS.md
 seq_len = 512  # the longest ASTRO trace of the CPU run is ~350 tokens; a longer one stops with its file:line
 val_frac = 0.02  # held out by problem id, so no problem has traces on both sides
-epochs = 6.0  # several passes: the reflection phrases are new tokens for the base (3 epochs left them underfit);
-             # val loss flattens after ~6 (EXPERIMENTS.md, run 9)
+epochs = 10.0  # many passes: the reflection phrases are new tokens for the base; 3 or 6 epochs (with the cosine
+              # schedule over fewer steps) left them underfit (EXPERIMENTS.md, runs 2-3 and 10)
 max_steps = 0  # 0: the step count follows from epochs
 batch_size = 16
 micro_batch = 16
