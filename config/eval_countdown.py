@@ -1,5 +1,5 @@
-# Evaluation settings of the main job (runs/countdown.sh): 4 samples per problem at temperature 1 (pass@1 = mean,
-# maj@4) plus one greedy answer, with room for ASTRO's longer traces (a direct 4-number solution is ~45 tokens).
+# Evaluation settings of the main job (runs/countdown.sh): 3 samples per problem at T=0.6, top-p 0.95 (pass@1 =
+# mean, maj@3) plus one greedy answer, with room for ASTRO's longer traces (a direct 4-number solution is ~45 tokens).
 num_samples = 3
 temperature = 0.6  # chosen on val (run 9): at 1.0 the small models' long ASTRO traces derail; same for all five
 top_p = 0.95

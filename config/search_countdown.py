@@ -1,4 +1,4 @@
-# MCTS on the built-in Countdown task within the main job's CPU budget (2 cores, whole pipeline <= 30 min).
+# MCTS on the built-in Countdown task within the main job's CPU budget (2 cores; ~3 min of it).
 # python search.py config/search_countdown.py
 # Cost: a tree costs about rounds x (k steps of ~15 tokens + up to k new children x M rollouts of ~20-45 tokens);
 # early stopping and re-selected terminals (no sampling) cut most trees short. See the stats line / stats.json
