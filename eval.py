@@ -119,12 +119,10 @@ def tool(rec, tok):
             parsed = countdown_eval(box[1]) if box else None  # (value, literals), or None: malformed, x/0
             if parsed is None:
                 return tok.encode(f"invalid != {target}\n")
-            box = box[1]
-            value, ok = parsed[0], countdown_correct(row, box)
-            shown = str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+            value, ok = parsed[0], countdown_correct(row, box[1])
             verdict = "==" if value == row["target"] else "!="
             wrong_numbers = "" if ok or verdict == "!=" else " but the numbers are wrong"
-            return tok.encode(f"{shown} {verdict} {target}{wrong_numbers}\n")
+            return tok.encode(f"{value} {verdict} {target}{wrong_numbers}\n")  # a Fraction prints as 54 or 61/7
         value = (countdown_eval(m[0][:-1]) or (None,))[0]  # the grader's arithmetic (None: division by zero)
         if value is None or value < 0 or value.denominator != 1:  # illegal moves are left to the model
             return []
