@@ -28,9 +28,9 @@ A line is [the expression over the original numbers, when an operand is itself a
 that result's line, parenthesized, plus one operator =] a op b = result, then the numbers left (the unused ones in
 their order, the result last). The last line boxes the full expression: the grader reads only the \\boxed{}, and
 the box is a copy of what is already written, never a composition the model must do in its head. The last line
-ends with the comparison with the target ("== 54" / "!= 54"): at sampling time eval.tool's calculator writes every
-result and that comparison, so the traces here are in the form the policy's own lines take. Every step is
-computable from the line before it (its numbers left) and the lines that wrote its operands.
+ends with the verdict on the box ("== 54" here; "!= 54" and others at sampling time, where eval.tool's calculator
+writes every result, the box's value and that verdict), so the traces here are in the form the policy's own lines
+take. Every step is computable from the line before it (its numbers left) and the lines that wrote its operands.
 
 Numbers chosen (the lead will tune them with real training; all are Config fields):
   - inputs 1..25, targets 10..100: products stay below ~600 in the steps that matter, so a ~3M-parameter model
@@ -294,8 +294,7 @@ def main(cfg):
                             special_tokens={})
     stats = {"ranks": len(vocab), "n_vocab_with_llama3_specials": len(vocab) + 256,
              "held_out_targets": sorted(held_set),
-             "seconds": {"problems": round(t1 - t0, 2),
-                                                                "tokenizer": round(t2 - t1, 2)}}
+             "seconds": {"problems": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2)}}
     for level in cfg.levels:
         tr = [c["messages"][1]["content"] for c in convs[:2000] if c["id"].startswith(f"cd{level}-")]
         sols = [r["solutions"] for r, _ in splits["test"] if r["level"] == level]
