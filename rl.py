@@ -4,9 +4,9 @@ rl.py — reinforcement learning with verifiable rewards (GRPO-style), from the 
 Run (the built-in Countdown task; resumes from out_dir/state.pt when it exists, so rerun the same command):
     python rl.py                                    # out/sft_astro -> out/rl_astro, prompts data/countdown/train.jsonl
     python rl.py config/rl_astro.py config/rl_direct.py   # out/sft_direct -> out/rl_direct (the Direct baseline)
-    python rl.py --max_steps=20 --prompts_per_step=8 --filter_samples=0   # a quick CPU smoke run
+    python rl.py --max_steps=3 --prompts_per_step=4                         # a quick CPU smoke run
     torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py  # several GPUs
-Writes out_dir/{model.pt, tokenizer.model, state.pt, metrics.jsonl, config.json, prompts.jsonl}.
+Writes out_dir/{model.pt, tokenizer.model, state.pt, metrics.jsonl, config.json} (+ prompts.jsonl with a filter).
 
 The objective. Each step samples, for each of B prompts q, a group of G completions o_i from π_old (the current
 weights; ONE model.generate call, each prompt prefilled once and fanned out) and grades them with eval.grade:
@@ -17,7 +17,8 @@ weights; ONE model.generate call, each prompt prefilled once and fanned out) and
 The sums run over every completion token (stop token included) of every completion kept in the step; T counts
 them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
 - ±1 outcome reward, no length or format term: the paper's. Only the final answer counts, so the wrong answers
-  an ASTRO trace backtracks from are not punished. G = 4: the paper's group size; no value network needed.
+  an ASTRO trace backtracks from are not punished. No value network. G = 8 (the paper: 4): without a prompt
+  filter, more of a step's groups hold both a right and a wrong answer.
 - r - mean without std division by default (Dr. GRPO, nanochat, TRL scale_rewards="none"): the std gives groups
   that are almost always right or almost always wrong larger advantages (a difficulty bias). std_adv=True gives
   the verl / TRL-default form.
@@ -38,9 +39,11 @@ them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
   removes them from their group before A is computed, and from the loss and T (a cut-off trace is no evidence that
   its reasoning was wrong), but then nothing pushes back on truncation: on Countdown, ASTRO-RL drifted from 33% to
   90% truncated in 40 steps (EXPERIMENTS.md, run 9). Their share is logged (`trunc`).
-- Prompts: "moderately difficult" ones only (the paper's 8.7K): the START policy's pass rate over filter_samples
-  (8) samples per train problem must be in (0, 1), i.e. [1/8, 7/8] (the notes' rule; such a prompt tends to give
-  a group with signal). Cached in out_dir/prompts.jsonl, so a resume does not redo it; filter_samples=0 keeps all.
+- Prompts: every train problem by default. filter_samples = n > 0 keeps the "moderately difficult" ones only (the
+  paper's 8.7K): the START policy's pass rate over n samples per problem must be in (0, 1) (the notes' rule: such a
+  prompt tends to give a group with signal), cached in out_dir/prompts.jsonl so a resume does not redo it. On the
+  CPU task the filter cost more than it saved: 512 problems x 4 samples (~170 s of ASTRO's 445 s) kept 109, and
+  still 40-60% of the groups had no signal (EXPERIMENTS.md, runs 11 and 13); config/rl_llama_math.py uses it.
 Training forward: model(idx) logits -> log_softmax gathered at the completion tokens (the SFT forward); optional
 bf16 autocast (generation then runs on a bf16 copy of the fp32 policy); gradient accumulation over micro-batches
 of completions; grad clip; lr from sft.get_lr; AdamW from sft.make_optimizer.
@@ -84,10 +87,10 @@ class Config:
     val: str = "data/countdown/val.jsonl"        # held-out problems for the periodic evaluation
     out_dir: str = "out/rl_astro"
     # rollouts
-    prompts_per_step: int = 16      # prompts per step over all ranks
-    group_size: int = 4             # G completions per prompt (the paper: 4)
+    prompts_per_step: int = 8       # prompts per step over all ranks
+    group_size: int = 8             # G completions per prompt (the paper: 4)
     temperature: float = 1.0        # 1.0: sample the very policy we train
-    max_new_tokens: int = 512       # completion budget (notes: 2-4x the longest SFT trace)
+    max_new_tokens: int = 320       # completion budget (notes: 2-4x the longest SFT trace; CPU: ~1.1x)
     gen_batch_size: int = 256       # rows per model.generate batch
     # reward and advantage
     reward_correct: float = 1.0
@@ -95,10 +98,10 @@ class Config:
     std_adv: bool = False           # divide A by the group's std (verl/TRL default); off = Dr. GRPO / nanochat
     truncation: str = "wrong"       # "wrong": a truncated completion gets reward_wrong; "mask": dropped (DAPO)
     # prompt selection
-    filter_samples: int = 4         # keep prompts with 0 < start-policy pass rate < 1 over this many samples; 0 = all
+    filter_samples: int = 0         # keep prompts with 0 < start-policy pass rate < 1 over this many samples; 0 = all
     filter_limit: int = 512         # how many (shuffled) train problems the filter looks at; 0 = all
     # optimization
-    max_steps: int = 30
+    max_steps: int = 10
     lr: float = 1e-4                # notes: 1e-6..5e-6 for mid-size models, larger for tiny ones
     warmup_steps: int = 10
     min_lr_frac: float = 0.1
