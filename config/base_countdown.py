@@ -3,7 +3,7 @@
 #   python sft.py config/base_countdown.py
 # Sized for the main job's 30-minute budget on a 2-core AVX2 CPU, where fp32 is the fast path: dim 128, 4 layers
 # (~1.0M parameters) trains at ~8k tokens/s here (dim 256 / 3.4M: ~2.4k tokens/s, too slow for the budget).
-# Token budget: 600 steps x 32 rows x 256 tokens = 4.9M token slots (~2.2 epochs of warmup.jsonl), ~10 min.
+# Token budget: 600 steps x 32 rows x 256 tokens = 4.9M token slots (~2 epochs of warmup.jsonl), ~10 min.
 # Rows of 256 tokens: conversations are ~50-75 tokens, and the per-document attention mask costs O(seq_len^2).
 init = "scratch"
 tokenizer = "data/countdown/tokenizer.model"

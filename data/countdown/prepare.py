@@ -268,7 +268,7 @@ def main(cfg):
     held_set = set(held.tolist())
     for name in ("train", "val", "test"):
         recs = [dict(r, new_target=r["target"] in held_set) for r, _ in splits[name]]
-        if name == "train":  # levels mixed in any prefix: search and RL take the first `limit` problems
+        if name == "train":  # levels mixed in any prefix: the search takes the first `limit` problems
             recs = [recs[k] for k in np.random.default_rng([cfg.seed, 6]).permutation(len(recs))]
         common.write_jsonl(os.path.join(cfg.out_dir, f"{name}.jsonl"), recs)
 
