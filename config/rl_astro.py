@@ -8,7 +8,7 @@ out_dir = "out/rl_astro"
 prompts_per_step = 8
 group_size = 8
 max_new_tokens = 320  # as the eval; ~1.1x the longest ASTRO training trace
-filter_samples = 0  # the filter (512 x 4 samples) cost more than RL itself (EXPERIMENTS.md, run 13)
+filter_samples = 0  # the filter (512 x 4 samples, ~170 s) would cost 3x this whole stage (EXPERIMENTS.md, runs 11, 13)
 max_steps = 10
 truncation = "wrong"  # a cut-off answer is a wrong answer: masking them (DAPO) let ASTRO-RL drift into endless
                       # backtracking (EXPERIMENTS.md, run 9: 33% -> 90% truncated)
