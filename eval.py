@@ -609,6 +609,23 @@ def answer_key(rec, pred):
 
 # ----------------------------------------------------------------------------- report
 
+def bootstrap_ci(values, resamples=1000, seed=0):
+    """95% percentile-bootstrap interval of the mean of `values`, one per problem (problems are what varies between
+    benchmark draws). Fixed seed: the same predictions give the same interval."""
+    v = np.asarray(values, dtype=float)
+    boot = v[np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))].mean(1)
+    return float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def problem_accuracy(preds):
+    """{problem id: share of its sampled answers (sample >= 0; not the greedy one) that are correct}."""
+    by_id = defaultdict(list)
+    for p in preds:
+        if p["sample"] >= 0:
+            by_id[p["id"]].append(p["correct"])
+    return {i: float(np.mean(v)) for i, v in by_id.items()}
+
+
 def summarize(preds, problems):
     """The report: preds = prediction records (as in predictions.jsonl), problems = the problem records."""
     by_id, greedy = defaultdict(list), {}
@@ -620,8 +637,8 @@ def summarize(preds, problems):
     probs = [r for r in problems if r["id"] in by_id]
     if not probs:
         return {"problems": 0}
-    acc = np.array([np.mean([p["correct"] for p in by_id[r["id"]]]) for r in probs])
-    boot = acc[np.random.default_rng(0).integers(0, len(acc), (1000, len(acc)))].mean(1)
+    pa = problem_accuracy(preds)
+    acc = np.array([pa[r["id"]] for r in probs])
     maj = []
     for r in probs:
         votes = Counter(k for p in by_id[r["id"]] if (k := answer_key(r, p["pred"])) is not None)
@@ -636,7 +653,7 @@ def summarize(preds, problems):
     corr = float(np.corrcoef(bt, ok)[0, 1]) if bt.std() > 0 and ok.std() > 0 else None
     out = {
         "problems": len(probs), "samples": len(samples), "samples_per_problem": len(samples) / len(probs),
-        "pass@1": float(acc.mean()), "pass@1_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "pass@1": float(acc.mean()), "pass@1_ci95": list(bootstrap_ci(acc)),
         "ci_method": "percentile bootstrap over problems, 1000 resamples",
         "maj@k": float(np.mean(maj)),
         "greedy_acc": float(np.mean([greedy[r["id"]]["correct"] for r in probs if r["id"] in greedy])) if greedy

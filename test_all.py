@@ -1019,6 +1019,30 @@ def test_summarize():
     assert s["pearson_backtracks_correct"] == pytest.approx(1.0) and s["no_answer"] == pytest.approx(0.25)
 
 
+
+def test_report_paired_interval(tmp_path):
+    """runs/report.py: each claim gets the paired 95% interval of its gain (bootstrap over problems of the
+    per-problem difference), which excludes 0 here although the two models' own intervals overlap."""
+    probs = [{"id": f"p{i}", "problem": "", "answer": "1", "level": 3} for i in range(40)]
+    hits = {"base": [i % 4 for i in range(40)]}  # correct samples out of 3, per problem
+    hits["sft_direct"] = [h + 1 if i < 10 and h < 3 else h for i, h in enumerate(hits["base"])]  # 8 problems better
+    for key, row in hits.items():
+        preds = [{"id": p["id"], "sample": j, "pred": "1", "correct": j < h, "tokens": 5, "backtracks": 0,
+                  "reflections": 0, "stopped": True} for p, h in zip(probs, row) for j in range(3)]
+        d = tmp_path / "eval" / key
+        d.mkdir(parents=True)
+        common.write_jsonl(str(d / "predictions.jsonl"), preds)
+        common.write_json(str(d / "summary.json"), E.summarize(preds, probs))
+    r = subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| Base policy")
+               and "< Direct-SFT" in line).split(" | ")
+    gain = {p["id"]: (b - a) / 3 for p, a, b in zip(probs, hits["base"], hits["sft_direct"])}
+    lo, hi = E.bootstrap_ci([gain[i] for i in sorted(gain)])  # in the report's order: sorted problem ids
+    assert row[1:4] == [f"{100 * 8 / 120:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}", "no"]
+    assert lo > 0
+
 # ----------------------------------------------------------------------------- eval main end to end
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import common  # noqa: E402
+from eval import bootstrap_ci, problem_accuracy  # noqa: E402
 
 MODELS = [("base", "Base policy (warm-up SFT, no search)"), ("sft_direct", "Direct-SFT"), ("sft_astro", "ASTRO-SFT"),
           ("rl_direct", "Direct-RL"), ("rl_astro", "ASTRO-RL")]
@@ -68,15 +69,23 @@ def main(cfg):
     names = dict(MODELS)
     pairs = [(a, b) for a, b in [("base", "sft_direct"), ("sft_direct", "sft_astro"), ("rl_direct", "rl_astro"),
                                  ("sft_astro", "rl_astro")] if a in got and b in got]
+    # Two intervals can overlap while the gain is clear: both models answer the same problems, so the paired
+    # interval (bootstrap over problems of the per-problem difference) is the sharper test of "b beats a".
+    acc = {key: problem_accuracy(common.resume_jsonl(os.path.join(cfg.out, evals, key, "predictions.jsonl")))
+           for key in {k for pair in pairs for k in pair}}
     if pairs:
         lines += ["", "## The paper's ordering on these problems", "",
-                  "| claim | pass@1 gain (points) | intervals disjoint | " +
-                  " | ".join(f"gain, {lv} numbers" for lv in levels) + " |", "|---|---|---|" + "---|" * len(levels)]
+                  "| claim | pass@1 gain (points) | paired 95% CI of the gain | intervals disjoint | " +
+                  " | ".join(f"gain, {lv} numbers" for lv in levels) + " |", "|---|---|---|---|" + "---|" * len(levels)]
         for a, b in pairs:
             sa, sb = got[a], got[b]
             disjoint = sb["pass@1_ci95"][0] > sa["pass@1_ci95"][1]
+            paired = "–"  # the two evals must cover the same problems
+            if acc[a] and acc[a].keys() == acc[b].keys():
+                lo, hi = bootstrap_ci([acc[b][i] - acc[a][i] for i in sorted(acc[a])])
+                paired = f"{100 * lo:+.1f} to {100 * hi:+.1f}"
             gains = [sb["pass@1_by_level"].get(lv, 0) - sa["pass@1_by_level"].get(lv, 0) for lv in levels]
-            lines.append(f"| {names[a]} < {names[b]} | {100 * (sb['pass@1'] - sa['pass@1']):+.1f} | "
+            lines.append(f"| {names[a]} < {names[b]} | {100 * (sb['pass@1'] - sa['pass@1']):+.1f} | {paired} | "
                          f"{'yes' if disjoint else 'no'} | " + " | ".join(f"{100 * g:+.1f}" for g in gains) + " |")
 
     search = load(os.path.join(cfg.out, "search", "stats.json"))
