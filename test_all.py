@@ -349,14 +349,19 @@ def test_generate_stats_count_each_prompt_once():
 
 
 def test_compiled_decode_matches_eager():
+    from torch._dynamo.utils import counters
     m = random_model(tiny_cfg(n_layers=1, dim=32), seed=10)
-    prompts = [[1, 2, 3], list(range(10, 30))]
-    kw = dict(max_new_tokens=10, temperature=1.0, seed=5)
-    eager = M.generate(m, prompts, 2, **kw)
-    compiled = M.generate(m, prompts, 2, compile=True, **kw)
-    for e, c in zip(sum(eager, []), sum(compiled, [])):
-        assert e.tokens == c.tokens
-        assert torch.allclose(torch.tensor(e.logprobs), torch.tensor(c.logprobs), atol=1e-4)
+    assert m.cfg.n_kv_heads == 2  # the first batch has as many rows as kv heads: no graph may specialize on it
+    prompts = [[1, 2, 3], list(range(10, 30)), [7] * 9]
+    graphs = counters["stats"]["unique_graphs"]
+    for n, new in ((1, 10), (2, 13)):  # 2 rows, then 6: other batch sizes and lengths, one compilation
+        kw = dict(max_new_tokens=new, temperature=1.0, seed=5)
+        eager = M.generate(m, prompts[: 2 * n], n, **kw)
+        compiled = M.generate(m, prompts[: 2 * n], n, compile=True, **kw)
+        for e, c in zip(sum(eager, []), sum(compiled, [])):
+            assert e.tokens == c.tokens
+            assert torch.allclose(torch.tensor(e.logprobs), torch.tensor(c.logprobs), atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -20,5 +20,5 @@ problems_per_batch = 64     # per GPU: 64 trees x 4 children x 16 rollouts = 409
 early_stop = True
 seed = 1337
 batch_size = 512            # decode rows per forward
-compile = False             # generate's compiled decode step wants a fixed batch; try True on a long run
+compile = False             # True: ~1.6x faster decode on an H200 after a one-off compilation (15-60 s)
 dtype = "bfloat16"

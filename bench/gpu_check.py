@@ -1,0 +1,198 @@
+"""
+bench/gpu_check.py — what CI cannot run: model.py on a CUDA GPU, checked against the CPU, and the speed of a
+Llama-3.2-1B-shaped model there. Needs one NVIDIA GPU; nothing is downloaded (random weights).
+
+    python bench/gpu_check.py                       # checks, then timings (~2 min on an H100)
+    python bench/gpu_check.py --timings=False       # checks only
+    bash bench/gpu_check.sh                         # this, then every stage of the pipeline on the GPU
+
+Checks (each prints ok / FAIL; the exit status is 1 if one failed):
+  1. fp32 logits on CUDA equal the CPU's (TF32 off), plain and packed rows, with a 128k vocab and Llama 3.1 RoPE
+  2. generate on CUDA: the logprob of every generated token equals a full forward of prompt + output (the KV
+     cache, ragged prompts, fan-out, refill and compaction of rows)
+  3. generate(compile=True) on CUDA: the eager greedy tokens, sampled tokens whose logprobs match a full forward,
+     and one compilation for every batch size and length (plus one for a lone row: PyTorch specializes size 1)
+  4. bf16 weights against fp32: greedy next-token agreement on random inputs, reported with the logit error
+  5. one training step under bf16 autocast, eager against torch.compile: the same loss and gradient norm
+Timings (ratios against a baseline run in this process): decode tokens/s of the 1B shape in bf16, compiled over
+eager, at batch 64 and 256 (each after a warm-up run of the same shape); training tokens/s (bf16 autocast, compiled, grad checkpointing off/on) with its MFU.
+"""
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
+from model import Llama, ModelConfig, generate  # noqa: E402
+
+
+@dataclass
+class Config:
+    timings: bool = True   # also time the 1B shape (needs ~25 GB of GPU memory)
+    peak_tflops: float = 0.0  # bf16 dense peak for the MFU line; 0 = guess from the device name (H100/H200: 989)
+
+
+cfg = common.parse_config(Config, sys.argv[1:])
+assert torch.cuda.is_available(), "bench/gpu_check.py needs a CUDA GPU"
+torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparisons with the CPU
+torch.backends.cudnn.allow_tf32 = False
+dev = torch.device("cuda")
+print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+failed = []
+
+
+def check(name, ok, detail):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    if not ok:
+        failed.append(name)
+
+
+def small(**kw):
+    """A small model with Llama 3's vocabulary and Llama 3.1's RoPE scaling, on the CPU in fp32."""
+    c = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, max_seq_len=512, rope_scaling=dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+    torch.manual_seed(0)
+    return Llama(ModelConfig(**{**c, **kw})).eval()
+
+
+# 1. CUDA fp32 == CPU fp32
+cpu = small()
+gpu = small().to(dev)
+idx = torch.randint(0, 128256, (3, 200))
+doc = torch.tensor([0] * 50 + [1] * 100 + [2] * 50).expand(3, 200)
+with torch.no_grad():
+    for name, d in (("plain rows", None), ("packed rows", doc)):
+        a = cpu(idx, d)
+        b = gpu(idx.to(dev), None if d is None else d.to(dev)).cpu()
+        err = (a - b).abs().max().item()
+        check(f"CUDA == CPU logits, {name}", err < 1e-3, f"max |diff| {err:.1e} (logits ~{a.abs().max():.1f})")
+
+# 2. the KV cache on CUDA: each generated token's logprob == a full forward over prompt + output
+prompts = [torch.randint(0, 128000, (n,)).tolist() for n in (5, 37, 120, 2)]
+counts = [3, 1, 2, 4]  # fan-out: several rows share a prefilled prompt
+out = generate(gpu, prompts, counts, max_new_tokens=40, temperature=1.0, seed=3, batch_size=4,
+               stop_ids=list(range(120000, 128256)))  # random stops: rows finish early, get refilled, compacted
+worst = 0.0
+with torch.no_grad():
+    for p, samples in zip(prompts, out):
+        for s in samples:
+            full = torch.tensor(p + s.tokens, device=dev)[None]
+            lp = F.log_softmax(gpu(full)[0, len(p) - 1 : -1], -1).gather(1, full[0, len(p):, None])[:, 0]
+            worst = max(worst, (lp.cpu() - torch.tensor(s.logprobs)).abs().max().item())
+lens = sorted(len(s.tokens) for ss in out for s in ss)
+check("KV-cache generate == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e} over {len(lens)} "
+      f"samples of {lens[0]}-{lens[-1]} tokens")
+
+# 3. compiled decode == eager on CUDA: greedy tokens equal; sampled ones may part where the fused kernels' last
+# bits move a uniform draw across a boundary, so those are checked by their logprobs against a full forward
+from torch._dynamo.utils import counters  # noqa: E402
+graphs = counters["stats"]["unique_graphs"]
+kw = dict(max_new_tokens=30, temperature=0.0, seed=7, batch_size=8)
+e = [s.tokens for ss in generate(gpu, prompts, counts, **kw) for s in ss]
+c = [s.tokens for ss in generate(gpu, prompts, counts, compile=True, **kw) for s in ss]
+check("compiled == eager greedy tokens", e == c, f"{sum(a == b for a, b in zip(e, c))}/{len(e)} samples equal")
+worst = 0.0
+for B, new in ((8, 30), (3, 17), (10, 45)):  # other batch sizes and lengths: the same compiled graph
+    out = generate(gpu, prompts, counts, max_new_tokens=new, temperature=1.0, seed=B, batch_size=B, compile=True)
+    with torch.no_grad():
+        for p, samples in zip(prompts, out):
+            for s in samples:
+                full = torch.tensor(p + s.tokens, device=dev)[None]
+                lp = F.log_softmax(gpu(full)[0, len(p) - 1 : -1], -1).gather(1, full[0, len(p):, None])[:, 0]
+                worst = max(worst, (lp.cpu() - torch.tensor(s.logprobs)).abs().max().item())
+check("compiled sampling == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e}")
+n_graphs = counters["stats"]["unique_graphs"] - graphs  # PyTorch specializes a size of 1: a lone last row is one more
+check("one compilation for every batch size and length", n_graphs <= 2, f"{n_graphs} graph(s) (<= 2: one for a "
+      "single row)")
+
+# 4. bf16 against fp32 (an approximation: how close, not equal)
+half = small().to(dev, torch.bfloat16)
+with torch.no_grad():
+    a, b = gpu(idx.to(dev)), half(idx.to(dev))
+agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+rel = ((a - b).norm() / a.norm()).item()
+check("bf16 vs fp32 logits", agree > 0.9 and rel < 0.05, f"greedy agreement {agree:.1%}, relative error {rel:.3f}")
+
+# 5. a training step with bf16 autocast: compiled == eager
+def train_step(model, x):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        loss = F.cross_entropy(model(x[:, :-1], doc[:2, :-1].to(dev)).flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters()))
+    return loss.item(), norm.item()
+
+
+train = small().to(dev).train()
+x = idx[:2].to(dev)
+l0, n0 = train_step(train, x)
+l1, n1 = train_step(torch.compile(train), x)
+check("bf16 training step, compiled == eager", abs(l0 - l1) < 2e-2 and abs(n0 - n1) / n0 < 2e-2,
+      f"loss {l0:.4f} vs {l1:.4f}, grad norm {n0:.4f} vs {n1:.4f}")
+del cpu, gpu, half, train
+
+if cfg.timings:
+    # Llama-3.2-1B's shape (its ffn 8192 = dim * 4, tied embeddings), random bf16 weights
+    shape = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5,
+                 multiple_of=256, max_seq_len=8192, tie_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        big = Llama(ModelConfig(**shape)).to(torch.bfloat16).eval()
+    n_params = sum(p.numel() for p in big.parameters())
+    print(f"\n1B shape: {n_params / 1e9:.2f}B parameters, bf16")
+    prompt = lambda n: [torch.randint(0, 128000, (128,)).tolist() for _ in range(n)]  # noqa: E731
+    for B in (64, 256):
+        ps, res = prompt(B), {}
+        for comp in (False, True):
+            kw = dict(max_new_tokens=256, temperature=1.0, seed=0, batch_size=B, compile=comp)
+            generate(big, ps, **kw)  # warm-up: compiles, and a fresh machine loads each kernel on first use (seconds)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            n = sum(len(s.tokens) for ss in generate(big, ps, **kw) for s in ss)
+            torch.cuda.synchronize()
+            res[comp] = n / (time.perf_counter() - t)
+        print(f"decode batch {B:3d}, 128-token prompts, 256 new: eager {res[False]:8,.0f} tok/s, compiled "
+              f"{res[True]:8,.0f} tok/s ({res[True] / res[False]:.2f}x)")
+    del big
+    torch.cuda.empty_cache()
+
+    peak = cfg.peak_tflops or (989.0 if any(s in torch.cuda.get_device_name() for s in ("H100", "H200")) else 0.0)
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        with torch.device(dev):
+            net = Llama(ModelConfig(**shape))  # fp32 master weights, bf16 autocast: as sft.py on a GPU
+        B, T = 4, 2048
+        x = torch.randint(0, 128000, (B, T + 1), device=dev)
+        if ckpt:  # as sft.py's grad_checkpoint: recompute each block in the backward
+            for block in net.layers:
+                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        step = torch.compile(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+        times = []
+        for i in range(6):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = F.cross_entropy(step(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        dt = sorted(times[2:])[1]  # after compile and warm-up
+        tps = B * T / dt
+        mfu = f", MFU {6 * n_params * tps / (peak * 1e12):.0%} of {peak:.0f} TFLOP/s" if peak else ""
+        print(f"train {B}x{T} tokens, bf16 autocast, compiled, grad checkpoint {ckpt}: {tps:,.0f} tok/s{mfu}, "
+              f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        del net, step, opt
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+print(f"\n{len(failed)} check(s) failed: {failed}" if failed else "\nall checks passed")
+sys.exit(1 if failed else 0)
