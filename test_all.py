@@ -818,6 +818,12 @@ def test_countdown_prepare(cd_data, tmp_path):
     cfg2 = CD.Config(out_dir=str(tmp_path / "big"), train=180, warmup=110, val=20, test=30, bpe_docs=100)
     CD.main(cfg2)
     assert (d / "test.jsonl").read_bytes() == (tmp_path / "big" / "test.jsonl").read_bytes()  # test ignores train size
+    small_prepare(tmp_path / "confirm", confirm=7)  # a confirmatory split: new problems, every other file unchanged
+    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model"):
+        assert (d / f).read_bytes() == (tmp_path / "confirm" / f).read_bytes(), f
+    confirm = E.read_problems(str(tmp_path / "confirm" / "confirm.jsonl"))
+    assert [r["level"] for r in confirm] == [3] * 7 + [4] * 7 and not (d / "confirm.jsonl").exists()
+    assert all(r["id"].startswith(f"cd{r['level']}-confirm-") for r in confirm)
     splits = {s: E.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
     assert [len(splits[s]) for s in ("train", "val", "test")] == [140, 40, 60]
     assert sum(r["level"] == 3 for r in splits["train"]) == 56  # level_mix 2:3
@@ -825,7 +831,7 @@ def test_countdown_prepare(cd_data, tmp_path):
     held = set(stats["held_out_targets"])
     assert len(held) == 9 and not any(r["target"] in held for r in splits["train"])
     assert any(r["new_target"] for r in splits["test"] + splits["val"])
-    keys = [(tuple(sorted(r["numbers"])), r["target"]) for s in splits.values() for r in s]
+    keys = [(tuple(sorted(r["numbers"])), r["target"]) for s in [*splits.values(), confirm] for r in s]
     assert len(keys) == len(set(keys))  # no problem in two splits
     for r in splits["test"]:
         assert r["level"] == len(r["numbers"]) and r["answer"] == str(r["target"]) and r["solutions"] >= 1

@@ -11,6 +11,8 @@ Writes (deterministic: fixed seeds, stable ids such as "cd4-test-00012"):
   warmup.jsonl                      SFT conversations (spec/API.md form) for the base policy: one random valid
                                     solution path per problem, no backtracking; its problems are disjoint from every
                                     split, so search/RL on train.jsonl never meets a problem the base saw solved
+  confirm.jsonl                     with --confirm=N only: N fresh problems per level, as test but with seen
+                                    targets only (Config.confirm)
   tokenizer.model                   tiktoken ranks: 256 bytes + up to `merges` BPE merges (model.py's Tokenizer
                                     appends the 256 Llama 3 special tokens; n_vocab <= 256 + 512 + 256 = 1024)
   prepare.json                      the config and statistics (solvability, solutions, tokens per trace)
@@ -84,6 +86,11 @@ class Config:
     level_mix: tuple = (1, 2)        # relative share of each level in train and warmup (3-number problems are few)
     val: int = 200                   # problems per level
     test: int = 300                  # problems per level
+    confirm: int = 0                 # problems per level of confirm.jsonl, a fresh held-out split for a confirmatory
+                                     # read once test has been looked at (EXPERIMENTS.md); drawn last, from its own
+                                     # stream: the other files are the same with or without it. Seen targets only:
+                                     # train and warm-up use up most 3-number problems with seen targets, so the
+                                     # problems left over-represent the held-out ones (28% instead of test's 5%)
     merges: int = 512                # BPE merges of the tokenizer (ranks = 256 + merges)
     bpe_docs: int = 4000             # warm-up conversations the BPE trains on (plenty: the text is repetitive)
 
@@ -261,12 +268,15 @@ def main(cfg):
     per_level = lambda total: np.diff(np.round(np.concatenate([[0], shares]) * total).astype(int)).tolist()
     for stream, (name, size, targets) in enumerate([("test", cfg.test, all_targets), ("val", cfg.val, all_targets),
                                                     ("train", cfg.train, seen_targets),
-                                                    ("warmup", cfg.warmup, seen_targets)], 1):
-        sizes = per_level(size) if name in ("train", "warmup") else [size] * len(cfg.levels)  # val/test: per level
+                                                    ("warmup", cfg.warmup, seen_targets),
+                                                    ("confirm", cfg.confirm, seen_targets)], 1):
+        if name == "confirm" and not size:
+            continue
+        sizes = per_level(size) if name in ("train", "warmup") else [size] * len(cfg.levels)  # others: per level
         splits[name] = [p for level, n in zip(cfg.levels, sizes) for p in make_split(cfg, name, n, level, targets,
                                                                                       seen, stream)]
     held_set = set(held.tolist())
-    for name in ("train", "val", "test"):
+    for name in [n for n in ("train", "val", "test", "confirm") if n in splits]:
         recs = [dict(r, new_target=r["target"] in held_set) for r, _ in splits[name]]
         if name == "train":  # levels mixed in any prefix: the search takes the first `limit` problems
             recs = [recs[k] for k in np.random.default_rng([cfg.seed, 6]).permutation(len(recs))]
