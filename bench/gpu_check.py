@@ -61,6 +61,18 @@ def small(**kw):
     return Llama(ModelConfig(**{**c, **kw})).eval()
 
 
+@torch.no_grad()
+def logprob_error(model, prompts, out):
+    """Largest |logprob generate reported - logprob of a full forward over prompt + output| over all samples."""
+    worst = 0.0
+    for p, samples in zip(prompts, out):
+        for s in samples:
+            full = torch.tensor(p + s.tokens, device=dev)[None]
+            lp = F.log_softmax(model(full)[0, len(p) - 1 : -1], -1).gather(1, full[0, len(p):, None])[:, 0]
+            worst = max(worst, (lp.cpu() - torch.tensor(s.logprobs)).abs().max().item())
+    return worst
+
+
 # 1. CUDA fp32 == CPU fp32
 cpu = small()
 gpu = small().to(dev)
@@ -78,13 +90,7 @@ prompts = [torch.randint(0, 128000, (n,)).tolist() for n in (5, 37, 120, 2)]
 counts = [3, 1, 2, 4]  # fan-out: several rows share a prefilled prompt
 out = generate(gpu, prompts, counts, max_new_tokens=40, temperature=1.0, seed=3, batch_size=4,
                stop_ids=list(range(120000, 128256)))  # random stops: rows finish early, get refilled, compacted
-worst = 0.0
-with torch.no_grad():
-    for p, samples in zip(prompts, out):
-        for s in samples:
-            full = torch.tensor(p + s.tokens, device=dev)[None]
-            lp = F.log_softmax(gpu(full)[0, len(p) - 1 : -1], -1).gather(1, full[0, len(p):, None])[:, 0]
-            worst = max(worst, (lp.cpu() - torch.tensor(s.logprobs)).abs().max().item())
+worst = logprob_error(gpu, prompts, out)
 lens = sorted(len(s.tokens) for ss in out for s in ss)
 check("KV-cache generate == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e} over {len(lens)} "
       f"samples of {lens[0]}-{lens[-1]} tokens")
@@ -100,12 +106,7 @@ check("compiled == eager greedy tokens", e == c, f"{sum(a == b for a, b in zip(e
 worst = 0.0
 for B, new in ((8, 30), (3, 17), (10, 45)):  # other batch sizes and lengths: the same compiled graph
     out = generate(gpu, prompts, counts, max_new_tokens=new, temperature=1.0, seed=B, batch_size=B, compile=True)
-    with torch.no_grad():
-        for p, samples in zip(prompts, out):
-            for s in samples:
-                full = torch.tensor(p + s.tokens, device=dev)[None]
-                lp = F.log_softmax(gpu(full)[0, len(p) - 1 : -1], -1).gather(1, full[0, len(p):, None])[:, 0]
-                worst = max(worst, (lp.cpu() - torch.tensor(s.logprobs)).abs().max().item())
+    worst = max(worst, logprob_error(gpu, prompts, out))
 check("compiled sampling == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e}")
 n_graphs = counters["stats"]["unique_graphs"] - graphs  # PyTorch specializes a size of 1: a lone last row is one more
 check("one compilation for every batch size and length", n_graphs <= 2, f"{n_graphs} graph(s) (<= 2: one for a "
