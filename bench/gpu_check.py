@@ -3,7 +3,7 @@ bench/gpu_check.py — what CI cannot run: model.py on a CUDA GPU, checked again
 Llama-3.2-1B-shaped model there. Needs one NVIDIA GPU; nothing is downloaded (random weights).
 
     python bench/gpu_check.py                       # checks, then timings (~2 min on an H100)
-    python bench/gpu_check.py --timings=False       # checks only
+    python bench/gpu_check.py --timings=False       # checks only (~1 min); --checks=False: timings only
     bash bench/gpu_check.sh                         # this, then every stage of the pipeline on the GPU
 
 Checks (each prints ok / FAIL; the exit status is 1 if one failed):
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -34,7 +35,8 @@ from model import Llama, ModelConfig, generate  # noqa: E402
 
 @dataclass
 class Config:
-    timings: bool = True   # also time the 1B shape (needs ~25 GB of GPU memory)
+    checks: bool = True    # the correctness checks 1-5
+    timings: bool = True   # time the 1B shape (needs ~45 GB of GPU memory)
     peak_tflops: float = 0.0  # bf16 dense peak for the MFU line; 0 = guess from the device name (H100/H200: 989)
 
 
@@ -73,70 +75,72 @@ def logprob_error(model, prompts, out):
     return worst
 
 
-# 1. CUDA fp32 == CPU fp32
-cpu = small()
-gpu = small().to(dev)
-idx = torch.randint(0, 128256, (3, 200))
-doc = torch.tensor([0] * 50 + [1] * 100 + [2] * 50).expand(3, 200)
-with torch.no_grad():
-    for name, d in (("plain rows", None), ("packed rows", doc)):
-        a = cpu(idx, d)
-        b = gpu(idx.to(dev), None if d is None else d.to(dev)).cpu()
-        err = (a - b).abs().max().item()
-        check(f"CUDA == CPU logits, {name}", err < 1e-3, f"max |diff| {err:.1e} (logits ~{a.abs().max():.1f})")
+def run_checks():
+    # 1. CUDA fp32 == CPU fp32
+    cpu = small()
+    gpu = small().to(dev)
+    idx = torch.randint(0, 128256, (3, 200))
+    doc = torch.tensor([0] * 50 + [1] * 100 + [2] * 50).expand(3, 200)
+    with torch.no_grad():
+        for name, d in (("plain rows", None), ("packed rows", doc)):
+            a = cpu(idx, d)
+            b = gpu(idx.to(dev), None if d is None else d.to(dev)).cpu()
+            err = (a - b).abs().max().item()
+            check(f"CUDA == CPU logits, {name}", err < 1e-3, f"max |diff| {err:.1e} (logits ~{a.abs().max():.1f})")
 
-# 2. the KV cache on CUDA: each generated token's logprob == a full forward over prompt + output
-prompts = [torch.randint(0, 128000, (n,)).tolist() for n in (5, 37, 120, 2)]
-counts = [3, 1, 2, 4]  # fan-out: several rows share a prefilled prompt
-out = generate(gpu, prompts, counts, max_new_tokens=40, temperature=1.0, seed=3, batch_size=4,
-               stop_ids=list(range(120000, 128256)))  # random stops: rows finish early, get refilled, compacted
-worst = logprob_error(gpu, prompts, out)
-lens = sorted(len(s.tokens) for ss in out for s in ss)
-check("KV-cache generate == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e} over {len(lens)} "
-      f"samples of {lens[0]}-{lens[-1]} tokens")
+    # 2. the KV cache on CUDA: each generated token's logprob == a full forward over prompt + output
+    prompts = [torch.randint(0, 128000, (n,)).tolist() for n in (5, 37, 120, 2)]
+    counts = [3, 1, 2, 4]  # fan-out: several rows share a prefilled prompt
+    out = generate(gpu, prompts, counts, max_new_tokens=40, temperature=1.0, seed=3, batch_size=4,
+                   stop_ids=list(range(120000, 128256)))  # random stops: rows finish early, get refilled, compacted
+    worst = logprob_error(gpu, prompts, out)
+    lens = sorted(len(s.tokens) for ss in out for s in ss)
+    check("KV-cache generate == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e} over {len(lens)} "
+          f"samples of {lens[0]}-{lens[-1]} tokens")
 
-# 3. compiled decode == eager on CUDA: greedy tokens equal; sampled ones may part where the fused kernels' last
-# bits move a uniform draw across a boundary, so those are checked by their logprobs against a full forward
-from torch._dynamo.utils import counters  # noqa: E402
-graphs = counters["stats"]["unique_graphs"]
-kw = dict(max_new_tokens=30, temperature=0.0, seed=7, batch_size=8)
-e = [s.tokens for ss in generate(gpu, prompts, counts, **kw) for s in ss]
-c = [s.tokens for ss in generate(gpu, prompts, counts, compile=True, **kw) for s in ss]
-check("compiled == eager greedy tokens", e == c, f"{sum(a == b for a, b in zip(e, c))}/{len(e)} samples equal")
-worst = 0.0
-for B, new in ((8, 30), (3, 17), (10, 45)):  # other batch sizes and lengths: the same compiled graph
-    out = generate(gpu, prompts, counts, max_new_tokens=new, temperature=1.0, seed=B, batch_size=B, compile=True)
-    worst = max(worst, logprob_error(gpu, prompts, out))
-check("compiled sampling == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e}")
-n_graphs = counters["stats"]["unique_graphs"] - graphs  # PyTorch specializes a size of 1: a lone last row is one more
-check("one compilation for every batch size and length", n_graphs <= 2, f"{n_graphs} graph(s) (<= 2: one for a "
-      "single row)")
+    # 3. compiled decode == eager on CUDA: greedy tokens equal; sampled ones may part where the fused kernels' last
+    # bits move a uniform draw across a boundary, so those are checked by their logprobs against a full forward
+    graphs = counters["stats"]["unique_graphs"]
+    kw = dict(max_new_tokens=30, temperature=0.0, seed=7, batch_size=8)
+    e = [s.tokens for ss in generate(gpu, prompts, counts, **kw) for s in ss]
+    c = [s.tokens for ss in generate(gpu, prompts, counts, compile=True, **kw) for s in ss]
+    check("compiled == eager greedy tokens", e == c, f"{sum(a == b for a, b in zip(e, c))}/{len(e)} samples equal")
+    worst = 0.0
+    for B, new in ((8, 30), (3, 17), (10, 45)):  # other batch sizes and lengths: the same compiled graph
+        out = generate(gpu, prompts, counts, max_new_tokens=new, temperature=1.0, seed=B, batch_size=B, compile=True)
+        worst = max(worst, logprob_error(gpu, prompts, out))
+    check("compiled sampling == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e}")
+    n_graphs = counters["stats"]["unique_graphs"] - graphs  # PyTorch specializes a size of 1: a lone last row is one more
+    check("one compilation for every batch size and length", n_graphs <= 2, f"{n_graphs} graph(s) (<= 2: one for a "
+          "single row)")
 
-# 4. bf16 against fp32 (an approximation: how close, not equal)
-half = small().to(dev, torch.bfloat16)
-with torch.no_grad():
-    a, b = gpu(idx.to(dev)), half(idx.to(dev))
-agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-rel = ((a - b).norm() / a.norm()).item()
-check("bf16 vs fp32 logits", agree > 0.9 and rel < 0.05, f"greedy agreement {agree:.1%}, relative error {rel:.3f}")
+    # 4. bf16 against fp32 (an approximation: how close, not equal)
+    half = small().to(dev, torch.bfloat16)
+    with torch.no_grad():
+        a, b = gpu(idx.to(dev)), half(idx.to(dev))
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    rel = ((a - b).norm() / a.norm()).item()
+    check("bf16 vs fp32 logits", agree > 0.9 and rel < 0.05, f"greedy agreement {agree:.1%}, relative error {rel:.3f}")
 
-# 5. a training step with bf16 autocast: compiled == eager
-def train_step(model, x):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", torch.bfloat16):
-        loss = F.cross_entropy(model(x[:, :-1], doc[:2, :-1].to(dev)).flatten(0, 1), x[:, 1:].flatten())
-    loss.backward()
-    norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters()))
-    return loss.item(), norm.item()
+    # 5. a training step with bf16 autocast: compiled == eager
+    def train_step(model, x):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(model(x[:, :-1], doc[:2, :-1].to(dev)).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters()))
+        return loss.item(), norm.item()
+
+    train = small().to(dev).train()
+    x = idx[:2].to(dev)
+    l0, n0 = train_step(train, x)
+    l1, n1 = train_step(torch.compile(train), x)
+    check("bf16 training step, compiled == eager", abs(l0 - l1) < 2e-2 and abs(n0 - n1) / n0 < 2e-2,
+          f"loss {l0:.4f} vs {l1:.4f}, grad norm {n0:.4f} vs {n1:.4f}")
 
 
-train = small().to(dev).train()
-x = idx[:2].to(dev)
-l0, n0 = train_step(train, x)
-l1, n1 = train_step(torch.compile(train), x)
-check("bf16 training step, compiled == eager", abs(l0 - l1) < 2e-2 and abs(n0 - n1) / n0 < 2e-2,
-      f"loss {l0:.4f} vs {l1:.4f}, grad norm {n0:.4f} vs {n1:.4f}")
-del cpu, gpu, half, train
+if cfg.checks:
+    run_checks()
 
 if cfg.timings:
     # Llama-3.2-1B's shape (its ffn 8192 = dim * 4, tied embeddings), random bf16 weights
@@ -195,5 +199,6 @@ if cfg.timings:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-print(f"\n{len(failed)} check(s) failed: {failed}" if failed else "\nall checks passed")
+if cfg.checks:
+    print(f"\n{len(failed)} check(s) failed: {failed}" if failed else "\nall checks passed")
 sys.exit(1 if failed else 0)

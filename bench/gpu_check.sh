@@ -3,15 +3,17 @@
 #
 #   LLAMA_TOKENIZER=/path/to/llama3/tokenizer.model bash bench/gpu_check.sh [LOG_DIR]
 #
-# 1. bench/gpu_check.py: model.py on CUDA against the CPU (logits, KV cache, compiled decode, bf16, a compiled bf16
-#    training step) and the speed of a Llama-3.2-1B-shaped model.
+# 1. bench/gpu_check.py --timings=False: model.py on CUDA against the CPU (logits, KV cache, compiled decode, bf16, a
+#    compiled bf16 training step).
 # 2. the main job's smoke variant on the GPU: every stage and hand-off, device "" = cuda, fp32.
-# 3. the settings of a Llama-scale run: a 0.4B policy (dim 1024, 8 layers, GQA 16/8) with the real Llama 3 tokenizer
+# 3. the settings of a Llama-scale run: a 0.36B policy (dim 1024, 8 layers, GQA 16/8) with the real Llama 3 tokenizer
 #    (128k vocab; from the llama-models package, or LLAMA_TOKENIZER), trained from scratch for a few steps with bf16 autocast,
 #    torch.compile and grad checkpointing (sft.py), then search.py, rl.py and eval.py on it in bf16 with the
 #    compiled decode step. Random-ish weights: this checks that the paths run, not what they learn.
-# 4. the whole main job (runs/countdown.sh) on the GPU, for as long as BUDGET (seconds, default 540) allows;
-#    its stage times go to LOG_DIR/times.txt.
+# 4. bench/gpu_check.py --checks=False: the speed of a Llama-3.2-1B-shaped model (decode, training).
+# 5. the whole main job (runs/countdown.sh) on the GPU, for as long as BUDGET (seconds, default 540) allows;
+#    its stage times go to LOG_DIR/times.txt (on an H200 steps 2 and 3 took 1.6 and over 3 minutes: with the
+#    default BUDGET the main job gets little or no time; give it a run of its own with a larger BUDGET).
 # Logs go to LOG_DIR (default /tmp/gpu_check); work files to WORK (default /tmp/gpu_check/work).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log to LOG/N
   [ $rc = 0 ] || { [ "$name" = main ] && [ $rc = 124 ]; } || status=1  # main may run out of BUDGET
 }
 
-step check 300 python bench/gpu_check.py
+step check 150 python bench/gpu_check.py --timings=False
 
 step smoke 150 env SMOKE=1 OUT="$W/smoke" bash runs/countdown.sh
 
@@ -40,7 +42,7 @@ if [ -f "$TOK" ]; then
   L=$W/llama
   BIG="--init=scratch --tokenizer=$TOK --dim=1024 --n_layers=8 --n_heads=16 --n_kv_heads=8 --max_seq_len=8192"
   FAST="--dtype=bfloat16 --compile=True"
-  step llama 300 bash -c "set -e
+  step llama 240 bash -c "set -e
     python data/countdown/prepare.py --out_dir=$L/data
     python sft.py $BIG $FAST --grad_checkpoint=True --data=$L/data/warmup.jsonl --seq_len=512 --batch_size=32 \
       --micro_batch=16 --max_steps=20 --lr=3e-4 --warmup_steps=5 --eval_every=0 --save_every=20 --progress=False \
@@ -55,6 +57,8 @@ else
   echo "=== llama: skipped (no Llama 3 tokenizer.model; pip install --no-deps llama-models, or set LLAMA_TOKENIZER)"
   status=1
 fi
+
+step timings 200 python bench/gpu_check.py --checks=False
 
 left=$(( BUDGET - ($(date +%s) - t0) ))
 if [ $left -gt 60 ]; then
