@@ -87,34 +87,53 @@ def step_delimiter(rec):
 CALC = re.compile(r"(?<![\d.])(\d{1,6})([-+*/])(\d{1,6})=$")  # "...11*4=" at the end of the text so far
 TARGET = re.compile(r"Make (\d+) from ([\d ]+) with")  # target and numbers in a Countdown prompt (countdown_prompt)
 BOXED_LINE = re.compile(r".*\\boxed\{(.*)\}=")  # an answer line's boxed expression (greedy: up to its last "}=")
+LEFT = re.compile(r" left ([\d ]+)\.?$")  # the numbers left at the end of a step line, or of a go-back's restated step
+
+
+def numbers_left(numbers, text):
+    """The numbers left after the complete lines `text` of a Countdown response: the start numbers, replaced by the
+    list of each step line ("... left 7 61") and of the step a go-back restates, reset by a restart."""
+    import linearize  # here, not at the top: linearize imports eval
+    left = list(numbers)
+    for line in text.split("\n"):
+        if linearize.RESTART in line:
+            left = list(numbers)
+        elif m := LEFT.search(line):
+            left = [int(n) for n in m[1].split()]
+    return left
 
 
 def tool(rec, tok):
     """The task's tool for model.generate (the same in search, RL and eval), or None. Countdown has a calculator:
     when the policy writes "a op b=", the sampler writes the result (integer results only: a - b with a >= b, exact
-    division; anything else is left to the model). On the \\boxed{} line it writes the value of the boxed
-    expression itself and the grader's verdict (countdown_correct) on the row's own problem, and ends the line:
-    "=12*2=24 == 24\\n" when the box solves it, "=18+8=26 != 24\\n" when its value differs, "... == 24 but the
-    numbers are wrong\\n" when it reaches the target without using each number once, "invalid != 24\\n" when the
-    box is malformed or divides by zero. A policy that miscopies an operand ("=25-22=" after "(25-11)...") gets
-    the box's true value, not the target it wished for (89% of the "==" in run 8's trees were such copies).
+    division; anything else is left to the model) and, on a step line whose a and b are among the numbers left
+    (numbers_left), the numbers left after it, ending the line: "36 left 7 25 36\\n". On the \\boxed{} line it
+    writes the value of the boxed expression itself and the grader's verdict (countdown_correct) on the row's own
+    problem, and ends the line: "=12*2=24 == 24\\n" when the box solves it, "=18+8=26 != 24\\n" when its value
+    differs, "... == 24 but the numbers are wrong\\n" when it reaches the target without using each number once,
+    "invalid != 24\\n" when the box is malformed or divides by zero. A policy that miscopies an operand ("=25-22="
+    after "(25-11)...") gets the box's true value, not the target it wished for (89% of the "==" in run 8's trees
+    were such copies).
     Why a calculator at all: the miniature is about search, not about a 1M-parameter model learning arithmetic;
     with its own arithmetic a third of the steps were wrong, and even with exact results it never learned to
     compare its value with the target in the budget, so its reflections could not tell right answers from wrong
-    ones (EXPERIMENTS.md, runs 3-9). The model still chooses every operation, copies every number, and decides when
-    to reflect, where to go back and what to try next."""
+    ones (EXPERIMENTS.md, runs 3-9). Why the numbers left: after a backtrack the 1M-parameter policy lost track of
+    them (79% of its steps after a first 4-number attempt were wrong; EXPERIMENTS.md, run 15). The model still
+    chooses every operation, copies its operands, and decides when to reflect, where to go back and what to try
+    next."""
     if "numbers" not in rec:
         return None
     triggers = [i for i in tok.ids_containing("=") if tok.decode([i]).endswith("=")]
 
     def calculator(prompt, ids):
-        line = tok.decode(ids[-96:]).rsplit("\n", 1)[-1]
+        text = tok.decode(list(prompt) + ids)  # the prompt may end in part of the response (search's node paths)
+        line = text.rsplit("\n", 1)[-1]
         m = CALC.search(line)
         if not m:
             return []
-        if "\\boxed{" in line:  # the answer's line: judge the box against THIS row's problem, and end the line
-            target, numbers = TARGET.search(tok.decode(prompt)).groups()
-            row = {"target": int(target), "numbers": [int(n) for n in numbers.split()]}
+        target, numbers = TARGET.search(text).groups()  # THIS row's problem
+        row = {"target": int(target), "numbers": [int(n) for n in numbers.split()]}
+        if "\\boxed{" in line:  # the answer's line: judge the box, and end the line
             box = BOXED_LINE.match(line)  # None: "a op b=" inside an unclosed box
             parsed = countdown_eval(box[1]) if box else None  # (value, literals), or None: malformed, x/0
             if parsed is None:
@@ -126,7 +145,15 @@ def tool(rec, tok):
         value = (countdown_eval(m[0][:-1]) or (None,))[0]  # the grader's arithmetic (None: division by zero)
         if value is None or value < 0 or value.denominator != 1:  # illegal moves are left to the model
             return []
-        return tok.encode(str(int(value)))
+        import linearize
+        if linearize.REFLECT in line:  # a go-back restating a step: the model restates the rest itself
+            return tok.encode(str(int(value)))
+        left = numbers_left(row["numbers"], text[: len(text) - len(line)])
+        for n in (int(m[1]), int(m[3])):
+            if n not in left:  # an operand that is not left: the model's own mistake, the rest of the line is its own
+                return tok.encode(str(int(value)))
+            left.remove(n)
+        return tok.encode(f"{int(value)} left {' '.join(map(str, left + [int(value)]))}\n")
     return triggers, calculator
 
 

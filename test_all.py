@@ -858,7 +858,8 @@ def test_countdown_calculator(cd_data):
     triggers, calc = E.tool(rec, tok)
     assert E.tool({"problem": "x", "answer": "1"}, tok) is None  # math: no tool
     prompt = tok.render_prompt(E.prompt_messages(rec))
-    for text, want in [("12*3=", "36"), ("(12*3)+25=36+25=", "61"), ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
+    for text, want in [("12*3=", "36 left 7 25 36\n"), ("(12*3)+25=36+25=", "61"),
+                       ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
                        ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"), ("7 left 3\n\\boxed{3}=3\n61-7=", "54"),
                        ("7 left 3 25 36\n600*25=", "15000"), ("20/5=", "4"), ("(12*3)+25=", None),
                        ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None), ("1.5+2=", None),
@@ -877,6 +878,32 @@ def test_countdown_calculator(cd_data):
         verdict = tok.decode(calc(prompt, tok.encode(text)))  # "==" exactly when the grader accepts the box
         assert (" == " in verdict and "wrong" not in verdict) == E.grade(rec, text + verdict)[1], text
     assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))
+    # the numbers left: from the line before, the start numbers after a restart, the restated step after a go-back
+    for text, want in [("12*3=36 left 7 25 36\n(12*3)+25=36+25=", "61 left 7 61\n"),
+                       ("12*3=36 left 7 25 36\n12*3=", "36"),  # 12 is not left: the model writes the rest itself
+                       (f"12*3=36 left 7 25 36\n\\boxed{{12*3}}=36 != 54\n{L.REFLECT} {L.NOT_SURE} "
+                        f"{L.RESTART}\n25-7=", "18 left 3 12 18\n"),
+                       (f"7+3=10 left 12 25 10\n{L.REFLECT} {L.NOT_SURE} {L.GO_BACK} had 12*3=36 left 7 25 "
+                        "36.\n25+7=", "32 left 36 32\n"),
+                       (f"{L.REFLECT} {L.NOT_SURE} {L.GO_BACK} had 12*3=", "36")]:  # inside a go-back: the result only
+        assert tok.decode(calc(prompt, tok.encode(text))) == want, text
+    assert E.numbers_left([7, 3, 12, 25], "") == [7, 3, 12, 25]
+    # search's prompts end in a node's path: the numbers left come from there
+    assert tok.decode(calc(prompt + tok.encode("12*3=36 left 7 25 36\n"), tok.encode("25-7="))) == "18 left 36 18\n"
+    # it writes what the warm-up traces say (the one freedom: which of two equal numbers goes first)
+    written = same = 0
+    for conv in common.read_jsonl(str(cd_data / "warmup.jsonl"))[:100]:
+        m = E.TARGET.search(conv["messages"][0]["content"])
+        row = {"target": int(m[1]), "numbers": [int(n) for n in m[2].split()]}
+        trig, calc_row = E.tool(row, tok)
+        p, ids, i = tok.render_prompt(E.prompt_messages(row)), tok.encode(conv["messages"][1]["content"]), 0
+        while i < len(ids):
+            out = calc_row(p, ids[: i + 1]) if ids[i] in trig else []
+            if out:
+                written += 1
+                same += ids[i + 1 : i + 1 + len(out)] == out or len(set(row["numbers"])) < len(row["numbers"])
+            i += 1 + len(out)
+    assert written > 150 and same == written
 
 
 def test_countdown_tokenizer(cd_data):

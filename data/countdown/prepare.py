@@ -31,8 +31,8 @@ that result's line, parenthesized, plus one operator =] a op b = result, then th
 their order, the result last). The last line boxes the full expression: the grader reads only the \\boxed{}, and
 the box is a copy of what is already written, never a composition the model must do in its head. The last line
 ends with the verdict on the box ("== 54" here; "!= 54" and others at sampling time, where eval.tool's calculator
-writes every result, the box's value and that verdict), so the traces here are in the form the policy's own lines
-take. Every step is computable from the line before it (its numbers left) and the lines that wrote its operands.
+writes every result, the numbers left, the box's value and that verdict), so the traces here are in the form the
+policy's own lines take. Every step is computable from the line before it (its numbers left) and the lines that wrote its operands.
 
 Numbers chosen (the lead will tune them with real training; all are Config fields):
   - inputs 1..25, targets 10..100: products stay below ~600 in the steps that matter, so a ~3M-parameter model
