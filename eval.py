@@ -45,7 +45,7 @@ import common
 @dataclass
 class Config:
     init: str = "out/rl_astro"               # checkpoint dir (ours, Meta or Hugging Face; see model.load_model)
-    data: str = "data/countdown/test.jsonl"  # problems (JSONL, schema in spec/API.md)
+    data: str = "data/countdown/test.jsonl"  # problems (JSONL, schema in README.md, "JSONL schemas")
     out_dir: str = ""                        # "" = out/eval/<init name>-<data name>
     limit: int = 0                           # evaluate only the first `limit` problems (0 = all)
     num_samples: int = 4                     # sampled answers per problem (n of pass@1 and k of maj@k)

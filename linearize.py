@@ -6,7 +6,7 @@ explores wrong branches, reflects, backtracks and ends at a correct answer.
     python linearize.py config/linearize_direct.py        # Direct baseline -> out/linearize/direct.jsonl
     python linearize.py --trees=t.jsonl --out=o.jsonl --seed=1 --tokenizer=data/countdown/tokenizer.model
 
-Per tree (a JSON line of search.py, schema in spec/API.md):
+Per tree (a JSON line of search.py, schema in README.md, "JSONL schemas"):
   1. DFS the tree: correct terminals Psi (reward 1) and incorrect terminals Lambda (reward 0).
   2. Psi' = Psi filtered by min_q (the paper's self-evaluation filter; with an exact verifier we keep Psi' = Psi).
   3. For each k in cfg.ks: n* ~ Psi', k incorrect terminals with pairwise distinct answers in random order,

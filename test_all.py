@@ -1188,7 +1188,7 @@ def test_backtrack_to_lca_exact_text():
     assert text == ("a=1 (left 2)\nb\nw \\boxed{1}\n" + BACK + "had a=1 (left 2).\n"
                     + "c\nok \\boxed{24}\n" + OK)
     assert meta == {"k": 1, "backtracks": 1, "restarts": 0, "positive": 1}
-    # the paper's phrases, spelled out once (spec/API.md)
+    # the paper's phrases, spelled out here once more, independently of linearize.py's constants
     assert ("\nBut wait, are we solving the problem correctly so far? Hmm... I'm not sure if we're solving the "
             "problem correctly so far. Let's go back to where we had a=1 (left 2).\n") in text
     assert text.endswith("\nBut wait, are we solving the problem correctly so far? Hmm... Our solution seems to be "

@@ -8,9 +8,9 @@ Writes (deterministic: fixed seeds, stable ids such as "cd4-test-00012"):
   train.jsonl val.jsonl test.jsonl  problems {id, problem, answer=str(target), level, numbers, target, solutions,
                                     new_target}; level = count of numbers; solutions = how many of the operation
                                     sequences (over positions) reach the target: a difficulty measure
-  warmup.jsonl                      SFT conversations (spec/API.md form) for the base policy: one random valid
-                                    solution path per problem, no backtracking; its problems are disjoint from every
-                                    split, so search/RL on train.jsonl never meets a problem the base saw solved
+  warmup.jsonl                      SFT conversations (README.md, "JSONL schemas") for the base policy: one random
+                                    valid solution path per problem, no backtracking; its problems are disjoint from
+                                    every split, so search/RL on train.jsonl never meets a problem the base saw solved
   confirm.jsonl                     with --confirm=N only: N fresh problems per level, as test but with seen
                                     targets only (Config.confirm)
   tokenizer.model                   tiktoken ranks: 256 bytes + up to `merges` BPE merges (model.py's Tokenizer
@@ -32,7 +32,8 @@ their order, the result last). The last line boxes the full expression: the grad
 the box is a copy of what is already written, never a composition the model must do in its head. The last line
 ends with the verdict on the box ("== 54" here; "!= 54" and others at sampling time, where eval.tool's calculator
 writes every result, the numbers left, the box's value and that verdict), so the traces here are in the form the
-policy's own lines take. Every step is computable from the line before it (its numbers left) and the lines that wrote its operands.
+policy's own lines take. Every step is computable from the line before it (its numbers left) and the lines that
+wrote its operands.
 
 Numbers chosen (the lead will tune them with real training; all are Config fields):
   - inputs 1..25, targets 10..100: products stay below ~600 in the steps that matter, so a ~3M-parameter model

@@ -1,5 +1,5 @@
 """
-data/math/prepare.py — the real benchmarks in the common problem schema (spec/API.md).
+data/math/prepare.py — the real benchmarks in the common problem schema (README.md, "JSONL schemas").
 
     python data/math/prepare.py                 # -> data/math/{math500,aime24,amc23}.jsonl
     python data/math/prepare.py --train=True    # + data/math/math_train.jsonl (MATH train, 12,000 problems, 11 MB)
