@@ -4,7 +4,7 @@ resumable JSONL output, atomic writes, device/DDP setup. Kept here so each stage
 linear script.
 
 Config files and overrides (nanoGPT style, but parsed, never exec'd):
-    python sft.py config/countdown_base.py --lr=3e-4 --max_steps=200
+    python sft.py config/base_countdown.py --lr=3e-4 --max_steps=200
 A config file is a Python file holding only `name = <literal>` lines (comments allowed).
 Every key must be a field of the stage's Config dataclass and the value must have the field's type.
 """
