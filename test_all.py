@@ -824,6 +824,14 @@ def test_countdown_prepare(cd_data, tmp_path):
     confirm = E.read_problems(str(tmp_path / "confirm" / "confirm.jsonl"))
     assert [r["level"] for r in confirm] == [3] * 7 + [4] * 7 and not (d / "confirm.jsonl").exists()
     assert all(r["id"].startswith(f"cd{r['level']}-confirm-") for r in confirm)
+    small_prepare(tmp_path / "round2", confirm=7, confirm_round=2)  # a second round: round 1 unchanged, then new ones
+    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model", "confirm.jsonl"):
+        assert (tmp_path / "confirm" / f).read_bytes() == (tmp_path / "round2" / f).read_bytes(), f
+    confirm2 = E.read_problems(str(tmp_path / "round2" / "confirm2.jsonl"))
+    with pytest.raises(common.UserError, match="confirm_round"):
+        small_prepare(tmp_path / "bad", confirm_round=0)
+    assert [r["level"] for r in confirm2] == [3] * 7 + [4] * 7
+    assert all(r["id"].startswith(f"cd{r['level']}-confirm2-") for r in confirm2)
     splits = {s: E.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
     assert [len(splits[s]) for s in ("train", "val", "test")] == [140, 40, 60]
     assert sum(r["level"] == 3 for r in splits["train"]) == 56  # level_mix 2:3
@@ -831,7 +839,7 @@ def test_countdown_prepare(cd_data, tmp_path):
     held = set(stats["held_out_targets"])
     assert len(held) == 9 and not any(r["target"] in held for r in splits["train"])
     assert any(r["new_target"] for r in splits["test"] + splits["val"])
-    keys = [(tuple(sorted(r["numbers"])), r["target"]) for s in [*splits.values(), confirm] for r in s]
+    keys = [(tuple(sorted(r["numbers"])), r["target"]) for s in [*splits.values(), confirm, confirm2] for r in s]
     assert len(keys) == len(set(keys))  # no problem in two splits
     for r in splits["test"]:
         assert r["level"] == len(r["numbers"]) and r["answer"] == str(r["target"]) and r["solutions"] >= 1

@@ -12,7 +12,8 @@ Writes (deterministic: fixed seeds, stable ids such as "cd4-test-00012"):
                                     valid solution path per problem, no backtracking; its problems are disjoint from
                                     every split, so search/RL on train.jsonl never meets a problem the base saw solved
   confirm.jsonl                     with --confirm=N only: N fresh problems per level, as test but with seen
-                                    targets only (Config.confirm)
+                                    targets only (Config.confirm); confirm<r>.jsonl with --confirm_round=r > 1:
+                                    the r-th such split, disjoint from the earlier ones
   tokenizer.model                   tiktoken ranks: 256 bytes + up to `merges` BPE merges (model.py's Tokenizer
                                     appends the 256 Llama 3 special tokens; n_vocab <= 256 + 512 + 256 = 1024)
   prepare.json                      the config and statistics (solvability, solutions, tokens per trace)
@@ -92,6 +93,9 @@ class Config:
                                      # stream: the other files are the same with or without it. Seen targets only:
                                      # train and warm-up use up most 3-number problems with seen targets, so the
                                      # problems left over-represent the held-out ones (28% instead of test's 5%)
+    confirm_round: int = 1           # r > 1: also draw rounds 2..r after round 1 (each from its own stream, each N
+                                     # per level, disjoint from all before it); round r goes to confirm<r>.jsonl.
+                                     # A confirmatory split answers one question once: the next one needs a new round
     merges: int = 512                # BPE merges of the tokenizer (ranks = 256 + merges)
     bpe_docs: int = 4000             # warm-up conversations the BPE trains on (plenty: the text is repetitive)
 
@@ -254,8 +258,9 @@ def write_ranks(path, vocab):
 def main(cfg):
     t0 = time.time()
     if not (1 <= cfg.lo <= cfg.hi and cfg.target_lo <= cfg.target_hi and 0 <= cfg.holdout < 1 and cfg.levels
-            and all(isinstance(k, int) and 2 <= k <= 6 for k in cfg.levels)):
-        raise common.UserError("need 1 <= lo <= hi, target_lo <= target_hi, 0 <= holdout < 1, levels in 2..6")
+            and all(isinstance(k, int) and 2 <= k <= 6 for k in cfg.levels) and cfg.confirm_round >= 1):
+        raise common.UserError("need 1 <= lo <= hi, target_lo <= target_hi, 0 <= holdout < 1, levels in 2..6, "
+                               "confirm_round >= 1")
     os.makedirs(cfg.out_dir, exist_ok=True)
     all_targets = np.arange(cfg.target_lo, cfg.target_hi + 1)
     held = np.random.default_rng([cfg.seed, 0]).choice(all_targets, round(cfg.holdout * len(all_targets)),
@@ -270,14 +275,15 @@ def main(cfg):
     for stream, (name, size, targets) in enumerate([("test", cfg.test, all_targets), ("val", cfg.val, all_targets),
                                                     ("train", cfg.train, seen_targets),
                                                     ("warmup", cfg.warmup, seen_targets),
-                                                    ("confirm", cfg.confirm, seen_targets)], 1):
-        if name == "confirm" and not size:
+                                                    *[(f"confirm{r if r > 1 else ''}", cfg.confirm, seen_targets)
+                                                      for r in range(1, cfg.confirm_round + 1)]], 1):
+        if name.startswith("confirm") and not size:
             continue
         sizes = per_level(size) if name in ("train", "warmup") else [size] * len(cfg.levels)  # others: per level
         splits[name] = [p for level, n in zip(cfg.levels, sizes) for p in make_split(cfg, name, n, level, targets,
                                                                                       seen, stream)]
     held_set = set(held.tolist())
-    for name in [n for n in ("train", "val", "test", "confirm") if n in splits]:
+    for name in [n for n in splits if n != "warmup"]:
         recs = [dict(r, new_target=r["target"] in held_set) for r, _ in splits[name]]
         if name == "train":  # levels mixed in any prefix: the search takes the first `limit` problems
             recs = [recs[k] for k in np.random.default_rng([cfg.seed, 6]).permutation(len(recs))]
