@@ -123,6 +123,7 @@ def tool(rec, tok):
     next."""
     if "numbers" not in rec:
         return None
+    import linearize  # here, not at the top: linearize imports eval
     triggers = [i for i in tok.ids_containing("=") if tok.decode([i]).endswith("=")]
 
     def calculator(prompt, ids):
@@ -145,7 +146,6 @@ def tool(rec, tok):
         value = (countdown_eval(m[0][:-1]) or (None,))[0]  # the grader's arithmetic (None: division by zero)
         if value is None or value < 0 or value.denominator != 1:  # illegal moves are left to the model
             return []
-        import linearize
         if linearize.REFLECT in line:  # a go-back restating a step: the model restates the rest itself
             return tok.encode(str(int(value)))
         left = numbers_left(row["numbers"], text[: len(text) - len(line)])
