@@ -828,10 +828,10 @@ def test_countdown_prepare(cd_data, tmp_path):
     for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model", "confirm.jsonl"):
         assert (tmp_path / "confirm" / f).read_bytes() == (tmp_path / "round2" / f).read_bytes(), f
     confirm2 = E.read_problems(str(tmp_path / "round2" / "confirm2.jsonl"))
-    with pytest.raises(common.UserError, match="confirm_round"):
-        small_prepare(tmp_path / "bad", confirm_round=0)
     assert [r["level"] for r in confirm2] == [3] * 7 + [4] * 7
     assert all(r["id"].startswith(f"cd{r['level']}-confirm2-") for r in confirm2)
+    with pytest.raises(common.UserError, match="confirm_round"):
+        small_prepare(tmp_path / "bad", confirm_round=0)
     splits = {s: E.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
     assert [len(splits[s]) for s in ("train", "val", "test")] == [140, 40, 60]
     assert sum(r["level"] == 3 for r in splits["train"]) == 56  # level_mix 2:3
@@ -1065,7 +1065,6 @@ def test_summarize():
     assert s["pearson_backtracks_correct"] == pytest.approx(1.0) and s["no_answer"] == pytest.approx(0.25)
 
 
-
 def test_report_paired_interval(tmp_path):
     """runs/report.py: each claim gets the paired 95% interval of its gain (bootstrap over problems of the
     per-problem difference), which excludes 0 here although the two models' own intervals overlap."""
@@ -1088,6 +1087,7 @@ def test_report_paired_interval(tmp_path):
     lo, hi = E.bootstrap_ci([gain[i] for i in sorted(gain)])  # in the report's order: sorted problem ids
     assert row[1:4] == [f"{100 * 8 / 120:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}", "no"]
     assert lo > 0
+
 
 # ----------------------------------------------------------------------------- eval main end to end
 
