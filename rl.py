@@ -116,7 +116,7 @@ class Config:
     eval_every: int = 0            # held-out evaluation every N steps and at the end (0 = never)
     eval_limit: int = 200           # the first N val problems (0 = all)
     eval_temperature: float = 0.0   # 0 = greedy
-    save_every: int = 20            # state.pt + model.pt every N steps and at the end
+    save_every: int = 20            # state.pt + model.pt every N steps and at the end (0 = at the end only)
     seed: int = 1337
     # system
     device: str = ""                # "" = cuda if available else cpu
@@ -434,7 +434,7 @@ def main(cfg):
                  f"trunc {rec['trunc']:.2f} | kl {rec['kl'] or 0:.2e} | clip {rec['clipfrac']:.3f} | "
                  f"lr {lr:.2e} | {rec['tok_s']:.0f} tok/s")
 
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             if rank == 0:  # the model first: a kill between the two leaves state.pt behind, and a resume redoes it
                 save_checkpoint(cfg.out_dir, policy, tok, common.config_dict(cfg))
             sft.save_state(cfg.out_dir, policy, optimizer, step + 1,  # every rank calls it (it ends on a barrier)

@@ -73,7 +73,7 @@ class Config:
     fsdp: bool = False                # under torchrun: shard params/grads/optimizer (FSDP2) instead of DDP
     grad_checkpoint: bool = False     # recompute each block in the backward: less memory (long rows, big models)
     eval_every: int = 50              # val loss every N steps (and at the start and the end); 0 = start/end only
-    save_every: int = 50              # state.pt every N steps (and at the end)
+    save_every: int = 50              # state.pt every N steps (and at the end); 0 = at the end only
     log_every: int = 10               # one log line (and a metrics.jsonl record) every N steps
     progress: bool = True             # tqdm progress bar
 
@@ -422,7 +422,7 @@ def main(cfg):
             rec.update(step=step, val_loss=evaluate())
         if rec:  # before the checkpoint, so every step a resume starts from has its record
             emit(rec)
-        if step % cfg.save_every == 0 or last:
+        if cfg.save_every and step % cfg.save_every == 0 or last:
             save_state(cfg.out_dir, raw, opt, step, {"pos": list(pos), "max_steps": max_steps, "lr": lr,
                                                      "config": common.config_dict(cfg)})
         t0 += time.time() - t1

@@ -832,6 +832,8 @@ def test_countdown_prepare(cd_data, tmp_path):
     assert all(r["id"].startswith(f"cd{r['level']}-confirm2-") for r in confirm2)
     with pytest.raises(common.UserError, match="confirm_round"):
         small_prepare(tmp_path / "bad", confirm_round=0)
+    with pytest.raises(common.UserError, match="min_solutions must give a count >= 1 per level"):
+        small_prepare(tmp_path / "bad", min_solutions=(1,))
     splits = {s: E.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
     assert [len(splits[s]) for s in ("train", "val", "test")] == [140, 40, 60]
     assert sum(r["level"] == 3 for r in splits["train"]) == 56  # level_mix 2:3
@@ -841,8 +843,10 @@ def test_countdown_prepare(cd_data, tmp_path):
     assert any(r["new_target"] for r in splits["test"] + splits["val"])
     keys = [(tuple(sorted(r["numbers"])), r["target"]) for s in [*splits.values(), confirm, confirm2] for r in s]
     assert len(keys) == len(set(keys))  # no problem in two splits
+    least = dict(zip(CD.Config.levels, CD.Config.min_solutions))
     for r in splits["test"]:
-        assert r["level"] == len(r["numbers"]) and r["answer"] == str(r["target"]) and r["solutions"] >= 1
+        assert r["level"] == len(r["numbers"]) and r["answer"] == str(r["target"])
+        assert r["solutions"] >= least[r["level"]]
         assert r["problem"] == E.prompt_messages(r)[0]["content"] and r["id"].startswith(f"cd{r['level']}-test-")
     convs = common.read_jsonl(str(d / "warmup.jsonl"))
     assert len(convs) == 250
@@ -1771,7 +1775,7 @@ def setup(tmp_path):
 
     def make(**kw):
         base = dict(data=data, tokenizer=tok, seq_len=128, batch_size=4, micro_batch=2, max_steps=6, lr=3e-3,
-                    dtype="float32", warmup_steps=2, eval_every=0, save_every=100, log_every=1, progress=False,
+                    dtype="float32", warmup_steps=2, eval_every=0, save_every=0, log_every=1, progress=False,
                     out_dir=str(tmp_path / "out"), **TINY)
         base.update(kw)
         return sft.Config(**base)
@@ -2242,7 +2246,7 @@ def easy(tmp_path_factory):
     def make(out, **kw):
         base = dict(init=str(d / "init"), train=train, val=train, out_dir=str(d / out), prompts_per_step=4,
                     group_size=8, max_new_tokens=16, max_steps=12, lr=1e-2, warmup_steps=1, micro_batch=16,
-                    filter_samples=8, eval_every=10, eval_limit=2, save_every=100, log_kl=False)
+                    filter_samples=8, eval_every=10, eval_limit=2, save_every=0, log_kl=False)
         base.update(kw)
         return rl.Config(**base)
     return make

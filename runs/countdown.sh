@@ -18,7 +18,7 @@ EVALS=$OUT/eval; [ "$SPLIT" = test ] || EVALS=$OUT/eval_$SPLIT
 mkdir -p "$OUT"
 
 if [ "${SMOKE:-0}" = 1 ]; then   # tiny budgets and 2-number problems: exercises every stage and hand-off, proves nothing
-  PREP="--train=40 --warmup=2000 --val=8 --test=8 --levels=(2,) --level_mix=(1,) --hi=99"
+  PREP="--train=40 --warmup=2000 --val=8 --test=8 --levels=(2,) --level_mix=(1,) --min_solutions=(1,) --hi=99"
   BASE="--max_steps=250 --batch_size=8 --micro_batch=8 --lr=3e-3 --dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --eval_every=0 --progress=False"
   SEARCH="--limit=16 --num_simulations=6 --k=3 --M=4 --problems_per_batch=16 --max_rollout_tokens=64"
   SFT="--max_steps=10 --batch_size=8 --micro_batch=8 --eval_every=0 --progress=False"

@@ -40,8 +40,11 @@ Numbers chosen (the lead will tune them with real training; all are Config field
   - inputs 1..25, targets 10..100: products stay below ~600 in the steps that matter, so a ~3M-parameter model
     trained for minutes can learn the arithmetic (SoS uses 1..99 for a 250M model); targets as in SoS.
   - levels 3 and 4: a 3-number problem has 48 operation sequences and a median of 2 solutions (~4%: an easy level
-    a small model solves often); a 4-number problem has 1152 sequences and a median of 4 solutions (~0.35%), so a
-    policy that guesses rarely succeeds and must search: the ASTRO setting.
+    a small model solves often); a 4-number problem has 1152 sequences, and the level keeps only those with at least
+    8 solutions (min_solutions; median 18, ~1.6%), so a policy that guesses rarely succeeds and must search: the
+    ASTRO setting. Without that floor (median 4, ~0.35%) every model of the main job stayed at a random guesser's
+    1-2% per attempt there, far below the paper's hardest benchmark (AIME: 10% for its base); with it the base
+    solves ~12% (EXPERIMENTS.md, run 23).
   - 10% of the target values (a seeded choice) never appear in train/warmup; val/test draw targets from the whole
     range, so ~10% of them test unseen targets (new_target = true), as SoS's held-out-target split.
   - sizes: train 13k (search/RL draw from it), warm-up 30k conversations (~60-85 tokens each with the prompt,
@@ -86,6 +89,7 @@ class Config:
     train: int = 13000               # problems for search / RL, split over the levels by level_mix
     warmup: int = 30000              # warm-up SFT conversations (own problems, disjoint from the splits), by level_mix
     level_mix: tuple = (1, 2)        # relative share of each level in train and warmup (3-number problems are few)
+    min_solutions: tuple = (1, 8)    # per level: keep only problems with at least this many solution sequences
     val: int = 200                   # problems per level
     test: int = 300                  # problems per level
     confirm: int = 0                 # problems per level of confirm.jsonl, a fresh held-out split for a confirmatory
@@ -158,9 +162,9 @@ def steps(numbers, path, target):
     return lines
 
 
-def make_split(cfg, name, n, level, targets, seen, stream):
-    """n solvable problems of `level` numbers, targets drawn uniformly from `targets`, none in `seen`
-    (rejection sampling, as SoS: uniform numbers and target, kept if solvable and new)."""
+def make_split(cfg, name, n, level, min_solutions, targets, seen, stream):
+    """n problems of `level` numbers with >= min_solutions solutions, targets drawn uniformly from `targets`, none
+    in `seen` (rejection sampling, as SoS: uniform numbers and target, kept if solvable and new)."""
     rng = np.random.default_rng([cfg.seed, stream, level])
     out, rate, stale = [], 0.1, 0
     while len(out) < n:
@@ -169,7 +173,7 @@ def make_split(cfg, name, n, level, targets, seen, stream):
         tgt = rng.choice(targets, B)
         count, paths = solve(nums, tgt, rng)
         before = len(out)
-        for k in np.flatnonzero(count):
+        for k in np.flatnonzero(count >= min_solutions):
             key = (tuple(sorted(nums[k].tolist())), int(tgt[k]))
             if key in seen or len(out) == n:
                 continue
@@ -182,7 +186,8 @@ def make_split(cfg, name, n, level, targets, seen, stream):
         stale = stale + 1 if len(out) == before else 0
         if stale == 20:  # the space of distinct solvable problems is used up
             raise common.UserError(f"{name}: only {len(out)} of {n} new solvable {level}-number problems found "
-                                   f"(inputs {cfg.lo}..{cfg.hi}); lower the size or widen the ranges")
+                                   f"(inputs {cfg.lo}..{cfg.hi}, >= {min_solutions} solutions); lower the size or "
+                                   f"min_solutions, or widen the ranges")
     return out
 
 
@@ -270,6 +275,8 @@ def main(cfg):
     # Test and val first, from their own streams: their problems do not depend on the train/warm-up sizes.
     if len(cfg.level_mix) != len(cfg.levels) or min(cfg.level_mix) < 0 or sum(cfg.level_mix) <= 0:
         raise common.UserError(f"level_mix must give a share >= 0 per level {cfg.levels}, got {cfg.level_mix}")
+    if len(cfg.min_solutions) != len(cfg.levels) or min(cfg.min_solutions) < 1:
+        raise common.UserError(f"min_solutions must give a count >= 1 per level {cfg.levels}, got {cfg.min_solutions}")
     shares = np.cumsum(cfg.level_mix) / sum(cfg.level_mix)
     per_level = lambda total: np.diff(np.round(np.concatenate([[0], shares]) * total).astype(int)).tolist()
     for stream, (name, size, targets) in enumerate([("test", cfg.test, all_targets), ("val", cfg.val, all_targets),
@@ -280,8 +287,8 @@ def main(cfg):
         if name.startswith("confirm") and not size:
             continue
         sizes = per_level(size) if name in ("train", "warmup") else [size] * len(cfg.levels)  # others: per level
-        splits[name] = [p for level, n in zip(cfg.levels, sizes) for p in make_split(cfg, name, n, level, targets,
-                                                                                      seen, stream)]
+        splits[name] = [p for level, n, m in zip(cfg.levels, sizes, cfg.min_solutions)
+                        for p in make_split(cfg, name, n, level, m, targets, seen, stream)]
     held_set = set(held.tolist())
     for name in [n for n in splits if n != "warmup"]:
         recs = [dict(r, new_target=r["target"] in held_set) for r, _ in splits[name]]
