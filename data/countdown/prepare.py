@@ -51,8 +51,8 @@ Numbers chosen (the lead will tune them with real training; all are Config field
     ~2.3M tokens: about one pass in a 5-minute CPU SFT), both 1/3 3-number and 2/3 4-number problems (level_mix);
     val 200 and test 300 per level (pass@1 within ~+-6% at 95%). Only ~21k distinct solvable 3-number problems
     exist with these ranges (2,925 input multisets x 91 targets, 8% solvable), hence the smaller 3-number share;
-    4-number problems are plentiful (~230k with >= 8 solutions). The script stops with an error instead of looping when a level's
-    problems run out.
+    4-number problems are plentiful (~650k solvable, ~27% of them with >= 8 solutions). The script stops with an
+    error instead of looping when a level's problems run out.
   - tokenizer: a byte-level BPE trained on prompts, traces and the reflection phrases of linearize.py, with Llama
     3's pre-tokenizer pattern, so whole words, 2-digit numbers and frequent 3-digit ones become single tokens;
     ~420 merges exist with this corpus (a pair must occur twice), so ranks ~675 and n_vocab ~930 (<= 1024); a
