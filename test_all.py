@@ -238,6 +238,22 @@ def test_cache_equals_full_forward_ragged_fanout():
             assert torch.allclose(torch.tensor(s.logprobs), full_logprobs(m, p, s.tokens), atol=1e-4)
 
 
+def test_finished_rows_wait_in_the_batch_without_stretching_the_cache():
+    """Rows that finish with nothing left to start wait in the batch (idle) until an eighth of it is idle. Here a
+    long prompt's row ends at its limit and idles while rows admitted later run on for many steps: the keys they
+    attend to must follow them, not the idle row (which once ran past the cache)."""
+    m = random_model(tiny_cfg(), seed=6)
+    a, b, c = list(range(100, 160)), [1, 2, 3], [7, 8]
+    free = {id(p): M.generate(m, [p], max_new_tokens=60, temperature=0)[0][0].tokens for p in (a, b, c)}
+    j = next(j for j in range(2, 60) if free[id(c)][j] not in free[id(a)] + free[id(b)] + free[id(c)][:j])
+    waves = 40 // (j + 1)  # c's rows stop after j + 1 tokens and hand their slots on; b's rows come last
+    kw = dict(max_new_tokens=60, temperature=0, stop_ids={free[id(c)][j]})
+    res = M.generate(m, [a, c, b], [1, 9 * waves, 9], batch_size=10, **kw)
+    assert len(res[0][0].tokens) == 60 and len(res[1][0].tokens) == j + 1 and len(res[2][0].tokens) == 60
+    for p, r in zip([a, c, b], res):
+        assert same(r, M.generate(m, [p], len(r), **kw)[0])
+
+
 def same(a, b):
     """Samples (nested lists) with equal tokens and stop flags and logprobs equal up to float noise."""
     if isinstance(a, list):
@@ -337,6 +353,21 @@ def test_sampler_temperature_top_k_top_p():
     f = freq(M.sample_next(logits, 2.0, 0, 1.0, gen))  # temperature 2 flattens: p ~ sqrt(p)
     want = logits[0].div(2).softmax(-1)
     assert torch.allclose(f, want, atol=0.015)
+
+
+def test_top_p_shortcut_draws_what_the_full_sort_draws():
+    def full_sort(logits, top_p, gen):  # the plain recipe: sort the whole vocabulary, same inverse-CDF draw
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        cdf = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0).cumsum(-1)
+        u = torch.rand(cdf.size(0), 1, generator=gen) * cdf[:, -1:]
+        return order.gather(-1, torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1))[:, 0]
+
+    peaked = torch.randn(512, 1000, generator=torch.Generator().manual_seed(1)) * 8  # top 64 hold > 0.9: shortcut
+    flat = torch.randn(512, 1000, generator=torch.Generator().manual_seed(2)) * 0.1  # they do not: full sort
+    assert (peaked.softmax(-1).topk(M.TOP_P_FIRST).values.sum(-1) > 0.9).all()
+    for logits in (peaked, flat, torch.cat([peaked[:-1], flat[:1]])):  # one flat row sends all rows to the sort
+        got = M.sample_next(logits, 1.0, 0, 0.9, torch.Generator().manual_seed(3))
+        assert torch.equal(got, full_sort(logits, 0.9, torch.Generator().manual_seed(3)))
 
 
 def test_generate_stats_count_each_prompt_once():
