@@ -4,5 +4,5 @@ num_samples = 3
 temperature = 0.6  # chosen on val (run 9): at 1.0 the small models' long ASTRO traces derail; same for all five
 top_p = 0.95
 greedy = True
-max_new_tokens = 320  # the longest ASTRO training trace is ~280 response tokens; on val, 320 instead of 512
-                      # lost 2% of ASTRO-SFT's correct answers (pass@1 20.2 -> 19.8) and saved ~40% of its eval time
+max_new_tokens = 448  # the longest ASTRO training trace is ~370 response tokens. More room than the training traces
+                      # adds nothing: past their length the models derail (EXPERIMENTS.md, runs 25-26)

@@ -54,7 +54,7 @@ python search.py config/search_countdown.py --problems="$DATA/train.jsonl" --pol
 
 stage "linearize: ASTRO and Direct traces from the same trees"
 for mode in astro direct; do
-  python linearize.py --mode=$mode --trees="$OUT/search/trees.jsonl" --out="$OUT/linearize/$mode.jsonl"
+  python linearize.py config/linearize_countdown.py --mode=$mode --trees="$OUT/search/trees.jsonl" --out="$OUT/linearize/$mode.jsonl"
 done
 
 for mode in direct astro; do
