@@ -90,7 +90,7 @@ class Config:
     prompts_per_step: int = 8       # prompts per step over all ranks
     group_size: int = 8             # G completions per prompt (the paper: 4)
     temperature: float = 1.0        # 1.0: sample the very policy we train
-    max_new_tokens: int = 320       # completion budget (notes: 2-4x the longest SFT trace; CPU: ~1.1x)
+    max_new_tokens: int = 448       # completion budget (notes: 2-4x the longest SFT trace; CPU: ~1.2x)
     gen_batch_size: int = 256       # rows per model.generate batch
     # reward and advantage
     reward_correct: float = 1.0
