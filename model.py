@@ -262,7 +262,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
 
     def keep(self, rows):
-        """Keep only these rows (finished rows cost work; copying the cache costs too: generate batches drops)."""
+        """Keep only these rows. A copy of the whole cache: generate drops finished rows in batches."""
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
 
@@ -372,7 +372,7 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
     stop_set = set(stops.tolist())
     # per row: last token (fed next step), its position, the last position allowed, generated ids and logprobs
     tok, pos, limit = (torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))
-    live = torch.zeros(B, dtype=torch.long, device=dev)  # 1 for a row holding a sample, 0 for a finished one
+    live = torch.zeros(B, dtype=torch.bool, device=dev)  # False for a finished row that waits to be dropped
     out_tok = torch.zeros(B, S, dtype=torch.long, device=dev)  # a generated token sits at its position
     out_lp = torch.zeros(B, S, dtype=torch.float32, device=dev)
     rows = [None] * B  # (prompt index, sample index) held by each row
@@ -423,7 +423,7 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
         tok[r] = torch.tensor([prompts[i][-1] for i, _ in take], device=dev)
         pos[r] = plen - 1
         limit[r] = (plen - 1 + max_new_tokens).clamp(max=cfg.max_seq_len - 1)
-        live[r] = 1
+        live[r] = True
 
     bar = tqdm(total=len(pending), disable=not progress, desc="generate", unit="sample")
     model.rope_table(dev)  # built eagerly, outside any compiled graph
@@ -449,9 +449,9 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
         done = pos >= limit
         if len(stops):
             done |= torch.isin(tok, stops)
-        done &= live.bool()
+        done &= live
         if len(triggers):  # a second host sync, only with a tool
-            for r in (torch.isin(tok, triggers) & ~done & live.bool()).nonzero()[:, 0].tolist():
+            for r in (torch.isin(tok, triggers) & ~done & live).nonzero()[:, 0].tolist():
                 if r in queue:  # a trigger inside the tool's own output (" == 24") does not call it again
                     continue
                 prompt = prompts[rows[r][0]]
@@ -468,7 +468,7 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
             results[i][j] = Sample(t[n : e + 1], lp[n : e + 1], t[e] in stop_set, forced[r])
             rows[r], forced[r] = None, []
             queue.pop(r, None)
-        live[fin] = 0
+        live[fin] = False
         bar.update(len(fin))
         admit(fin)  # refill the finished rows with pending samples, if any
         idle = rows.count(None)  # nothing left to start them with: drop them from the batch, but only once they
