@@ -306,7 +306,7 @@ def sample_next(logits, temperature, top_k, top_p, gen):
     if top_p < 1.0:  # keep the smallest prefix of the sorted distribution whose mass reaches top_p
         # Sorting only the TOP_P_FIRST likeliest tokens gives the same prefix when they hold more than top_p in
         # every row (a trained policy's usual case) and costs far less than sorting the vocabulary (~15% of a
-        # CPU decode step before); a flatter row sends the whole batch to the full sort.
+        # CPU decode step before); a flatter row sends the whole batch to the full sort. The check is a host sync.
         top, order = probs.topk(min(TOP_P_FIRST, probs.size(-1)), dim=-1)
         if bool((top.sum(dim=-1) <= top_p).any()):
             top, order = probs.sort(dim=-1, descending=True)
@@ -450,7 +450,7 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
         if len(stops):
             done |= torch.isin(tok, stops)
         done &= live
-        if len(triggers):  # a second host sync, only with a tool
+        if len(triggers):  # another host sync, only with a tool
             for r in (torch.isin(tok, triggers) & ~done & live).nonzero()[:, 0].tolist():
                 if r in queue:  # a trigger inside the tool's own output (" == 24") does not call it again
                     continue
@@ -458,7 +458,7 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
                 ids = tool[1](prompt, out_tok[r, len(prompt) : int(pos[r]) + 1].tolist())
                 if ids:
                     queue[r] = list(ids)
-        fin = done.nonzero()[:, 0].tolist()  # the one host sync per step
+        fin = done.nonzero()[:, 0].tolist()  # the host sync of every step (top-p's and the tool's come on top)
         if not fin:
             continue
         toks, lps, ends = out_tok[fin].tolist(), out_lp[fin].tolist(), pos[fin].tolist()

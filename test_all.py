@@ -244,10 +244,10 @@ def test_finished_rows_wait_in_the_batch_without_stretching_the_cache():
     attend to must follow them, not the idle row (which once ran past the cache)."""
     m = random_model(tiny_cfg(), seed=6)
     a, b, c = list(range(100, 160)), [1, 2, 3], [7, 8]
-    free = {id(p): M.generate(m, [p], max_new_tokens=60, temperature=0)[0][0].tokens for p in (a, b, c)}
-    j = next(j for j in range(2, 60) if free[id(c)][j] not in free[id(a)] + free[id(b)] + free[id(c)][:j])
+    fa, fb, fc = (M.generate(m, [p], max_new_tokens=60, temperature=0)[0][0].tokens for p in (a, b, c))
+    j = next(j for j in range(2, 60) if fc[j] not in fa + fb + fc[:j])  # a token of c that a and b never write
     waves = 40 // (j + 1)  # c's rows stop after j + 1 tokens and hand their slots on; b's rows come last
-    kw = dict(max_new_tokens=60, temperature=0, stop_ids={free[id(c)][j]})
+    kw = dict(max_new_tokens=60, temperature=0, stop_ids={fc[j]})
     res = M.generate(m, [a, c, b], [1, 9 * waves, 9], batch_size=10, **kw)
     assert len(res[0][0].tokens) == 60 and len(res[1][0].tokens) == j + 1 and len(res[2][0].tokens) == 60
     for p, r in zip([a, c, b], res):
