@@ -14,6 +14,9 @@ Checks (each prints ok / FAIL; the exit status is 1 if one failed):
      and one compilation for every batch size and length (plus one for a lone row: PyTorch specializes size 1)
   4. bf16 weights against fp32: greedy next-token agreement on random inputs, reported with the logit error
   5. one training step under bf16 autocast, eager against torch.compile: the same loss and gradient norm
+  6. top-p on CUDA: sorting only the TOP_P_FIRST likeliest tokens draws what the full sort draws (peaked rows take
+     that shortcut, flat ones the fallback), and compiled top-p sampling, with finished rows idling in the batch,
+     reports logprobs that match a full forward
 Timings (ratios against a baseline run in this process): decode tokens/s of the 1B shape in bf16, compiled over
 eager, at batch 64 and 256 (each after a warm-up run of the same shape); training tokens/s (bf16 autocast, compiled, grad checkpointing off/on) with its MFU.
 """
@@ -30,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import common  # noqa: E402
-from model import Llama, ModelConfig, generate  # noqa: E402
+import model as M  # noqa: E402
+from model import Llama, ModelConfig, generate, sample_next  # noqa: E402
 
 
 @dataclass
@@ -137,6 +141,31 @@ def run_checks():
     l1, n1 = train_step(torch.compile(train), x)
     check("bf16 training step, compiled == eager", abs(l0 - l1) < 2e-2 and abs(n0 - n1) / n0 < 2e-2,
           f"loss {l0:.4f} vs {l1:.4f}, grad norm {n0:.4f} vs {n1:.4f}")
+
+    # 6. top-p's shortcut on CUDA: the same draws as the plain recipe (sort the vocabulary; the CPU test checks this
+    # bitwise too). A scan over 64 entries and one over the vocabulary may round differently in the last bit.
+    def full_sort(logits, top_p, gen):
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        cdf = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0).cumsum(-1)
+        u = torch.rand(cdf.size(0), 1, device=dev, generator=gen) * cdf[:, -1:]
+        return order.gather(-1, torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1))[:, 0]
+
+    torch.manual_seed(1)
+    for name, scale, shortcut in (("peaked rows", 12.0, True), ("flat rows", 1.0, False)):
+        logits = torch.randn(4096, 128256, device=dev) * scale
+        took = bool((logits.softmax(-1).topk(M.TOP_P_FIRST).values.sum(-1) > 0.95).all())
+        a = sample_next(logits, 1.0, 0, 0.95, torch.Generator(dev).manual_seed(5))
+        b = full_sort(logits, 0.95, torch.Generator(dev).manual_seed(5))
+        same = (a == b).sum().item()
+        check(f"top-p shortcut == full sort, {name}", took == shortcut and same >= 0.999 * len(a),
+              f"{same}/{len(a)} draws equal, shortcut {'taken' if took else 'not taken'}")
+    # compiled, T 0.7, top-p 0.95, random stops: rows finish early; with 13 samples on 8 rows the last ones idle
+    out = generate(gpu, prompts, [4, 3, 2, 4], max_new_tokens=60, temperature=0.7, top_p=0.95, seed=11,
+                   batch_size=8, compile=True, stop_ids=list(range(124000, 128256)))
+    worst = logprob_error(gpu, prompts, out)
+    lens = sorted(len(s.tokens) for ss in out for s in ss)
+    check("compiled top-p sampling, idle rows == full forward", worst < 1e-3,
+          f"max |logprob diff| {worst:.1e} over samples of {lens[0]}-{lens[-1]} tokens")
 
 
 if cfg.checks:
