@@ -103,7 +103,8 @@ class Config:
     # optimization
     max_steps: int = 10
     lr: float = 1e-4                # notes: 1e-6..5e-6 for mid-size models, larger for tiny ones
-    warmup_steps: int = 10
+    warmup_steps: int = 10          # = max_steps: the short CPU run is all warm-up (a sooner peak lost val accuracy,
+                                    # EXPERIMENTS.md run 29)
     min_lr_frac: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0          # 0 = off
