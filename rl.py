@@ -38,7 +38,8 @@ them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
   them reward_wrong, a length penalty: no answer is a wrong answer. truncation="mask" (DAPO's overlong filtering)
   removes them from their group before A is computed, and from the loss and T (a cut-off trace is no evidence that
   its reasoning was wrong), but then nothing pushes back on truncation: on Countdown, ASTRO-RL drifted from 33% to
-  90% truncated in 40 steps (EXPERIMENTS.md, run 9). Their share is logged (`trunc`).
+  90% truncated in 40 steps (EXPERIMENTS.md, run 9). Over the CPU task's 10 all-warm-up steps masking did a little
+  better (config/rl_astro.py; run 29: "wrong" taught ASTRO to finish sooner, not to solve more). Their share: `trunc`.
 - Prompts: every train problem by default. filter_samples = n > 0 keeps the "moderately difficult" ones only (the
   paper's 8.7K): the START policy's pass rate over n samples per problem must be in (0, 1) (the notes' rule: such a
   prompt tends to give a group with signal), cached in out_dir/prompts.jsonl so a resume does not redo it. On the
