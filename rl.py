@@ -34,12 +34,13 @@ them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
   unbiased for KL(π_θ || π_ref) on samples of π_θ and low-variance; mind the sign (TinyZero had it reversed).
 - Zero-signal groups (all kept rewards equal, or < 2 kept): A = 0, no policy gradient (only KL would remain).
   Dropped from the batch and from T; their share is logged (`zero`).
-- Truncated completions (max_new_tokens or the context hit without a stop id): truncation="wrong" (default) gives
-  them reward_wrong, a length penalty: no answer is a wrong answer. truncation="mask" (DAPO's overlong filtering)
-  removes them from their group before A is computed, and from the loss and T (a cut-off trace is no evidence that
-  its reasoning was wrong), but then nothing pushes back on truncation: on Countdown, ASTRO-RL drifted from 33% to
-  90% truncated in 40 steps (EXPERIMENTS.md, run 9). Over the CPU task's 10 all-warm-up steps masking did a little
-  better (config/rl_astro.py; run 29: "wrong" taught ASTRO to finish sooner, not to solve more). Their share: `trunc`.
+- Truncated completions (max_new_tokens or the context hit without a stop id): truncation="mask" (default; DAPO's
+  overlong filtering) removes them from their group before A is computed, and from the loss and T (a cut-off trace
+  is no evidence that its reasoning was wrong). truncation="wrong" gives them reward_wrong, a length penalty: no
+  answer is a wrong answer. On Countdown, "wrong" taught ASTRO to finish sooner rather than to solve more, and the
+  10 short steps did a little better masked (EXPERIMENTS.md, run 29); but with masking nothing pushes back on
+  truncation, and over 40 steps ASTRO-RL drifted from 33% to 90% truncated (run 9), so config/rl_llama_math.py's
+  500 steps use "wrong". Their share is logged (`trunc`).
 - Prompts: every train problem by default. filter_samples = n > 0 keeps the "moderately difficult" ones only (the
   paper's 8.7K): the START policy's pass rate over n samples per problem must be in (0, 1) (the notes' rule: such a
   prompt tends to give a group with signal), cached in out_dir/prompts.jsonl so a resume does not redo it. On the
@@ -97,7 +98,7 @@ class Config:
     reward_correct: float = 1.0
     reward_wrong: float = -1.0      # wrong or unparsable answer
     std_adv: bool = False           # divide A by the group's std (verl/TRL default); off = Dr. GRPO / nanochat
-    truncation: str = "wrong"       # "wrong": a truncated completion gets reward_wrong; "mask": dropped (DAPO)
+    truncation: str = "mask"        # "mask": a truncated completion is dropped (DAPO); "wrong": it gets reward_wrong
     # prompt selection
     filter_samples: int = 0         # keep prompts with 0 < start-policy pass rate < 1 over this many samples; 0 = all
     filter_limit: int = 512         # how many (shuffled) train problems the filter looks at; 0 = all

@@ -13,6 +13,7 @@ gen_batch_size = 128
 filter_samples = 8
 filter_limit = 8192
 max_steps = 500
+truncation = "wrong"  # a long run: masked truncations let the answers grow unchecked (rl.py docstring)
 lr = 1e-6
 warmup_steps = 20
 micro_batch = 4
