@@ -38,9 +38,9 @@ them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
   overlong filtering) removes them from their group before A is computed, and from the loss and T (a cut-off trace
   is no evidence that its reasoning was wrong). truncation="wrong" gives them reward_wrong, a length penalty: no
   answer is a wrong answer. On Countdown, "wrong" taught ASTRO to finish sooner rather than to solve more, and the
-  10 short steps did a little better masked (EXPERIMENTS.md, run 29); but with masking nothing pushes back on
-  truncation, and over 40 steps ASTRO-RL drifted from 33% to 90% truncated (run 9), so config/rl_llama_math.py's
-  500 steps use "wrong". Their share is logged (`trunc`).
+  10 short steps did a little better masked on val (EXPERIMENTS.md, run 29; no better on test, run 30); but with
+  masking nothing pushes back on truncation, and over 40 steps ASTRO-RL drifted from 33% to 90% truncated (run 9),
+  so config/rl_llama_math.py's 500 steps use "wrong". Their share is logged (`trunc`).
 - Prompts: every train problem by default. filter_samples = n > 0 keeps the "moderately difficult" ones only (the
   paper's 8.7K): the START policy's pass rate over n samples per problem must be in (0, 1) (the notes' rule: such a
   prompt tends to give a group with signal), cached in out_dir/prompts.jsonl so a resume does not redo it. On the

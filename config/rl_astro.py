@@ -11,8 +11,9 @@ max_new_tokens = 448  # as the eval; ~1.2x the longest ASTRO training trace
 filter_samples = 0  # the filter (512 x 4 samples, ~170 s) would cost 3x this whole stage (EXPERIMENTS.md, runs 11, 13)
 max_steps = 10
 truncation = "mask"  # cut-off samples leave their group (DAPO): "wrong" taught ASTRO to finish sooner, not to solve
-                     # (EXPERIMENTS.md run 29: +1.7 on val over "wrong"); over longer or hotter runs masking drifts into
-                     # endless backtracking (run 9: 33% -> 90% truncated in 40 steps; run 29's F2) - keep this run short
+                     # (EXPERIMENTS.md run 29: +1.7 on val over "wrong"; run 30: no change on test and a fresh read);
+                     # over longer or hotter runs masking drifts into endless backtracking (run 9: 33% -> 90%
+                     # truncated in 40 steps; run 29's F2) - keep this run short
 lr = 1e-4
 eval_every = 0
 save_every = 20
