@@ -17,6 +17,7 @@ import numpy as np
 import os
 import pytest
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -1124,6 +1125,37 @@ def test_report_paired_interval(tmp_path):
     lo, hi = E.bootstrap_ci([gain[i] for i in sorted(gain)])  # in the report's order: sorted problem ids
     assert row[1:4] == [f"{100 * 8 / 120:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}", "no"]
     assert lo > 0
+
+
+def test_report_gains_by_level(tmp_path):
+    """runs/report.py's hardest-vs-easiest table: each level's gain in points and relative, and the difference of
+    the two gains with a bootstrap interval; without the problems file it says what is missing."""
+    probs = [{"id": f"p{i:02d}", "problem": "", "answer": "1", "level": 3 + i // 20} for i in range(40)]
+    hits = {"base": [1] * 20 + [i % 2 for i in range(20)],  # correct samples out of 3: 33.3% / 16.7%
+            "rl_astro": [2] * 20 + [1] * 20}                 # 66.7% / 33.3%: +33.3 and +16.7 points, both +100%
+    for key, row in hits.items():
+        preds = [{"id": p["id"], "sample": j, "pred": "1", "correct": j < h, "tokens": 5, "backtracks": 0,
+                  "reflections": 0, "stopped": True} for p, h in zip(probs, row) for j in range(3)]
+        d = tmp_path / "eval" / key
+        d.mkdir(parents=True)
+        common.write_jsonl(str(d / "predictions.jsonl"), preds)
+        common.write_json(str(d / "summary.json"), E.summarize(preds, probs))
+    report = lambda: subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+    r = report()
+    assert r.returncode == 0, r.stderr
+    assert f"(not computed: {tmp_path}/data/test.jsonl" in (tmp_path / "report.md").read_text()
+    (tmp_path / "data").mkdir()
+    common.write_jsonl(str(tmp_path / "data" / "test.jsonl"), probs)
+    r = report()
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| Base policy") and "→ ASTRO-RL" in line).strip("| ").split(" | ")
+    assert row[1:3] == ["+33.3 (+100%)", "+16.7 (+100%)"]
+    pts = re.fullmatch(r"(\S+) \((\S+) to (\S+)\)", row[3]).groups()
+    rel = re.fullmatch(r"(\S+) \((\S+) to (\S+)\)", row[4]).groups()
+    assert pts[0] == "-16.7" and float(pts[1]) < -16.7 < float(pts[2]) < 0  # level 3 has no spread: level 4's
+    assert rel[0] == "+0" and float(rel[1]) < 0 < float(rel[2])
 
 
 # ----------------------------------------------------------------------------- eval main end to end
