@@ -13,7 +13,7 @@ Load a downloaded Llama-3.2-1B-Instruct (either layout) and chat with it:
 Our own checkpoints: model.save_checkpoint(out_dir, net, tok, cfg_dict) then model.load_model(out_dir);
 model.export_hf(net, tok, out_dir) writes a directory that transformers' LlamaForCausalLM loads.
 
-Conventions (each pinned by a test in t_model.py):
+Conventions (each pinned by a test in test_all.py):
 - Rotary embeddings rotate the first half of each head against the second half (HF's layout), so HF weights load
   as they are; Meta checkpoints rotate interleaved pairs and get their wq/wk rows permuted on load.
 - Chat format: exactly the given messages, no injected "Cutting Knowledge Date" system header (HF's template adds

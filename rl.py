@@ -13,9 +13,11 @@ weights; ONE model.generate call, each prompt prefilled once and fanned out) and
     r_i = reward_correct (+1) if the last \\boxed{} answer is correct, else reward_wrong (-1; unparsable too)
     A_i = r_i - mean_j r_j                     (/ (std_j r_j + 1e-6) when std_adv)
     L   = 1/T Σ_i Σ_t [ -min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε) A_i) + β k3_it ]
-    ρ_it = exp(ℓθ_it - ℓold_it),   k3_it = exp(ℓref_it - ℓθ_it) - (ℓref_it - ℓθ_it) - 1,   ℓ = log π(o_it | q, o_i,<t)
-The sums run over every completion token (stop token included) of every completion kept in the step; T counts
-them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
+    ρ_it = exp(ℓθ_it - ℓold_it),   k3_it = exp(ℓref_it - ℓθ_it) - (ℓref_it - ℓθ_it) - 1,
+    ℓ_it = log π(o_it | q, o_i,<t)
+The sums run over every completion token the policy sampled (stop token included; the calculator's tokens on
+Countdown are context, not actions) of every completion kept in the step; T counts them. Why each choice (as
+verl, TRL and nanochat make it, and where we differ):
 - ±1 outcome reward, no length or format term: the paper's. Only the final answer counts, so the wrong answers
   an ASTRO trace backtracks from are not punished. No value network. G = 8 (the paper: 4): without a prompt
   filter, more of a step's groups hold both a right and a wrong answer.
@@ -42,7 +44,7 @@ them. Why each choice (engineering-notes §2.7 compares verl, TRL and nanochat):
   masking nothing pushes back on truncation, and over 40 steps ASTRO-RL drifted from 33% to 90% truncated (run 9),
   so config/rl_llama_math.py's 500 steps use "wrong". Their share is logged (`trunc`).
 - Prompts: every train problem by default. filter_samples = n > 0 keeps the "moderately difficult" ones only (the
-  paper's 8.7K): the START policy's pass rate over n samples per problem must be in (0, 1) (the notes' rule: such a
+  paper's 8.7K): the START policy's pass rate over n samples per problem must be in (0, 1) (our rule: such a
   prompt tends to give a group with signal), cached in out_dir/prompts.jsonl so a resume does not redo it. On the
   CPU task the filter cost more than it saved: 512 problems x 4 samples (~170 s of ASTRO's 445 s) kept 109, and
   still 40-60% of the groups had no signal (EXPERIMENTS.md, runs 11 and 13); config/rl_llama_math.py uses it.
@@ -92,7 +94,7 @@ class Config:
     prompts_per_step: int = 8       # prompts per step over all ranks
     group_size: int = 8             # G completions per prompt (the paper: 4)
     temperature: float = 1.0        # 1.0: sample the very policy we train
-    max_new_tokens: int = 448       # completion budget (notes: 2-4x the longest SFT trace; CPU: ~1.2x)
+    max_new_tokens: int = 448       # completion budget (GPU: 2-4x the longest SFT trace; CPU: ~1.2x)
     gen_batch_size: int = 256       # rows per model.generate batch
     # reward and advantage
     reward_correct: float = 1.0
@@ -104,7 +106,7 @@ class Config:
     filter_limit: int = 512         # how many (shuffled) train problems the filter looks at; 0 = all
     # optimization
     max_steps: int = 10
-    lr: float = 1e-4                # notes: 1e-6..5e-6 for mid-size models, larger for tiny ones
+    lr: float = 1e-4                # 1e-6..5e-6 is usual for 1B-70B models; tiny ones take more
     warmup_steps: int = 10          # = max_steps: the short CPU run is all warm-up (a sooner peak lost val accuracy,
                                     # EXPERIMENTS.md run 29)
     min_lr_frac: float = 0.1

@@ -5,7 +5,7 @@ parent, depth, prior, N, Q, terminal flag, answer, reward) as one JSON line; lin
 self-reflecting, backtracking traces.
 
     python search.py                                            # built-in task: data/countdown/train.jsonl, out/base
-    python search.py config/search_countdown.py --limit=100     # the main job's CPU budget
+    python search.py config/search_countdown.py --limit=100     # the main job's settings on its first 100 problems
     torchrun --standalone --nproc_per_node=8 search.py config/search_llama_math.py   # data parallel, GPUs
 
 Writes out/search/trees.jsonl (one tree per problem, in problem order), out/search/stats.json, out/search/config.json.
@@ -24,7 +24,8 @@ One simulation, in the paper's terms (state S_t = problem x + steps s_0..s_t; ac
 The rollouts are kept: each is cut into steps and inserted below its child as a chain of nodes (source "rollout",
 merged with an identical sibling step), so every terminal a rollout reached is a node linearize.py can choose.
 Rollout nodes are ordinary children: PUCT sees their N, Q and prior, and selecting one that is not expanded yet
-expands it like any other leaf (its step then counts as "mcts" and gets its own M rollouts).
+expands it like any other leaf (its new children are "mcts" nodes with M rollouts each; the node itself keeps
+source "rollout", so linearize.py does not treat its Q as an M-rollout mean).
 
 Choices the paper leaves open (see the comments where they are made):
 - prior π(a|s) of a multi-token step: exp(mean token log-prob under the raw policy), length-normalized so a long
@@ -36,7 +37,8 @@ Choices the paper leaves open (see the comments where they are made):
 - a rollout samples until <|eot_id|> (or max_rollout_tokens) and is then cut after its first terminal step
   (normally the \\boxed{} step): what a policy writes after its answer is not part of the solution.
 - early stop (on by default): a tree stops once it holds a correct terminal and >= 3 distinct wrong answers
-  (answerless endings do not count): linearize's traces use up to 2 wrong answers each.
+  (answerless endings do not count): linearize's default traces use up to 2 wrong answers each; the main job's
+  k = 3 slot is capped at 3 on a tree that stopped early.
 - no progressive widening: a node is expanded once, and then its children are fixed (its k samples merged with
   the rollout steps already below it); rollouts only add nodes below unexpanded nodes.
 """
@@ -59,7 +61,7 @@ class Config:
     policy: str = "out/base"          # checkpoint of the search policy (ours, Meta or HF dir; model.load_model)
     out_dir: str = "out/search"       # trees.jsonl, stats.json, config.json
     limit: int = 0                    # search only the first `limit` problems of the file (0 = all)
-    num_simulations: int = 32         # selections per tree (paper: not given; method notes §10 B9 suggest 32-64)
+    num_simulations: int = 32         # selections per tree (paper: not given; 32-64 is our guess for GPUs)
     k: int = 4                        # next steps sampled per expansion (paper: not given)
     M: int = 16                       # rollouts per new child (paper: M = 16)
     c_puct: float = 1.0               # exploration weight in PUCT (paper: not given)
@@ -67,7 +69,8 @@ class Config:
     rollout_temperature: float = 1.0  # sampling temperature of rollouts (1.0: Q estimates the policy's own success)
     top_p: float = 1.0                # nucleus sampling for both (1.0 = off)
     max_depth: int = 0                # most steps in a response; 0 = the task's need + depth_slack
-    depth_slack: int = 2              # steps allowed beyond the need (Countdown needs len(numbers): ops + answer)
+    depth_slack: int = 2              # steps allowed beyond the need (Countdown's need, len(numbers), already
+                                      # counts one step more than its len(numbers) - 1 lines)
     max_step_tokens: int = 64         # a step cut at this length ends its response (a terminal, graded as it is)
     max_rollout_tokens: int = 256     # budget of one rollout
     problems_per_batch: int = 64      # trees grown at once; also the chunk of resume/determinism/data parallelism
@@ -83,7 +86,8 @@ DEFAULT_NEED = 30  # steps a response may need when the task does not say (MATH)
 
 
 def depth_need(rec):
-    """Steps a full solution needs: Countdown combines n numbers in n-1 operation lines, plus the answer line."""
+    """Steps a response may need: Countdown combines n numbers in n-1 lines (the last one boxed); counted as n, one
+    spare (the main job's trees were searched with it: max depth n + depth_slack = n + 2)."""
     return len(rec["numbers"]) if "numbers" in rec else DEFAULT_NEED
 
 
@@ -231,8 +235,8 @@ def select(tree, c_puct):
 
 
 def early_done(tree):
-    """Enough for linearize: one correct ending and >= 3 distinct wrong answers (its traces use up to 2 wrong
-    answers each; one spare). Wrong endings without any answer (no \\boxed{}) do not count."""
+    """Enough for linearize: one correct ending and >= 3 distinct wrong answers (its default traces use up to 2
+    each, one spare; the main job's k = 3 uses all 3). Wrong endings without any answer (no \\boxed{}) do not count."""
     s = tree.summary()
     return s["solved"] and s["wrong_answers"] >= 3
 

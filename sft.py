@@ -3,10 +3,10 @@ sft.py — the trainer. Trains the built-in task's base policy from scratch, and
 chain-of-thoughts that linearize.py writes (ASTRO traces, or the Direct baseline).
 
     python sft.py                                  # base policy of the built-in task, from scratch -> out/base
-    python sft.py config/base_countdown.py         # the same, spelled out, with its token budget
+    python sft.py config/base_countdown.py         # the same weights, spelled out (val loss every 200 steps, not 50)
     python sft.py config/sft_astro.py              # ASTRO SFT of out/base on out/linearize/astro.jsonl -> out/sft_astro
     python sft.py config/sft_astro.py config/sft_direct.py   # Direct SFT (the control) -> out/sft_direct
-    torchrun --standalone --nproc_per_node=8 sft.py config/sft_llama_math.py    # DDP, or FSDP2 with --fsdp=True
+    torchrun --standalone --nproc_per_node=8 sft.py config/sft_llama_math.py    # FSDP2 (the config's); DDP: --fsdp=False
 
 Data: JSONL of {"messages": [{"role": ..., "content": ...}, ...]} rendered with the Llama 3 chat format
 (model.Tokenizer.render_chat). Conversations are packed into rows of up to seq_len tokens; a per-token document

@@ -994,7 +994,7 @@ def make_sources(tmp_path):
            {"id": 0, "problem": "a", "answer": -1.0, "url": amc_url.format("A", 12), "question": "a"}]
     to_bytes = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()
     return {"math500": to_bytes(math), "aime24": to_bytes(aime), "amc23": to_bytes(amc),
-            "math_train": to_bytes(math[:1])}
+            "math_train": to_bytes(math)}
 
 
 def serve(monkeypatch, files, broken=()):
@@ -1018,7 +1018,12 @@ def test_math_prepare_on_fixtures(tmp_path, monkeypatch):
     monkeypatch.setattr(MP.urllib.request, "urlopen", lambda *a, **k: pytest.fail("network access in a test"))
     serve(monkeypatch, files)
     out = tmp_path / "out"
-    assert MP.main(MP.Config(out_dir=str(out), train=True)) == {"math500": 2, "aime24": 3, "amc23": 2, "math_train": 1}
+    assert MP.main(MP.Config(out_dir=str(out), train=True, val=1)) == \
+        {"math500": 2, "aime24": 3, "amc23": 2, "math_train": 1, "math_val": 1}
+    split = [r["id"] for name in ("math_train", "math_val") for r in E.read_problems(str(out / f"{name}.jsonl"))]
+    assert sorted(split) == sorted(r["id"] for r in E.read_problems(str(out / "math500.jsonl")))  # the same fixture
+    with pytest.raises(common.UserError, match="val must be in 1..1"):
+        MP.main(MP.Config(out_dir=str(out), train=True, val=2))
     aime = E.read_problems(str(out / "aime24.jsonl"))
     assert [(r["id"], r["answer"]) for r in aime] == [("aime24/2024_AIME_I/1", "073"), ("aime24/2024_AIME_I/10", "025"),
                                                       ("aime24/2024_AIME_II/2", "204")]

@@ -18,7 +18,8 @@ Checks (each prints ok / FAIL; the exit status is 1 if one failed):
      that shortcut, flat ones the fallback), and compiled top-p sampling, with finished rows idling in the batch,
      reports logprobs that match a full forward
 Timings (ratios against a baseline run in this process): decode tokens/s of the 1B shape in bf16, compiled over
-eager, at batch 64 and 256 (each after a warm-up run of the same shape); training tokens/s (bf16 autocast, compiled, grad checkpointing off/on) with its MFU.
+eager, at batch 64 and 256 (each after a warm-up run of the same shape); training tokens/s (bf16 autocast,
+compiled, grad checkpointing off/on) with its MFU.
 """
 import functools
 import os
@@ -114,7 +115,8 @@ def run_checks():
         out = generate(gpu, prompts, counts, max_new_tokens=new, temperature=1.0, seed=B, batch_size=B, compile=True)
         worst = max(worst, logprob_error(gpu, prompts, out))
     check("compiled sampling == full forward", worst < 1e-3, f"max |logprob diff| {worst:.1e}")
-    n_graphs = counters["stats"]["unique_graphs"] - graphs  # PyTorch specializes a size of 1: a lone last row is one more
+    # PyTorch specializes a size of 1: a lone last row is one more graph
+    n_graphs = counters["stats"]["unique_graphs"] - graphs
     check("one compilation for every batch size and length", n_graphs <= 2, f"{n_graphs} graph(s) (<= 2: one for a "
           "single row)")
 

@@ -2,8 +2,8 @@
 # The paths are placeholders: point init at your SFT checkpoint (our format, a Meta or a Hugging Face dir).
 # torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py
 init = "out/sft_llama_math"
-train = "data/math/train.jsonl"
-val = "data/math/val.jsonl"
+train = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
+val = "data/math/math_val.jsonl"
 out_dir = "out/rl_llama_math"
 prompts_per_step = 64
 group_size = 4

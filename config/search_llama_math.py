@@ -1,11 +1,11 @@
 # Example GPU run: MCTS with a Llama 3 policy on MATH-style problems (closer to the paper's setting).
 # The paths are placeholders: point policy at a Llama 3.x Instruct checkpoint (a Meta or a Hugging Face dir).
 # torchrun --standalone --nproc_per_node=8 search.py config/search_llama_math.py
-problems = "data/math/train.jsonl"
+problems = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
 policy = "out/llama_math_policy"
 out_dir = "out/search_llama_math"
 limit = 0
-num_simulations = 32        # method notes §10 B9: 32-64
+num_simulations = 32        # not given by the paper; 32-64 is our guess
 k = 4
 M = 16                      # the paper's value
 c_puct = 1.0

@@ -4,7 +4,7 @@
 # Token budget: 10 epochs of out/linearize/astro.jsonl (the first log line prints it; ~0.35M tokens per epoch for
 # the main job's 700 searched problems), at ~6-7k tokens/s on 2 cores: ~8-9 min.
 # loss_on: the paper trains on all tokens; we train on the assistant tokens. The prompt (random numbers and a
-# target) adds only an irreducible term for a small model trained for one short epoch; both SFT runs use the same
+# target) adds only an irreducible term for a small model trained for a short run; both SFT runs use the same
 # setting, so the ASTRO-vs-Direct comparison stays fair. --loss_on=all is the paper's setting.
 init = "out/base"
 data = "out/linearize/astro.jsonl"

@@ -1,5 +1,5 @@
 # ASTRO SFT of a Llama 3 Instruct model on MATH search traces, on GPUs (the paper's setting, scaled down from 70B).
-# Set the three paths first (placeholders). A Hugging Face dir (config.json + *.safetensors) or a Meta dir
+# Set init first (a placeholder). A Hugging Face dir (config.json + *.safetensors) or a Meta dir
 # (params.json + consolidated.*.pth) works as init.
 #   1 GPU  (Llama-3.2-1B/3B-Instruct):  python sft.py config/sft_llama_math.py --fsdp=False --micro_batch=1
 #   8 GPUs (Llama-3.1-8B-Instruct):     torchrun --standalone --nproc_per_node=8 sft.py config/sft_llama_math.py
@@ -8,7 +8,7 @@
 # and the fp32 logits of a row (8192 x 128256 x 4 bytes = 4.2 GB, times ~3 with the loss and its gradient).
 # Token budget: 1 epoch of the traces; e.g. 36k traces (the paper's 36.1K) x ~1.5k tokens = ~54M tokens.
 init = "/path/to/Llama-3.1-8B-Instruct"  # or Llama-3.2-1B-Instruct, Llama-3.2-3B-Instruct
-data = "/path/to/math_astro.jsonl"  # linearize.py output for MATH trees
+data = "out/math_linearize/astro.jsonl"  # linearize.py output for MATH trees (README, "The MATH pipeline")
 val_data = ""  # "" = hold out val_frac of the problems
 out_dir = "out/sft_llama_math"
 loss_on = "all"  # as the paper (no masking); see config/sft_astro.py for the trade-off

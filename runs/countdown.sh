@@ -2,7 +2,7 @@
 # The main job: the whole ASTRO pipeline on the built-in Countdown task, on a CPU.
 #
 #   bash runs/countdown.sh              # full run into out/ (~26 min on 2 cores, run 30 of EXPERIMENTS.md)
-#   SMOKE=1 OUT=/tmp/smoke bash runs/countdown.sh   # the same pipeline, tiny budgets (~1 min; the tests run it)
+#   SMOKE=1 OUT=/tmp/smoke bash runs/countdown.sh   # the same pipeline, tiny budgets (~2 min; the tests run it)
 #   SPLIT=val bash runs/countdown.sh    # evaluate on val instead (-> out/eval_val, out/report_val.md): tune with this
 #
 # prepare -> base policy (SFT from scratch on direct solutions) -> MCTS on train problems -> linearize (ASTRO and

@@ -138,8 +138,10 @@ def main(cfg):
                 rel = {lv: m[lv][1] / m[lv][0] - 1 if m[lv][0] else None for lv in m}
                 cells = [f"{100 * gain[lv]:+.1f} ({'–' if rel[lv] is None else f'{rel[lv]:+.0%}'})" for lv in m]
                 pts, rel_ci = level_gap(acc[a], acc[b], ids[easy], ids[hard])
-                rel_cell = "–" if rel_ci is None or None in rel.values() else \
-                    f"{round(100 * (rel[hard] - rel[easy])):+d} ({round(100 * rel_ci[0]):+d} to {round(100 * rel_ci[1]):+d})"
+                rel_cell = "–"
+                if rel_ci is not None and None not in rel.values():
+                    lo, hi = (round(100 * x) for x in rel_ci)
+                    rel_cell = f"{round(100 * (rel[hard] - rel[easy])):+d} ({lo:+d} to {hi:+d})"
                 pts_cell = f"{100 * (gain[hard] - gain[easy]):+.1f} ({100 * pts[0]:+.1f} to {100 * pts[1]:+.1f})"
                 lines.append(f"| {names[a]} → {names[b]} | {cells[0]} | {cells[1]} | {pts_cell} | {rel_cell} |")
 

@@ -2,7 +2,7 @@
 data/math/prepare.py — the real benchmarks in the common problem schema (README.md, "JSONL schemas").
 
     python data/math/prepare.py                 # -> data/math/{math500,aime24,amc23}.jsonl
-    python data/math/prepare.py --train=True    # + data/math/math_train.jsonl (MATH train, 12,000 problems, 11 MB)
+    python data/math/prepare.py --train=True    # + data/math/math_{train,val}.jsonl (MATH train: 11,500 + 500)
 
 Each file is downloaded from its public hosting (urls tried in order), checked against the sha256 of the exact
 source bytes, and converted:
@@ -14,8 +14,10 @@ source bytes, and converted:
             answer verbatim (zero padding kept: "025"); sorted by contest, then problem number.
   amc23     QwenLM/Qwen2.5-Math evaluation/data/amc23/test.jsonl. id = "amc23/2023_AMC_12A/1"; the source answer is a
             JSON float and is written as repr: "27.0" (eval's grader accepts 27); sorted as aime24.
-  train     prm800k prm800k/math_splits/train.jsonl (LFS; sha256 = its LFS oid), converted like math500.
-Outputs are byte-identical to the copies described in shared/data/PROVENANCE.md. Nothing is cached: a rerun
+  train     prm800k prm800k/math_splits/train.jsonl (LFS; sha256 = its LFS oid; 12,000 problems, 11 MB), converted
+            like math500, then split: the `val` problems with the smallest sha256(id) go to math_val.jsonl (for
+            tuning and RL's held-out checks, so no choice is made on MATH-500), the rest to math_train.jsonl.
+The three benchmark files are byte-identical to the copies described in shared/data/PROVENANCE.md. Nothing is cached: a rerun
 downloads again (a few hundred kB without the train split).
 """
 import hashlib
@@ -39,6 +41,7 @@ PRM800K = "https://media.githubusercontent.com/media/openai/prm800k/main/prm800k
 class Config:
     out_dir: str = "data/math"  # where the JSONL files go
     train: bool = False         # also fetch the MATH train split (for search/RL at scale)
+    val: int = 500              # with train: problems held out of it as math_val.jsonl
     timeout: float = 60.0       # seconds per download attempt
 
 
@@ -128,10 +131,18 @@ def main(cfg):
         ids = [r["id"] for r in recs]
         if len(set(ids)) != len(ids):
             raise common.UserError(f"{name}: duplicate ids")
-        path = os.path.join(cfg.out_dir, f"{name}.jsonl")
-        common.write_jsonl(path, recs)
-        written[name] = len(recs)
-        print(f"{path}: {len(recs)} problems")
+        parts = {name: recs}
+        if name == "math_train":  # a stable choice that does not depend on the file's order
+            if not 0 < cfg.val < len(recs):
+                raise common.UserError(f"val must be in 1..{len(recs) - 1} (the train split has {len(recs)} problems)")
+            held = set(sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:cfg.val])
+            parts = {"math_train": [r for r in recs if r["id"] not in held],
+                     "math_val": [r for r in recs if r["id"] in held]}
+        for part, rows in parts.items():
+            path = os.path.join(cfg.out_dir, f"{part}.jsonl")
+            common.write_jsonl(path, rows)
+            written[part] = len(rows)
+            print(f"{path}: {len(rows)} problems")
     return written
 
 
