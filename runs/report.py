@@ -109,7 +109,7 @@ def main(cfg):
 
     # Where the gains are. The paper's grow with difficulty: base -> ASTRO-RL is 65.8 -> 81.8 on MATH-500 but
     # 10.0 -> 30.0 (3x) on AIME 2024. Here: each gain on the easiest and the hardest level, in points and relative
-    # to the weaker model's accuracy there, and whether the hardest level's gain is the larger.
+    # to the first model's accuracy there, and whether the hardest level's gain is the larger.
     problems_path = os.path.join(cfg.out, "data", f"{cfg.split}.jsonl")
     gaps = [(a, b) for a, b in [("base", "rl_astro"), ("base", "sft_astro"), ("sft_direct", "sft_astro"),
                                 ("rl_direct", "rl_astro")] if a in got and b in got]

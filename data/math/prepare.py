@@ -17,8 +17,8 @@ source bytes, and converted:
   train     prm800k prm800k/math_splits/train.jsonl (LFS; sha256 = its LFS oid; 12,000 problems, 11 MB), converted
             like math500, then split: the `val` problems with the smallest sha256(id) go to math_val.jsonl (for
             tuning and RL's held-out checks, so no choice is made on MATH-500), the rest to math_train.jsonl.
-The three benchmark files are byte-identical to the copies described in shared/data/PROVENANCE.md. Nothing is cached: a rerun
-downloads again (a few hundred kB without the train split).
+The three benchmark files are byte-identical to the copies described in shared/data/PROVENANCE.md. Nothing is
+cached: a rerun downloads again (a few hundred kB without the train split).
 """
 import hashlib
 import json
