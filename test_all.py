@@ -1108,19 +1108,24 @@ def test_summarize():
     assert s["pearson_backtracks_correct"] == pytest.approx(1.0) and s["no_answer"] == pytest.approx(0.25)
 
 
+def write_evals(out, probs, hits):
+    """An eval stage's files under out/eval/<model>/: hits[model][i] of 3 samples right on problem i."""
+    for key, row in hits.items():
+        preds = [{"id": p["id"], "sample": j, "pred": "1", "correct": j < h, "tokens": 5, "backtracks": 0,
+                  "reflections": 0, "stopped": True} for p, h in zip(probs, row) for j in range(3)]
+        d = out / "eval" / key
+        d.mkdir(parents=True)
+        common.write_jsonl(str(d / "predictions.jsonl"), preds)
+        common.write_json(str(d / "summary.json"), E.summarize(preds, probs))
+
+
 def test_report_paired_interval(tmp_path):
     """runs/report.py: each claim gets the paired 95% interval of its gain (bootstrap over problems of the
     per-problem difference), which excludes 0 here although the two models' own intervals overlap."""
     probs = [{"id": f"p{i}", "problem": "", "answer": "1", "level": 3} for i in range(40)]
     hits = {"base": [i % 4 for i in range(40)]}  # correct samples out of 3, per problem
     hits["sft_direct"] = [h + 1 if i < 10 and h < 3 else h for i, h in enumerate(hits["base"])]  # 8 problems better
-    for key, row in hits.items():
-        preds = [{"id": p["id"], "sample": j, "pred": "1", "correct": j < h, "tokens": 5, "backtracks": 0,
-                  "reflections": 0, "stopped": True} for p, h in zip(probs, row) for j in range(3)]
-        d = tmp_path / "eval" / key
-        d.mkdir(parents=True)
-        common.write_jsonl(str(d / "predictions.jsonl"), preds)
-        common.write_json(str(d / "summary.json"), E.summarize(preds, probs))
+    write_evals(tmp_path, probs, hits)
     r = subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -1138,13 +1143,7 @@ def test_report_gains_by_level(tmp_path):
     probs = [{"id": f"p{i:02d}", "problem": "", "answer": "1", "level": 3 + i // 20} for i in range(40)]
     hits = {"base": [1] * 20 + [i % 2 for i in range(20)],  # correct samples out of 3: 33.3% / 16.7%
             "rl_astro": [2] * 20 + [1] * 20}                 # 66.7% / 33.3%: +33.3 and +16.7 points, both +100%
-    for key, row in hits.items():
-        preds = [{"id": p["id"], "sample": j, "pred": "1", "correct": j < h, "tokens": 5, "backtracks": 0,
-                  "reflections": 0, "stopped": True} for p, h in zip(probs, row) for j in range(3)]
-        d = tmp_path / "eval" / key
-        d.mkdir(parents=True)
-        common.write_jsonl(str(d / "predictions.jsonl"), preds)
-        common.write_json(str(d / "summary.json"), E.summarize(preds, probs))
+    write_evals(tmp_path, probs, hits)
     report = lambda: subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"], cwd=ROOT,
                                     capture_output=True, text=True, timeout=120)
     r = report()

@@ -90,8 +90,10 @@ def main(cfg):
                                  ("sft_astro", "rl_astro")] if a in got and b in got]
     # Two intervals can overlap while the gain is clear: both models answer the same problems, so the paired
     # interval (bootstrap over problems of the per-problem difference) is the sharper test of "b beats a".
+    gaps = [(a, b) for a, b in [("base", "rl_astro"), ("base", "sft_astro"), ("sft_direct", "sft_astro"),
+                                ("rl_direct", "rl_astro")] if a in got and b in got]  # for the per-level table
     acc = {key: problem_accuracy(common.resume_jsonl(os.path.join(cfg.out, evals, key, "predictions.jsonl")))
-           for key in {k for pair in pairs for k in pair}}
+           for key in {k for pair in pairs + gaps for k in pair}}
     if pairs:
         lines += ["", "## The paper's ordering on these problems", "",
                   "| claim | pass@1 gain (points) | paired 95% CI of the gain | intervals disjoint | " +
@@ -111,8 +113,6 @@ def main(cfg):
     # 10.0 -> 30.0 (3x) on AIME 2024. Here: each gain on the easiest and the hardest level, in points and relative
     # to the first model's accuracy there, and whether the hardest level's gain is the larger.
     problems_path = os.path.join(cfg.out, "data", f"{cfg.split}.jsonl")
-    gaps = [(a, b) for a, b in [("base", "rl_astro"), ("base", "sft_astro"), ("sft_direct", "sft_astro"),
-                                ("rl_direct", "rl_astro")] if a in got and b in got]
     if gaps and len(levels) > 1:
         lines += ["", "## Where the gains are: the easiest and the hardest level", ""]
         if not os.path.exists(problems_path):
@@ -120,8 +120,6 @@ def main(cfg):
         else:
             level = {r["id"]: str(r.get("level")) for r in common.read_jsonl(problems_path, required=("id",))}
             easy, hard = levels[0], levels[-1]
-            for k in {k for pair in gaps for k in pair} - acc.keys():
-                acc[k] = problem_accuracy(common.resume_jsonl(os.path.join(cfg.out, evals, k, "predictions.jsonl")))
             lines += [f"Gain in points (and relative to the first model's accuracy on the level). Hardest − easiest: "
                       "the difference of the two levels' gains, in points and in percentage points of relative gain, "
                       "with a 95% interval from a bootstrap over problems within each level (levels from "
