@@ -1,28 +1,40 @@
 """
-The few helpers every stage shares: the config parser, JSONL reading with precise errors,
-resumable JSONL output, atomic writes, device/DDP setup. Kept here so each stage stays a short,
-linear script.
+The few helpers every stage shares: the config parser and the resume check, JSONL reading with
+precise errors, resumable JSONL output, atomic writes, device/DDP setup, and the training state
+(learning-rate schedule, optimizer, state.pt) that sft.py and rl.py both use. Kept here so each
+stage stays a short, linear script.
 
 Config files and overrides (nanoGPT style, but parsed, never exec'd):
     python sft.py config/base_countdown.py --lr=3e-4 --max_steps=200
 A config file is a Python file holding only `name = <literal>` lines (comments allowed).
 Every key must be a field of the stage's Config dataclass and the value must have the field's type.
+A Config may declare the bounds of its numeric fields right under them, as a class attribute
+(not a field): `ranges = dict(max_new_tokens=(1, None), temperature=(0.0, None))`, (low, high)
+inclusive, None = unbounded. parse_config checks them and names the line that set a bad value.
 """
 import ast
 import dataclasses
+import io
 import json
+import math
 import os
+import random
+import re
 import sys
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
-    """Bad input from the user (config, data file, checkpoint). Stages print it without a traceback."""
+    """Bad input from the user (config, data file, checkpoint). Stages print it without a
+    traceback."""
 
 
 def run_main(main, cfg_class):
-    """Entry point of every stage: parse sys.argv into a Config, run main, print UserErrors plainly."""
+    """Entry point of every stage: parse sys.argv into a Config, run main, print UserErrors
+    plainly."""
     try:
         main(parse_config(cfg_class, sys.argv[1:]))
     except UserError as e:
@@ -40,20 +52,23 @@ def _coerce(name, value, default, where):
         return float(value)
     if want is tuple and isinstance(value, list):
         return tuple(value)
-    raise UserError(f"{where}: {name} must be {want.__name__}, got {type(value).__name__} {value!r}")
+    got = f"{type(value).__name__} {value!r}"
+    raise UserError(f"{where}: {name} must be {want.__name__}, got {got}")
 
 
 def parse_config(cfg_class, argv):
-    """Build cfg_class() and apply config files (positional *.py) then --key=value overrides in order."""
+    """Build cfg_class() and apply config files (positional *.py) then --key=value overrides in
+    order; then check the ranges the Config declares."""
     fields = {f.name: f for f in dataclasses.fields(cfg_class)}
     cfg = cfg_class()
-    updates = []  # (key, value, where)
+    updates = []  # (key, value, where, raw override text)
+    set_by = {}  # key -> where its final value comes from
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise UserError(f"config file not found: {arg}")
-            with open(arg) as f:
-                src = f.read()
+            with open(arg, "rb") as f:
+                src = _utf8(f.read(), arg)
             try:
                 tree = ast.parse(src, filename=arg)
             except SyntaxError as e:
@@ -86,35 +101,82 @@ def parse_config(cfg_class, argv):
         if isinstance(default, str) and raw is not None:
             value = raw  # string fields take the override verbatim: --tag=123 is the string "123"
         setattr(cfg, key, _coerce(key, value, default, where))
+        set_by[key] = where
+    check_ranges(cfg, set_by)
     return cfg
+
+
+def check_ranges(cfg, set_by=None):
+    """Each field named in the Config's `ranges` lies within its (low, high) bounds (inclusive,
+    None = unbounded). set_by: key -> the config file line or override that set it (the error
+    names it)."""
+    set_by = set_by or {}
+    for key, (low, high) in getattr(cfg, "ranges", {}).items():
+        value = getattr(cfg, key)
+        if low is not None and value < low or high is not None and value > high:
+            bound = (f">= {low}" if high is None else f"<= {high}" if low is None
+                     else f"in {low}..{high}")
+            where = f"{set_by[key]}: " if key in set_by else ""
+            raise UserError(f"{where}{key} must be {bound}, got {value!r}")
 
 
 def config_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+_MISSING = object()
+
+
+def _short(value, width=40):
+    text = repr(value) if value is not _MISSING else "(not set)"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def check_same_run(saved, current, path, free=()):
+    """A resume continues the run whose settings `saved` are stored with its outputs in `path`:
+    every key of either dict except the `free` ones (those a resume may change) must have the same
+    value now. Otherwise a UserError names the file and each differing key, saved -> current."""
+    was, now = (lambda k: saved.get(k, _MISSING)), (lambda k: current.get(k, _MISSING))
+    diff = [k for k in dict.fromkeys([*saved, *current]) if k not in free and was(k) != now(k)]
+    if diff:
+        changes = ", ".join(f"{k}: {_short(was(k))} -> {_short(now(k))}" for k in diff)
+        raise UserError(f"{path} belongs to a run with other settings (different {changes}); "
+                        "use another out_dir or the same settings")
+
+
 # ----------------------------------------------------------------------------- JSONL
 
+def _utf8(data, path):
+    """The text of a file's bytes; bytes that are not UTF-8 are a UserError naming file:line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = 1 + len(re.findall(rb"\r\n?|\n", data[:e.start]))  # the newlines text mode reads
+        raise UserError(f"{path}:{lineno}: not UTF-8") from None
+
+
 def read_jsonl(path, required=()):
-    """All records of a JSONL file; a malformed line or a missing field is a UserError naming file:line."""
+    """All records of a JSONL file; a line that is not UTF-8 or not JSON, or a missing field, is a
+    UserError naming file:line."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for key in required:
-                if key not in rec:
-                    raise UserError(f"{path}:{lineno}: missing field {key!r}")
-            rec["_line"] = lineno  # so later checks can name the line too; never written back out
-            records.append(rec)
+    with open(path, "rb") as f:
+        text = _utf8(f.read(), path)
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):  # text mode's lines
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        for key in required:
+            if key not in rec:
+                raise UserError(f"{path}:{lineno}: missing field {key!r}")
+        rec["_line"] = lineno  # so later checks can name the line too; never written back out
+        records.append(rec)
     if not records:
         raise UserError(f"{path}: no records")
     return records
@@ -129,11 +191,13 @@ def resume_jsonl(path, key="id"):
     with open(path, "rb") as f:
         data = f.read()
     good = 0  # byte offset just past the last complete, parseable line
-    for line in data.splitlines(keepends=True):
+    for lineno, line in enumerate(data.splitlines(keepends=True), 1):
         if not line.endswith(b"\n"):
             break
         try:
             done.append(json.loads(line))
+        except UnicodeDecodeError:  # a whole line, so not a torn write: some other file
+            raise UserError(f"{path}:{lineno}: not UTF-8") from None
         except json.JSONDecodeError:
             break
         good += len(line)
@@ -155,8 +219,19 @@ def write_jsonl(path, records):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps({k: v for k, v in rec.items() if k != "_line"}, ensure_ascii=False) + "\n")
+            rec = {k: v for k, v in rec.items() if k != "_line"}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_json(path):
+    """A JSON file (the settings a run stored next to its outputs); a bad one is a UserError."""
+    with open(path, "rb") as f:
+        text = _utf8(f.read(), path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def write_json(path, obj):
@@ -182,15 +257,152 @@ def autodetect_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_and_dtype(cfg, local_rank=0, dtypes=("float32", "bfloat16", "float16")):
+    """(device, torch dtype) of a stage from cfg.device and cfg.dtype. Device "" = a GPU if there is
+    one, else the CPU; "cuda" = this process's GPU, cuda:<local_rank>. The dtype must be one of the
+    names in `dtypes` (the ones the stage supports)."""
+    if cfg.dtype not in dtypes:
+        raise UserError(f"dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
+    device = cfg.device or autodetect_device()
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    return device, getattr(torch, cfg.dtype)
+
+
+def autocast(device, dtype):
+    """bf16 autocast over fp32 master weights when dtype is bfloat16; otherwise a no-op."""
+    bf16 = dtype == torch.bfloat16
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+
+
 def dist_setup():
-    """(rank, world_size, local_rank). Under torchrun, also joins the process group (nccl on GPU, gloo on CPU)."""
+    """(rank, world_size, local_rank). Under torchrun, also joins the process group (nccl on GPU,
+    gloo on CPU)."""
     if "RANK" not in os.environ:
         return 0, 1, 0
-    import torch.distributed as dist
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
     return rank, world, local
+
+
+def all_reduce(t, world, op="SUM"):
+    """The tensor t reduced (in place) over all ranks."""
+    if world > 1:
+        dist.all_reduce(t, getattr(dist.ReduceOp, op))
+    return t
+
+
+def gather(obj, world):
+    """Every rank's obj, on every rank."""
+    out = [obj] * world
+    if world > 1:
+        dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+def get_lr(step, max_steps, lr, warmup_steps, min_lr_frac):
+    """Linear warm-up over warmup_steps, then cosine decay from lr to lr*min_lr_frac at
+    max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW; weight decay on >=2-D params (matrices, embeddings) only, not on norms/biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel per step, not many
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def _dcp(model):
+    """torch.distributed.checkpoint's state-dict helpers + full-state options if `model` is
+    FSDP2-sharded, else None. (Imported only then: the import costs seconds, and every run of sft.py
+    and rl.py imports this file.)"""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not isinstance(model, fsdp.FSDPModule):
+        return None
+    import torch.distributed.checkpoint.state_dict as dcp
+    return dcp, dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model):
+    """The full state dict of an FSDP2-sharded model, gathered on the CPU. Every rank must call
+    it."""
+    dcp, opts = _dcp(model)
+    return dcp.get_model_state_dict(model, options=opts)
+
+
+def save_state(out_dir, model, optimizer, step, extra):
+    """Atomically write out_dir/state.pt: model, optimizer, step, RNG states, extra (data position,
+    config...). Under torch.distributed every rank must call it (FSDP gathers the full state first);
+    rank 0 writes."""
+    model = _unwrap(model)
+    if sharded := _dcp(model):
+        dcp, opts = sharded
+        msd = dcp.get_model_state_dict(model, options=opts)
+        osd = dcp.get_optimizer_state_dict(model, optimizer, options=opts)
+    else:
+        msd, osd = model.state_dict(), optimizer.state_dict()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        np_state = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        os.makedirs(out_dir, exist_ok=True)
+        torch_save({"model": msd, "optimizer": osd, "step": step, "rng": rng, "extra": extra},
+                   os.path.join(out_dir, "state.pt"))
+    if dist.is_initialized():
+        # nobody runs ahead (and could be killed "after" a checkpoint that is not on disk yet)
+        dist.barrier()
+
+
+def load_state(out_dir, model, optimizer):
+    """Restore what save_state wrote (model, optimizer, RNG states) -> (step, extra), or None if
+    there is none."""
+    path = os.path.join(out_dir, "state.pt")
+    if not os.path.exists(path):
+        return None
+    # mmap: the ranks share the page cache
+    st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    model = _unwrap(model)
+    if sharded := _dcp(model):
+        dcp, opts = sharded
+        dcp.set_model_state_dict(model, st["model"], options=opts)
+        dcp.set_optimizer_state_dict(model, optimizer, st["optimizer"], options=opts)
+    else:
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+    rng = st["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np_state = rng["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return st["step"], st["extra"]
+
+
+# ----------------------------------------------------------------------------- trace phrases
+
+# The paper's self-reflection phrases, which linearize.py writes and tasks.count_reflections counts.
+REFLECT = "But wait, are we solving the problem correctly so far? Hmm..."
+NOT_SURE = "I'm not sure if we're solving the problem correctly so far."
+GO_BACK = "Let's go back to where we"  # + " <restated step>."
+RESTART = "Let's restart our solution from the beginning."
+SEEMS_RIGHT = "Our solution seems to be correct so far."

@@ -1,19 +1,23 @@
 """
-linearize.py — procedure cloning (ASTRO Algorithm 1): MCTS trees -> SFT conversations whose chain of thought
-explores wrong branches, reflects, backtracks and ends at a correct answer.
+linearize.py — procedure cloning (ASTRO Algorithm 1): MCTS trees -> SFT conversations whose chain of
+thought explores wrong branches, reflects, backtracks and ends at a correct answer.
 
-    python linearize.py                                   # out/search/trees.jsonl -> out/linearize/astro.jsonl
-    python linearize.py config/linearize_direct.py        # Direct baseline -> out/linearize/direct.jsonl
-    python linearize.py --trees=t.jsonl --out=o.jsonl --seed=1 --tokenizer=data/countdown/tokenizer.model
+    python linearize.py                             # ASTRO traces -> out/linearize/astro.jsonl
+    python linearize.py config/linearize_direct.py  # Direct baseline -> out/linearize/direct.jsonl
+    python linearize.py --trees=t.jsonl --out=o.jsonl --seed=1 \\
+        --tokenizer=data/countdown/tokenizer.model
 
 Per tree (a JSON line of search.py, schema in README.md, "JSONL schemas"):
   1. DFS the tree: correct terminals Psi (reward 1) and incorrect terminals Lambda (reward 0).
-  2. Psi' = Psi filtered by min_q (the paper's self-evaluation filter; with an exact verifier we keep Psi' = Psi).
-  3. For each k in cfg.ks: n* ~ Psi', k incorrect terminals with pairwise distinct answers in random order,
-     visit them in turn (n* last). Each root->terminal path adds only its nodes not yet written, so it continues
-     from the deepest written node it shares: a backtrack there (a restart if that node is the root).
-  4. Text: step texts in order; before each backtrack the reflection line REFLECT NOT_SURE GO_BACK/RESTART;
-     after high-Q steps of n*'s path and after n* the line REFLECT SEEMS_RIGHT.
+  2. Psi' = Psi filtered by min_q (the paper's self-evaluation filter; with an exact verifier we
+     keep Psi' = Psi).
+  3. For each k in cfg.ks: n* ~ Psi', k incorrect terminals with pairwise distinct answers in random
+     order, visit them in turn (n* last). Each root->terminal path adds only its nodes not yet
+     written, so it continues from the deepest written node it shares: a backtrack there (a restart
+     if that node is the root).
+  4. Text: step texts in order; before each backtrack the reflection line REFLECT NOT_SURE
+     GO_BACK/RESTART; after high-Q steps of n*'s path and after n* the line REFLECT SEEMS_RIGHT
+     (the phrases are common.py's).
   5. Replay every trace against its tree (check_trace); any error is a bug and stops the run.
 Choices the paper leaves open are documented where they are made (Config, answer_key, astro_traces,
 direct_traces, step_text, restate).
@@ -25,35 +29,37 @@ from collections import Counter
 from dataclasses import dataclass
 
 import common
-from eval import prompt_messages, step_delimiter  # the one prompt renderer and step delimiter of each task
-
-# The self-reflection texts of the paper (hard-coded there too). eval.py counts them; the Countdown tokenizer is
-# trained over them; search never sees them.
-REFLECT = "But wait, are we solving the problem correctly so far? Hmm..."
-NOT_SURE = "I'm not sure if we're solving the problem correctly so far."
-GO_BACK = "Let's go back to where we"        # + " <restated step>."
-RESTART = "Let's restart our solution from the beginning."
-SEEMS_RIGHT = "Our solution seems to be correct so far."
+import tasks  # the one prompt renderer and step delimiter of each task
+from common import GO_BACK, NOT_SURE, REFLECT, RESTART, SEEMS_RIGHT
 
 
 @dataclass
 class Config:
-    mode: str = "astro"          # "astro": search traces; "direct": the baseline, plain root->n* paths, same counts
+    mode: str = "astro"      # "astro": search traces; "direct": the baseline, plain root->n* paths,
+                             # same counts
     trees: str = "out/search/trees.jsonl"  # input: search.py's trees
-    out: str = ""                # output JSONL; "" = out/linearize/<mode>.jsonl. Stats: <out without .jsonl>.stats.json
-    ks: tuple = (0, 1, 1, 2)     # k (wrong terminals visited) of each trace per tree: the paper's 1 direct + 3
-                                 # with k >= 1. k is capped by the number of distinct wrong answers; a k >= 1 slot
-                                 # is dropped when the tree has no wrong terminal at all (it would be direct).
-    q_high: float = 0.75         # positive reflection after a step of n*'s path with Q >= q_high (MCTS nodes only:
-                                 # a rollout-only node's Q is not an M-rollout mean)
-    min_q: float = 0.0           # Psi': keep a correct terminal only if every MCTS node on its path has Q >= min_q
-    tries: int = 4               # re-draws of a trace slot that came out identical to an earlier one (dedup)
-    seed: int = 1337             # per-tree RNG = Random(f"{seed}:{tree id}"): order and resume do not matter
-    tokenizer: str = ""          # tokenizer.model path: report lengths in tokens, enables max_tokens
-    max_tokens: int = 0          # drop traces longer than this many tokens (0 = no cap)
+    out: str = ""            # output JSONL; "" = out/linearize/<mode>.jsonl.
+                             # Stats: <out without .jsonl>.stats.json
+    ks: tuple = (0, 1, 1, 2)  # k (wrong terminals visited) of each trace per tree: the paper's 1
+                             # direct + 3 with k >= 1. k is capped by the number of distinct wrong
+                             # answers; a k >= 1 slot is dropped when the tree has no wrong terminal
+                             # at all (it would be direct).
+    q_high: float = 0.75     # positive reflection after a step of n*'s path with Q >= q_high (MCTS
+                             # nodes only: a rollout-only node's Q is not an M-rollout mean)
+    min_q: float = 0.0       # Psi': keep a correct terminal only if every MCTS node on its path has
+                             # Q >= min_q
+    tries: int = 4           # re-draws of a trace slot that came out identical to an earlier one
+    seed: int = 1337         # per-tree RNG = Random(f"{seed}:{tree id}"): order and resume do not
+                             # matter
+    tokenizer: str = ""      # tokenizer.model path: report lengths in tokens, enables max_tokens
+    max_tokens: int = 0      # drop traces longer than this many tokens (0 = no cap)
+
+    ranges = dict(q_high=(0.0, None), min_q=(0.0, 1.0), tries=(1, None), max_tokens=(0, None))
 
 
 NODE_FIELDS = ("id", "parent", "text", "terminal", "answer", "reward", "Q", "source")
+STATS = ("skipped_no_correct", "skipped_min_q", "slots_no_wrong", "k_capped", "duplicates",
+         "too_long")
 
 
 def read_trees(path):
@@ -61,8 +67,10 @@ def read_trees(path):
     trees, seen = common.read_jsonl(path, required=("id", "problem", "nodes")), set()
     for tree in trees:
         where = f"{path}:{tree['_line']}"
-        if not isinstance(tree["problem"], dict) or not isinstance(tree["problem"].get("problem"), str):
-            raise common.UserError(f"{where}: problem: must be the problem record (an object with 'problem')")
+        problem = tree["problem"]
+        if not isinstance(problem, dict) or not isinstance(problem.get("problem"), str):
+            raise common.UserError(
+                f"{where}: problem: must be the problem record (an object with 'problem')")
         if tree["id"] in seen:
             raise common.UserError(f"{where}: id: duplicate tree id {tree['id']!r}")
         seen.add(tree["id"])
@@ -70,24 +78,31 @@ def read_trees(path):
         if not isinstance(nodes, list) or not nodes:
             raise common.UserError(f"{where}: nodes: must be a non-empty list")
         for i, n in enumerate(nodes):
-            field = f"{where}: nodes[{i}]"
-            if not isinstance(n, dict):
-                raise common.UserError(f"{field}: must be an object")
-            for key in NODE_FIELDS:
-                if key not in n:
-                    raise common.UserError(f"{field}.{key}: missing")
-            p = n["parent"]
-            if n["id"] != i:
-                raise common.UserError(f"{field}.id: is {n['id']!r}, must equal its index {i}")
-            if (p is not None if i == 0 else not (type(p) is int and 0 <= p < i)):
-                raise common.UserError(f"{field}.parent: {p!r} out of range (root: null, else an earlier node id)")
-            if i > 0 and nodes[p]["terminal"]:
-                raise common.UserError(f"{field}.parent: node {p} is terminal and cannot have children")
-            if not isinstance(n["text"], str) or not isinstance(n["Q"], (int, float)):
-                raise common.UserError(f"{field}: text must be a string and Q a number")
-            if n["terminal"] and n["reward"] not in (0, 1):
-                raise common.UserError(f"{field}.reward: {n['reward']!r}, a terminal's reward must be 0 or 1")
+            check_node(nodes, i, n, f"{where}: nodes[{i}]")
     return trees
+
+
+def check_node(nodes, i, n, field):
+    """Node i of a tree: its fields present, its parent an earlier non-terminal node (none for the
+    root), a terminal's reward 0 or 1."""
+    if not isinstance(n, dict):
+        raise common.UserError(f"{field}: must be an object")
+    for key in NODE_FIELDS:
+        if key not in n:
+            raise common.UserError(f"{field}.{key}: missing")
+    p = n["parent"]
+    if n["id"] != i:
+        raise common.UserError(f"{field}.id: is {n['id']!r}, must equal its index {i}")
+    if (p is not None if i == 0 else not (type(p) is int and 0 <= p < i)):
+        raise common.UserError(
+            f"{field}.parent: {p!r} out of range (root: null, else an earlier node id)")
+    if i > 0 and nodes[p]["terminal"]:
+        raise common.UserError(f"{field}.parent: node {p} is terminal and cannot have children")
+    if not isinstance(n["text"], str) or not isinstance(n["Q"], (int, float)):
+        raise common.UserError(f"{field}: text must be a string and Q a number")
+    if n["terminal"] and n["reward"] not in (0, 1):
+        raise common.UserError(
+            f"{field}.reward: {n['reward']!r}, a terminal's reward must be 0 or 1")
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
@@ -108,7 +123,8 @@ def children(nodes):
 
 
 def terminals(nodes):
-    """DFS from the root: (Psi, Lambda) = correct and incorrect terminal ids, in DFS order (so draws are stable)."""
+    """DFS from the root: (Psi, Lambda) = correct and incorrect terminal ids, in DFS order (so draws
+    are stable)."""
     kids, good, bad, stack = children(nodes), [], [], [0]
     while stack:
         n = stack.pop()
@@ -119,19 +135,24 @@ def terminals(nodes):
 
 
 def answer_key(node):
-    """What 'distinct wrong answers' compares: the stripped answer; None (no answer) is one value of its own."""
+    """What 'distinct wrong answers' compares: the stripped answer; None (no answer) is one value of
+    its own."""
     return None if node["answer"] is None else str(node["answer"]).strip()
 
 
 def step_text(node, delim):
-    """A step as written in a trace: its text verbatim (what the policy generated), plus the delimiter after a
-    terminal that lacks it (the model stopped), so that what follows a terminal starts on its own line."""
-    return node["text"] + delim if node["terminal"] and not node["text"].endswith(delim) else node["text"]
+    """A step as written in a trace: its text verbatim (what the policy generated), plus the
+    delimiter after a terminal that lacks it (the model stopped), so that what follows a terminal
+    starts on its own line."""
+    if node["terminal"] and not node["text"].endswith(delim):
+        return node["text"] + delim
+    return node["text"]
 
 
 def restate(node):
     """The words after GO_BACK naming the step we return to: 'had <its first sentence/clause>'.
-    One function, so a policy rewrite (the paper's LLM prose, for MATH) could replace it; check_trace uses it too."""
+    One function, so a policy rewrite (the paper's LLM prose, for MATH) could replace it;
+    check_trace uses it too."""
     first = node["text"].strip().split("\n")[0]
     first = re.split(r"(?<=[.!?])\s", first)[0].rstrip(" .:;,") or "that step"
     if first[1:2].islower():
@@ -140,14 +161,17 @@ def restate(node):
 
 
 def linearize(tree, order, q_high, reflect=True):
-    """Visit the terminals `order` (n* last) and write the trace: (text, meta). reflect=False: plain steps."""
-    nodes, delim = tree["nodes"], step_delimiter(tree["problem"])
+    """Visit the terminals `order` (n* last) and write the trace: (text, meta). reflect=False: plain
+    steps."""
+    nodes, delim = tree["nodes"], tasks.step_delimiter(tree["problem"])
     final = set(path(nodes, order[-1]))
-    written, out, meta = {0}, [], Counter(k=len(order) - 1, backtracks=0, restarts=0, positive=0)
+    written, out = {0}, []
+    meta = Counter(k=len(order) - 1, backtracks=0, restarts=0, positive=0)
     for i, t in enumerate(order):
-        new = [n for n in path(nodes, t) if n not in written]  # the written part of a path is always a prefix
+        # the written part of a path is always a prefix
+        new = [n for n in path(nodes, t) if n not in written]
         assert new, f"terminal {t} already written"
-        if i > 0:  # we stand on a wrong terminal: reflect, then jump to the deepest written node on the new path
+        if i > 0:  # on a wrong terminal: reflect, then jump to the deepest written node on the path
             back = nodes[new[0]]["parent"]
             where = RESTART if back == 0 else f"{GO_BACK} {restate(nodes[back])}."
             out.append(f"{REFLECT} {NOT_SURE} {where}{delim}")
@@ -156,10 +180,12 @@ def linearize(tree, order, q_high, reflect=True):
         for n in new:
             written.add(n)
             out.append(step_text(nodes[n], delim))
-            # only n*'s path earns "seems correct": after n*, and after its MCTS steps (Q = a mean over >= M
-            # rollouts, unlike a rollout-only step's) with a high Q that end a line (a step cut inside a token
-            # that holds the delimiter, e.g. "\n(", continues on the same line)
-            high = nodes[n]["source"] == "mcts" and nodes[n]["Q"] >= q_high and nodes[n]["text"].endswith(delim)
+            # only n*'s path earns "seems correct": after n*, and after its MCTS steps (Q = a mean
+            # over >= M rollouts, unlike a rollout-only step's) with a high Q that end a line (a
+            # step cut inside a token that holds the delimiter, e.g. "\n(", continues on the same
+            # line)
+            node = nodes[n]
+            high = node["source"] == "mcts" and node["Q"] >= q_high and node["text"].endswith(delim)
             if reflect and n in final and (n == t or high):
                 out.append(f"{REFLECT} {SEEMS_RIGHT}{delim}")
                 meta["positive"] += 1
@@ -167,13 +193,16 @@ def linearize(tree, order, q_high, reflect=True):
 
 
 def correct_terminals(nodes, min_q):
-    """Psi': correct terminals whose path's MCTS nodes all have Q >= min_q (reached by more than luck)."""
+    """Psi': correct terminals whose path's MCTS nodes all have Q >= min_q (reached by more than
+    luck)."""
     good, _ = terminals(nodes)
-    return [t for t in good if all(nodes[n]["Q"] >= min_q for n in path(nodes, t)[1:] if nodes[n]["source"] == "mcts")]
+    return [t for t in good if all(nodes[n]["Q"] >= min_q for n in path(nodes, t)[1:]
+                                   if nodes[n]["source"] == "mcts")]
 
 
 def astro_traces(tree, cfg, stats):
-    """The ASTRO traces of one tree: one per k in cfg.ks, minus slots without wrong terminals and duplicates."""
+    """The ASTRO traces of one tree: one per k in cfg.ks, minus slots without wrong terminals and
+    duplicates."""
     nodes, rng = tree["nodes"], random.Random(f"{cfg.seed}:{tree['id']}")
     good = correct_terminals(nodes, cfg.min_q)
     groups = {}  # wrong answer -> its terminals, in DFS order
@@ -187,7 +216,8 @@ def astro_traces(tree, cfg, stats):
         stats["k_capped"] += k > len(groups)
         k = min(k, len(groups))
         for _ in range(cfg.tries):
-            wrong = [rng.choice(groups[a]) for a in rng.sample(list(groups), k)]  # distinct answers, random order
+            # distinct answers, in random order
+            wrong = [rng.choice(groups[a]) for a in rng.sample(list(groups), k)]
             text, meta = linearize(tree, wrong + [rng.choice(good)], cfg.q_high)
             if text not in seen:
                 break
@@ -200,28 +230,33 @@ def astro_traces(tree, cfg, stats):
 
 
 def direct_traces(tree, cfg, count):
-    """The Direct baseline for one tree: `count` plain root->n* paths, distinct n* while there are enough,
-    then cycling through them again (repeats kept on purpose: equal example counts matter more than dedup)."""
+    """The Direct baseline for one tree: `count` plain root->n* paths, distinct n* while there are
+    enough, then cycling through them again (repeats kept on purpose: equal example counts matter
+    more than dedup)."""
     good = correct_terminals(tree["nodes"], cfg.min_q)
     picks = random.Random(f"{cfg.seed}:{tree['id']}:direct").sample(good, min(count, len(good)))
-    return [linearize(tree, [picks[j % len(picks)]], cfg.q_high, reflect=False) for j in range(count)]
+    return [linearize(tree, [picks[j % len(picks)]], cfg.q_high, reflect=False)
+            for j in range(count)]
 
 
 # ----------------------------------------------------------------------------- replay checker
 
 def check_trace(tree, trace):
-    """Replay a trace against its tree; returns the errors (empty = valid). Every step must be a not yet written
-    child of the current node, a backtrack must leave a wrong terminal and land on a written node, no wrong answer
-    may repeat, a positive reflection must follow a step, and the trace must end at a correct terminal."""
-    nodes, delim = tree["nodes"], step_delimiter(tree["problem"])
+    """Replay a trace against its tree; returns the errors (empty = valid). Every step must be a not
+    yet written child of the current node, a backtrack must leave a wrong terminal and land on a
+    written node, no wrong answer may repeat, a positive reflection must follow a step, and the
+    trace must end at a correct terminal."""
+    nodes, delim = tree["nodes"], tasks.step_delimiter(tree["problem"])
     kids = children(nodes)
     wrong = lambda n: nodes[n]["terminal"] and nodes[n]["reward"] != 1
-    # Replay states (pos, node, landing, written, wrong answers): more than one only where a restatement or a
-    # step text is ambiguous in this tree; the trace is valid if any of them replays it to the end.
+    # Replay states (pos, node, landing, written, wrong answers): more than one only where a
+    # restatement or a step text is ambiguous in this tree; the trace is valid if any of them
+    # replays it to the end.
     stack, failure = [(0, 0, None, frozenset([0]), frozenset())], (-1, "")
     while stack:
         pos, cur, landing, written, seen = stack.pop()
-        fail = lambda msg: max(failure, (pos, f"char {pos}: {msg}"))  # report the branch that got farthest
+        # report the branch that got farthest
+        fail = lambda msg: max(failure, (pos, f"char {pos}: {msg}"))
         if pos >= len(trace):
             if landing is None and nodes[cur]["terminal"] and not wrong(cur):
                 return []
@@ -242,7 +277,8 @@ def check_trace(tree, trace):
             elif landing is not None or not wrong(cur):
                 failure = fail("backtrack not right after a wrong terminal")
             elif said == RESTART or any(n and restate(nodes[n]) == named for n in written):
-                land = [0] if said == RESTART else [n for n in sorted(written) if n and restate(nodes[n]) == named]
+                land = [0] if said == RESTART else [n for n in sorted(written)
+                                                    if n and restate(nodes[n]) == named]
                 stack.append((after, cur, land, written, seen))
             else:
                 failure = fail(f"backtrack to a step never written: {named!r}")
@@ -264,54 +300,73 @@ def check_trace(tree, trace):
 
 # ----------------------------------------------------------------------------- main
 
-def main(cfg):
+def check_config(cfg):
     if cfg.mode not in ("astro", "direct"):
         raise common.UserError(f"mode must be 'astro' or 'direct', got {cfg.mode!r}")
     if not cfg.ks or any(type(k) is not int or k < 0 for k in cfg.ks):
         raise common.UserError(f"ks must be non-negative ints, got {cfg.ks!r}")
     if cfg.max_tokens and not cfg.tokenizer:
         raise common.UserError("max_tokens needs --tokenizer=<tokenizer.model>")
+
+
+def tree_records(tree, cfg, stats, ntok):
+    """The conversation records of one tree (none if it has no usable correct terminal), each trace
+    replayed against the tree first."""
+    if not correct_terminals(tree["nodes"], cfg.min_q):  # no correct terminal passes min_q: skip
+        stats["skipped_min_q" if terminals(tree["nodes"])[0] else "skipped_no_correct"] += 1
+        return []
+    traces = astro_traces(tree, cfg, stats)
+    if cfg.max_tokens:  # before direct mode counts them, so both sets match per tree
+        stats["too_long"] += len(traces)
+        traces = [(text, meta) for text, meta in traces if ntok(text) <= cfg.max_tokens]
+        stats["too_long"] -= len(traces)
+    if cfg.mode == "direct":  # not length-filtered: one path, rarely the longer
+        traces = direct_traces(tree, cfg, len(traces))
+    records = []
+    for j, (text, meta) in enumerate(traces):
+        errors = check_trace(tree, text)
+        if errors:  # our own output failed the replay: a bug in this file, never silently written
+            raise RuntimeError(f"linearize bug, tree {tree['id']!r} trace {j}: {errors}\n{text}")
+        messages = tasks.prompt_messages(tree["problem"]) + [{"role": "assistant", "content": text}]
+        records.append({"id": f"{tree['id']}#{j}", "messages": messages,
+                        "meta": {**meta, "mode": cfg.mode}})
+    return records
+
+
+def summarize(cfg, trees, records, stats, ntok):
+    """The statistics written next to the output (<out without .jsonl>.stats.json)."""
+    n, texts = max(len(records), 1), [r["messages"][-1]["content"] for r in records]
+    mean = lambda key: sum(r["meta"][key] for r in records) / n
+    return dict(mode=cfg.mode, trees=len(trees), traces=len(records), **stats,
+                traces_by_k=dict(sorted(Counter(r["meta"]["k"] for r in records).items())),
+                backtracks_per_trace=mean("backtracks"), restarts_per_trace=mean("restarts"),
+                positive_per_trace=mean("positive"), mean_chars=sum(map(len, texts)) / n,
+                mean_tokens=sum(map(ntok, texts)) / n if cfg.tokenizer else None,
+                config=common.config_dict(cfg))
+
+
+def main(cfg):
+    check_config(cfg)
     out = cfg.out or f"out/linearize/{cfg.mode}.jsonl"
     tok = None
     if cfg.tokenizer:
-        from model import Tokenizer  # only for token counts
+        from tokenizer import Tokenizer  # only for token counts
         tok = Tokenizer(cfg.tokenizer)
     ntok = lambda text: len(tok.encode(text)) if tok else 0
     trees = read_trees(cfg.trees)
 
-    records, stats = [], Counter(dict.fromkeys(
-        ["skipped_no_correct", "skipped_min_q", "slots_no_wrong", "k_capped", "duplicates", "too_long"], 0))
+    records, stats = [], Counter(dict.fromkeys(STATS, 0))
     for tree in trees:
-        if not correct_terminals(tree["nodes"], cfg.min_q):  # no correct terminal (or none passes min_q): skip
-            stats["skipped_min_q" if terminals(tree["nodes"])[0] else "skipped_no_correct"] += 1
-            continue
-        traces = astro_traces(tree, cfg, stats)
-        if cfg.max_tokens:  # before direct mode counts them, so both sets match per tree
-            stats["too_long"] += len(traces)
-            traces = [(text, meta) for text, meta in traces if ntok(text) <= cfg.max_tokens]
-            stats["too_long"] -= len(traces)
-        if cfg.mode == "direct":
-            traces = direct_traces(tree, cfg, len(traces))  # not length-filtered: one path, rarely the longer
-        for j, (text, meta) in enumerate(traces):
-            errors = check_trace(tree, text)
-            if errors:  # our own output failed the replay: a bug in this file, never silently written
-                raise RuntimeError(f"linearize bug, tree {tree['id']!r} trace {j}: {errors}\n{text}")
-            messages = prompt_messages(tree["problem"]) + [{"role": "assistant", "content": text}]
-            records.append({"id": f"{tree['id']}#{j}", "messages": messages, "meta": {**meta, "mode": cfg.mode}})
+        records += tree_records(tree, cfg, stats, ntok)
 
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     common.write_jsonl(out, records)
-    n, texts = max(len(records), 1), [r["messages"][-1]["content"] for r in records]
-    mean = lambda key: sum(r["meta"][key] for r in records) / n
-    summary = dict(mode=cfg.mode, trees=len(trees), traces=len(records), **stats,
-                   traces_by_k=dict(sorted(Counter(r["meta"]["k"] for r in records).items())),
-                   backtracks_per_trace=mean("backtracks"), restarts_per_trace=mean("restarts"),
-                   positive_per_trace=mean("positive"), mean_chars=sum(map(len, texts)) / n,
-                   mean_tokens=sum(map(ntok, texts)) / n if tok else None, config=common.config_dict(cfg))
+    summary = summarize(cfg, trees, records, stats, ntok)
     common.write_json(os.path.splitext(out)[0] + ".stats.json", summary)
-    print(f"{cfg.trees}: {len(trees)} trees ({summary['skipped_no_correct']} without a correct terminal) -> "
-          f"{len(records)} {cfg.mode} traces in {out}")
-    print({k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items() if k != "config"})
+    print(f"{cfg.trees}: {len(trees)} trees ({summary['skipped_no_correct']} without a correct "
+          f"terminal) -> {len(records)} {cfg.mode} traces in {out}")
+    print({k: round(v, 2) if isinstance(v, float) else v
+           for k, v in summary.items() if k != "config"})
     return summary
 
 

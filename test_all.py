@@ -3,7 +3,7 @@ The test suite of nanoastro: every stage on tiny models, CPU only, no downloads.
 
     python -m pytest -q test_all.py
 
-Sections: model.py, eval.py (graders, data preparation), linearize.py, search.py, sft.py, rl.py, the main job.
+Sections: model.py, tasks/ and eval.py (graders, data preparation), linearize.py, search.py, sft.py, rl.py, the main job.
 transformers and llama-models are test-only dependencies (requirements-test.txt; .ci/run).
 """
 import base64
@@ -29,24 +29,28 @@ import torch.multiprocessing as mp
 import types
 from collections import Counter
 
+import generate as G
 import model as M
 from common import UserError
 import common
 import eval as E
 import linearize
 import linearize as L
-from linearize import GO_BACK, NOT_SURE, REFLECT, RESTART, SEEMS_RIGHT
+from common import GO_BACK, NOT_SURE, REFLECT, RESTART, SEEMS_RIGHT
 import model
 import search
 from search import Config, Node, Tree
 import sft
-from model import Llama, ModelConfig, Tokenizer, load_model
-import eval as ev
+from model import Llama, ModelConfig, load_model
+from tokenizer import PAT_STR, Tokenizer
 import rl
+import tasks
+import tasks.math as math_task
+from tasks import countdown
 
 
 # ====================================================================================================
-# model.py: Llama 3, KV cache, generate, tokenizer, checkpoints
+# model.py, generate.py, tokenizer.py: Llama 3, KV cache, generate, tokenizer, checkpoints
 # ====================================================================================================
 
 torch.set_num_threads(1)
@@ -73,7 +77,7 @@ def random_model(cfg, seed=0):
 def byte_tokenizer(tmp_path):
     path = tmp_path / "bytes.model"
     path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    return M.Tokenizer(path)
+    return Tokenizer(path)
 
 
 def hf_model(cfg, state_dict=None):
@@ -188,7 +192,7 @@ def test_greedy_generation_matches_transformers():
     m = random_model(cfg, seed=2)
     hf = hf_model(cfg, m.state_dict())
     prompts = [[5, 9, 200, 31], [7], list(range(100, 123))]
-    res = M.generate(m, prompts, max_new_tokens=24, temperature=0)
+    res = G.generate(m, prompts, max_new_tokens=24, temperature=0)
     for p, [s] in zip(prompts, res):
         want = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
         assert s.tokens == want and not s.stopped
@@ -230,7 +234,7 @@ def test_cache_equals_full_forward_ragged_fanout():
     """KV-cached logprobs (ragged prompts, fan-out, refilled slots, compaction) == full forward log_softmax."""
     m = random_model(tiny_cfg(), seed=5)
     prompts = [[1, 2, 3], list(range(40, 81)), [9], list(range(200, 217))]
-    res = M.generate(m, prompts, [3, 1, 2, 4], max_new_tokens=20, temperature=0.8, top_k=50, top_p=0.9,
+    res = G.generate(m, prompts, [3, 1, 2, 4], max_new_tokens=20, temperature=0.8, top_k=50, top_p=0.9,
                      seed=1, batch_size=4)
     assert [len(r) for r in res] == [3, 1, 2, 4]
     for p, samples in zip(prompts, res):
@@ -245,14 +249,14 @@ def test_finished_rows_wait_in_the_batch_without_stretching_the_cache():
     attend to must follow them, not the idle row (which once ran past the cache)."""
     m = random_model(tiny_cfg(), seed=6)
     a, b, c = list(range(100, 160)), [1, 2, 3], [7, 8]
-    fa, fb, fc = (M.generate(m, [p], max_new_tokens=60, temperature=0)[0][0].tokens for p in (a, b, c))
+    fa, fb, fc = (G.generate(m, [p], max_new_tokens=60, temperature=0)[0][0].tokens for p in (a, b, c))
     j = next(j for j in range(2, 60) if fc[j] not in fa + fb + fc[:j])  # a token of c that a and b never write
     waves = 40 // (j + 1)  # c's rows stop after j + 1 tokens and hand their slots on; b's rows come last
     kw = dict(max_new_tokens=60, temperature=0, stop_ids={fc[j]})
-    res = M.generate(m, [a, c, b], [1, 9 * waves, 9], batch_size=10, **kw)
+    res = G.generate(m, [a, c, b], [1, 9 * waves, 9], batch_size=10, **kw)
     assert len(res[0][0].tokens) == 60 and len(res[1][0].tokens) == j + 1 and len(res[2][0].tokens) == 60
     for p, r in zip([a, c, b], res):
-        assert same(r, M.generate(m, [p], len(r), **kw)[0])
+        assert same(r, G.generate(m, [p], len(r), **kw)[0])
 
 
 def same(a, b):
@@ -266,15 +270,15 @@ def same(a, b):
 def test_batching_does_not_change_greedy_outputs():
     m = random_model(tiny_cfg(), seed=6)
     prompts = [list(range(i, i + 3 * i + 1)) for i in range(1, 8)]
-    free = M.generate(m, prompts, max_new_tokens=15, temperature=0)
+    free = G.generate(m, prompts, max_new_tokens=15, temperature=0)
     stop = {free[0][0].tokens[4], free[3][0].tokens[9]}  # rows stop at different steps
     kw = dict(max_new_tokens=15, temperature=0, stop_ids=stop)
-    ref = M.generate(m, prompts, 2, batch_size=256, **kw)
+    ref = G.generate(m, prompts, 2, batch_size=256, **kw)
     assert any(s.stopped for r in ref for s in r) and not all(s.stopped for r in ref for s in r)
     for bs in (1, 3):  # (the logprobs' last bits depend on the batch shape)
-        assert same(M.generate(m, prompts, 2, batch_size=bs, **kw), ref)
+        assert same(G.generate(m, prompts, 2, batch_size=bs, **kw), ref)
     for p, r in zip(prompts, ref):  # and each equals the prompt alone
-        assert same([r[0], r[0]], r) and same(M.generate(m, [p], **kw)[0], r[:1])
+        assert same([r[0], r[0]], r) and same(G.generate(m, [p], **kw)[0], r[:1])
 
 
 def test_fanout_rows_sample_independently_and_seed_reproduces():
@@ -282,11 +286,11 @@ def test_fanout_rows_sample_independently_and_seed_reproduces():
     with torch.no_grad():
         m.output.weight.mul_(0.05)  # flatten the distribution so samples differ
     kw = dict(max_new_tokens=8, temperature=1.0)
-    a = M.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0]
+    a = G.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0]
     assert len({s.tokens[0] for s in a}) > 4  # first tokens drawn per row, not broadcast
     assert len({tuple(s.tokens) for s in a}) == 16
-    assert M.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0] == a
-    assert M.generate(m, [[1, 2, 3]], 16, seed=4, **kw)[0] != a
+    assert G.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0] == a
+    assert G.generate(m, [[1, 2, 3]], 16, seed=4, **kw)[0] != a
 
 
 def test_tool_writes_after_its_trigger():
@@ -300,7 +304,7 @@ def test_tool_writes_after_its_trigger():
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     kw = dict(max_new_tokens=20, temperature=1.0, seed=5, stop_ids={3})
     for bs in (256, 3):
-        res = M.generate(m, prompts, [5, 3], batch_size=bs, tool=tool, **kw)
+        res = G.generate(m, prompts, [5, 3], batch_size=bs, tool=tool, **kw)
         hits = 0
         for s in (s for ss in res for s in ss):
             k, want = 0, []
@@ -316,10 +320,10 @@ def test_tool_writes_after_its_trigger():
         assert hits > 5
     # a forced id is fed back like a sampled one: the greedy run with a tool equals the greedy run without one
     # continued from the same prefix
-    first = M.generate(m, [[9, 9]], max_new_tokens=1, temperature=0)[0][0].tokens[0]
-    [[g]] = M.generate(m, [[9, 9]], max_new_tokens=12, temperature=0,
+    first = G.generate(m, [[9, 9]], max_new_tokens=1, temperature=0)[0][0].tokens[0]
+    [[g]] = G.generate(m, [[9, 9]], max_new_tokens=12, temperature=0,
                        tool=({first}, lambda prompt, ids: [42] if len(ids) == 1 and prompt == [9, 9] else []))
-    [[h]] = M.generate(m, [[9, 9, g.tokens[0], 42]], max_new_tokens=10, temperature=0)
+    [[h]] = G.generate(m, [[9, 9, g.tokens[0], 42]], max_new_tokens=10, temperature=0)
     assert g.tokens[1] == 42 and g.forced == [1] and g.tokens[2:] == h.tokens
 
 
@@ -327,31 +331,31 @@ def test_tool_writes_after_its_trigger():
 def test_stop_ids_and_max_new_tokens():
     m = random_model(tiny_cfg(), seed=8)
     prompt = [4, 5, 6]
-    [[free]] = M.generate(m, [prompt], max_new_tokens=12, temperature=0)
+    [[free]] = G.generate(m, [prompt], max_new_tokens=12, temperature=0)
     assert len(free.tokens) == 12 and not free.stopped
     stop = free.tokens[5]
     k = free.tokens.index(stop)
-    [[s]] = M.generate(m, [prompt], max_new_tokens=12, temperature=0, stop_ids=[stop, 9999])
+    [[s]] = G.generate(m, [prompt], max_new_tokens=12, temperature=0, stop_ids=[stop, 9999])
     assert s.tokens == free.tokens[: k + 1] and s.stopped and len(s.logprobs) == k + 1
-    [[s]] = M.generate(m, [prompt], max_new_tokens=3, temperature=0)
+    [[s]] = G.generate(m, [prompt], max_new_tokens=3, temperature=0)
     assert s.tokens == free.tokens[:3]
     # the context ends generation too: max_seq_len 256
-    [[s]] = M.generate(m, [list(range(250))], max_new_tokens=50, temperature=0)
+    [[s]] = G.generate(m, [list(range(250))], max_new_tokens=50, temperature=0)
     assert len(s.tokens) == 6 and not s.stopped
-    assert M.generate(m, [list(range(256))], max_new_tokens=5)[0][0] == M.Sample([], [], False)
+    assert G.generate(m, [list(range(256))], max_new_tokens=5)[0][0] == G.Sample([], [], False)
 
 
 def test_sampler_temperature_top_k_top_p():
     gen = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])).expand(20000, 5).contiguous()
     freq = lambda ids: torch.bincount(ids, minlength=5).float() / len(ids)
-    assert torch.allclose(freq(M.sample_next(logits, 1.0, 0, 1.0, gen)), logits[0].exp(), atol=0.015)
-    assert torch.equal(M.sample_next(logits, 0, 0, 1.0, gen), torch.zeros(20000, dtype=torch.long))
-    f = freq(M.sample_next(logits, 1.0, 2, 1.0, gen))  # top-k renormalizes over the two best
+    assert torch.allclose(freq(G.sample_next(logits, 1.0, 0, 1.0, gen)), logits[0].exp(), atol=0.015)
+    assert torch.equal(G.sample_next(logits, 0, 0, 1.0, gen), torch.zeros(20000, dtype=torch.long))
+    f = freq(G.sample_next(logits, 1.0, 2, 1.0, gen))  # top-k renormalizes over the two best
     assert torch.allclose(f, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015)
-    f = freq(M.sample_next(logits, 1.0, 0, 0.7, gen))  # top-p keeps 0.5, 0.3 (the mass before 0.15 is 0.8 > 0.7)
+    f = freq(G.sample_next(logits, 1.0, 0, 0.7, gen))  # top-p keeps 0.5, 0.3 (the mass before 0.15 is 0.8 > 0.7)
     assert torch.allclose(f, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015)
-    f = freq(M.sample_next(logits, 2.0, 0, 1.0, gen))  # temperature 2 flattens: p ~ sqrt(p)
+    f = freq(G.sample_next(logits, 2.0, 0, 1.0, gen))  # temperature 2 flattens: p ~ sqrt(p)
     want = logits[0].div(2).softmax(-1)
     assert torch.allclose(f, want, atol=0.015)
 
@@ -365,17 +369,17 @@ def test_top_p_shortcut_draws_what_the_full_sort_draws():
 
     peaked = torch.randn(512, 1000, generator=torch.Generator().manual_seed(1)) * 8  # top 64 hold > 0.9: shortcut
     flat = torch.randn(512, 1000, generator=torch.Generator().manual_seed(2)) * 0.1  # they do not: full sort
-    assert (peaked.softmax(-1).topk(M.TOP_P_FIRST).values.sum(-1) > 0.9).all()
+    assert (peaked.softmax(-1).topk(G.TOP_P_FIRST).values.sum(-1) > 0.9).all()
     for logits in (peaked, flat, torch.cat([peaked[:-1], flat[:1]])):  # one flat row sends all rows to the sort
-        got = M.sample_next(logits, 1.0, 0, 0.9, torch.Generator().manual_seed(3))
+        got = G.sample_next(logits, 1.0, 0, 0.9, torch.Generator().manual_seed(3))
         assert torch.equal(got, full_sort(logits, 0.9, torch.Generator().manual_seed(3)))
 
 
 def test_generate_stats_count_each_prompt_once():
     m = random_model(tiny_cfg(), seed=9)
-    M.reset_generate_stats()
-    res = M.generate(m, [[1, 2, 3, 4], [5, 6]], [8, 2], max_new_tokens=5, temperature=1.0, stop_ids=range(0, 512, 3))
-    st = M.generate_stats()
+    G.reset_generate_stats()
+    res = G.generate(m, [[1, 2, 3, 4], [5, 6]], [8, 2], max_new_tokens=5, temperature=1.0, stop_ids=range(0, 512, 3))
+    st = G.generate_stats()
     assert st["prefill_tokens"] == 3 + 1  # all but the last token of each distinct prompt, once
     assert st["decode_tokens"] == sum(len(s.tokens) for r in res for s in r) < 10 * 5  # finished rows cost nothing
 
@@ -388,8 +392,8 @@ def test_compiled_decode_matches_eager():
     graphs = counters["stats"]["unique_graphs"]
     for n, new in ((1, 10), (2, 13)):  # 2 rows, then 6: other batch sizes and lengths, one compilation
         kw = dict(max_new_tokens=new, temperature=1.0, seed=5)
-        eager = M.generate(m, prompts[: 2 * n], n, **kw)
-        compiled = M.generate(m, prompts[: 2 * n], n, compile=True, **kw)
+        eager = G.generate(m, prompts[: 2 * n], n, **kw)
+        compiled = G.generate(m, prompts[: 2 * n], n, compile=True, **kw)
         for e, c in zip(sum(eager, []), sum(compiled, [])):
             assert e.tokens == c.tokens
             assert torch.allclose(torch.tensor(e.logprobs), torch.tensor(c.logprobs), atol=1e-4)
@@ -424,7 +428,7 @@ def llama_models_reference():
 
 def test_real_llama3_tokenizer_golden_ids():
     path, ref, ChatFormat, RawMessage, StopReason = llama_models_reference()
-    tok = M.Tokenizer(path)
+    tok = Tokenizer(path)
     assert tok.n_vocab == ref.n_words == 128256
     assert tok.specials == ref.special_tokens
     assert (tok.bos_id, tok.eos_id, tok.eom_id, tok.eot_id) == (128000, 128001, 128008, 128009)
@@ -466,7 +470,7 @@ def test_byte_tokenizer_chat_mask_and_specials(tmp_path):
     bad = tmp_path / "bad.model"
     bad.write_text("YQ== 0\nnot-base64!! 1\n")
     with pytest.raises(UserError, match="bad.model:2"):
-        M.Tokenizer(bad)
+        Tokenizer(bad)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -538,7 +542,7 @@ def test_safetensors_writer_reads_back_and_ffn_rule(tmp_path):
 
 
 # ====================================================================================================
-# eval.py: graders, data preparation, evaluation
+# tasks/ and eval.py: graders, data preparation, evaluation
 # ====================================================================================================
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -667,11 +671,11 @@ PAIRS = [
 def test_math_pairs(monkeypatch):
     # Equivalence logic only: generous time limits, so a busy machine cannot turn a slow sympy call into "not equal"
     # (the limits themselves are tested with the adversarial inputs below).
-    monkeypatch.setattr(E, "SYMPY_TIMEOUT", 60.0)
-    monkeypatch.setattr(E, "MATH_TIME_LIMIT", 120.0)
+    monkeypatch.setattr(math_task, "SYMPY_TIMEOUT", 60.0)
+    monkeypatch.setattr(math_task, "MATH_TIME_LIMIT", 120.0)
     assert len(PAIRS) >= 150 and 60 <= sum(not p[2] for p in PAIRS)
-    E._sympy_cache.clear()
-    wrong = [(g, p, want) for g, p, want in PAIRS if E.math_equal(g, p) != want]
+    math_task._sympy_cache.clear()
+    wrong = [(g, p, want) for g, p, want in PAIRS if math_task.math_equal(g, p) != want]
     assert not wrong, wrong
 
 
@@ -694,13 +698,13 @@ def test_math_verify_agreement():
 
 
 def test_extract_boxed():
-    assert E.extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
-    assert E.extract_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"  # escaped braces are content
-    assert E.extract_boxed("so \\boxed 5$.") == "5"
-    assert E.extract_boxed("\\fbox{7}") == "7"
-    assert E.extract_boxed("\\boxed{1} then \\boxed{2") is None  # the last box is unclosed: no answer
-    assert E.extract_boxed("no box") is None and E.extract_boxed("\\boxed") is None
-    assert E.extract_boxed("\\boxed{ {a}{b} }") == "{a}{b}"
+    assert tasks.extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert tasks.extract_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"  # escaped braces are content
+    assert tasks.extract_boxed("so \\boxed 5$.") == "5"
+    assert tasks.extract_boxed("\\fbox{7}") == "7"
+    assert tasks.extract_boxed("\\boxed{1} then \\boxed{2") is None  # the last box is unclosed: no answer
+    assert tasks.extract_boxed("no box") is None and tasks.extract_boxed("\\boxed") is None
+    assert tasks.extract_boxed("\\boxed{ {a}{b} }") == "{a}{b}"
 
 
 ADVERSARIAL = [
@@ -715,37 +719,37 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("response", ADVERSARIAL, ids=[f"adv{i}" for i in range(len(ADVERSARIAL))])
 def test_adversarial_inputs_finish_fast(response):
-    E.math_equal("1", "2")  # warm the worker so its start is not timed
+    math_task.math_equal("1", "2")  # warm the worker so its start is not timed
     for rec in ({"id": "m", "problem": "", "answer": "5"},
                 {"id": "c", "problem": "", "answer": "24", "numbers": [1, 2, 3, 4], "target": 24}):
         t = time.time()
-        pred, ok = E.grade(rec, response)
+        pred, ok = tasks.grade(rec, response)
         # no hang: bounded by the grader's own limits (a hang would take minutes), not a speed target
-        assert time.time() - t < E.MATH_TIME_LIMIT + E.SYMPY_TIMEOUT + 5 and ok in (True, False)
-    assert E.to_sympy_str("9^{9^{9}}") is None and E.to_sympy_str("10!!") is None
-    assert E.to_sympy_str("__import__") is None and E.to_sympy_str("a.b") is None
+        assert time.time() - t < math_task.MATH_TIME_LIMIT + math_task.SYMPY_TIMEOUT + 5 and ok in (True, False)
+    assert math_task.to_sympy_str("9^{9^{9}}") is None and math_task.to_sympy_str("10!!") is None
+    assert math_task.to_sympy_str("__import__") is None and math_task.to_sympy_str("a.b") is None
 
 
 def test_sympy_timeout_from_a_thread(monkeypatch):
-    monkeypatch.setattr(E, "SYMPY_TIMEOUT", 0.5)
-    E._sympy_cache.clear()
+    monkeypatch.setattr(math_task, "SYMPY_TIMEOUT", 0.5)
+    math_task._sympy_cache.clear()
     slow = ("(a+b+c)^{30}(a-b)^{30}", "(a^2-b^2+ac-bc)^{30}+a")  # passes every guard, simplify takes seconds
     out = {}
-    th = threading.Thread(target=lambda: out.update(r=E.math_equal(*slow)))
+    th = threading.Thread(target=lambda: out.update(r=math_task.math_equal(*slow)))
     t = time.time()
     th.start()
     th.join(10)
     assert not th.is_alive() and out["r"] is False  # the worker was killed at its limit, not waited for
-    assert E.math_equal("2k+2", "2(k+1)")  # a fresh worker replaced the killed one
-    assert E.sympy_equal("x", "x+1") is False
+    assert math_task.math_equal("2k+2", "2(k+1)")  # a fresh worker replaced the killed one
+    assert math_task.sympy_equal("x", "x+1") is False
 
 
 def test_math_normalize_and_percent():
-    assert E.normalize_math("\\left( 3, \\dfrac{\\pi}{2} \\right)")[0] == "(3,\\frac{\\pi}{2})"
-    assert E.normalize_math("10\\%") == ("10", True)
-    assert E.grade({"id": "x", "problem": "", "answer": "0.5"}, "so \\boxed{50\\%}")[1]
-    assert not E.grade({"id": "x", "problem": "", "answer": "0.5"}, "\\boxed{50}")[1]  # no percent sign: no rescaling
-    assert E.grade({"id": "x", "problem": "", "answer": "27.0"}, "The answer is $\\boxed{27}$.") == ("27", True)
+    assert math_task.normalize_math("\\left( 3, \\dfrac{\\pi}{2} \\right)")[0] == "(3,\\frac{\\pi}{2})"
+    assert math_task.normalize_math("10\\%") == ("10", True)
+    assert tasks.grade({"id": "x", "problem": "", "answer": "0.5"}, "so \\boxed{50\\%}")[1]
+    assert not tasks.grade({"id": "x", "problem": "", "answer": "0.5"}, "\\boxed{50}")[1]  # no percent sign: no rescaling
+    assert tasks.grade({"id": "x", "problem": "", "answer": "27.0"}, "The answer is $\\boxed{27}$.") == ("27", True)
 
 
 # ----------------------------------------------------------------------------- Countdown grader and data
@@ -766,26 +770,26 @@ CD_REC = {"id": "c", "problem": "", "answer": "24", "numbers": [1, 2, 3, 4], "ta
     ("1*2*3*4" + "*1" * 100, False), ("1.0*2*3*4", False), ("(1+2+3)\\cdot 4", True), ("4*(3+2+1)/1*1", False),
 ])
 def test_countdown_grader(expr, ok):
-    assert E.grade(CD_REC, f"1+2=3 left 3 3 4\n\\boxed{{{expr}}}\n")[1] is ok
+    assert tasks.grade(CD_REC, f"1+2=3 left 3 3 4\n\\boxed{{{expr}}}\n")[1] is ok
 
 
 def test_countdown_grader_rules():
     rec = {"id": "c", "problem": "", "answer": "10", "numbers": [2, 3, 4], "target": 10, "level": 3}
-    assert E.grade(rec, "\\boxed{2*3+4}") == ("2*3+4", True)
-    assert E.grade(rec, "\\boxed{4+3*2}")[1] and E.grade(rec, "\\boxed{(4+(3*2))}")[1]
-    assert E.grade(rec, "\\boxed{2*3+4=10}")[1] and not E.grade(rec, "\\boxed{2*3+4=11}")[1]
-    assert not E.grade(rec, "\\boxed{2*3+4+0}")[1]    # a number not given
-    assert not E.grade(rec, "\\boxed{2*3+4*1}")[1]
-    assert not E.grade(rec, "\\boxed{(2*3+4)}\\boxed{2+3+4}")[1]  # the last box counts
-    assert not E.grade(rec, "\\boxed{2*3+4")[1] and E.grade(rec, "2*3+4") == (None, False)
+    assert tasks.grade(rec, "\\boxed{2*3+4}") == ("2*3+4", True)
+    assert tasks.grade(rec, "\\boxed{4+3*2}")[1] and tasks.grade(rec, "\\boxed{(4+(3*2))}")[1]
+    assert tasks.grade(rec, "\\boxed{2*3+4=10}")[1] and not tasks.grade(rec, "\\boxed{2*3+4=11}")[1]
+    assert not tasks.grade(rec, "\\boxed{2*3+4+0}")[1]    # a number not given
+    assert not tasks.grade(rec, "\\boxed{2*3+4*1}")[1]
+    assert not tasks.grade(rec, "\\boxed{(2*3+4)}\\boxed{2+3+4}")[1]  # the last box counts
+    assert not tasks.grade(rec, "\\boxed{2*3+4")[1] and tasks.grade(rec, "2*3+4") == (None, False)
     rec2 = dict(rec, numbers=[3, 3, 2], answer="3", target=3)
-    assert E.grade(rec2, "\\boxed{3/(3/2)+1}")[1] is False
-    assert E.grade(dict(rec2, numbers=[4, 2, 1], answer="3", target=3), "\\boxed{(4+2)*(1/2)}")[1] is False
-    assert E.grade(dict(rec, numbers=[6, 4, 3], answer="8", target=8), "\\boxed{6/3*4}")[1]  # fractions exact
-    assert E.grade(dict(rec, numbers=[7, 2, 2], answer="7", target=7), "\\boxed{7/2*2}")[1]
-    assert E.countdown_eval("1/(2-2)") is None and E.countdown_eval("-1+2") is None
-    assert E.countdown_eval("((((((((((1))))))))))") == (1, [1])
-    assert E.countdown_eval("(" * 100 + "1" + ")" * 100) is None  # too deep
+    assert tasks.grade(rec2, "\\boxed{3/(3/2)+1}")[1] is False
+    assert tasks.grade(dict(rec2, numbers=[4, 2, 1], answer="3", target=3), "\\boxed{(4+2)*(1/2)}")[1] is False
+    assert tasks.grade(dict(rec, numbers=[6, 4, 3], answer="8", target=8), "\\boxed{6/3*4}")[1]  # fractions exact
+    assert tasks.grade(dict(rec, numbers=[7, 2, 2], answer="7", target=7), "\\boxed{7/2*2}")[1]
+    assert countdown.countdown_eval("1/(2-2)") is None and countdown.countdown_eval("-1+2") is None
+    assert countdown.countdown_eval("((((((((((1))))))))))") == (1, [1])
+    assert countdown.countdown_eval("(" * 100 + "1" + ")" * 100) is None  # too deep
 
 
 def brute_count(nums, target):
@@ -807,27 +811,27 @@ def test_countdown_solver_and_grader_agree():
     rng = np.random.default_rng(0)
     for k in (3, 4):
         nums, tgt = rng.integers(1, 26, (400, k)), rng.integers(10, 101, 400)
-        count, paths = CD.solve(nums, tgt, rng)
+        count, paths = countdown.solve(nums, tgt, rng)
         for i in range(0, 400, 8):  # the vectorized counts match an independent brute force
             assert count[i] == brute_count(nums[i].tolist(), int(tgt[i]))
         assert (count > 0).sum() > 10
         for i in np.flatnonzero(count):
             rec = {"id": "x", "problem": "", "numbers": nums[i].tolist(), "target": int(tgt[i]), "answer": str(tgt[i])}
-            lines = CD.steps(rec["numbers"], paths[i], rec["target"])
+            lines = countdown.steps(rec["numbers"], paths[i], rec["target"])
             assert len(lines) == k - 1 and all(" left " in s for s in lines[:-1])
-            assert E.grade(rec, "\n".join(lines) + "\n") == (E.extract_boxed(lines[-1]), True)
-            box = E.extract_boxed(lines[-1])
+            assert tasks.grade(rec, "\n".join(lines) + "\n") == (tasks.extract_boxed(lines[-1]), True)
+            box = tasks.extract_boxed(lines[-1])
             first = __import__("re").search(r"[0-9]+", box)
             bad = box[:first.start()] + str(int(first.group()) + 1) + box[first.end():]  # a mutated number
-            assert E.grade(rec, f"\\boxed{{{bad}}}")[1] is False
+            assert tasks.grade(rec, f"\\boxed{{{bad}}}")[1] is False
             assert lines[-1].endswith(f"={rec['target']} == {rec['target']}")  # the arithmetic ends at the target
         assert all(p is None for p in np.array(paths, dtype=object)[count == 0])
 
 
 def test_countdown_steps_format():
-    lines = CD.steps([7, 3, 12, 25], [(1, 2, "*"), (1, 2, "+"), (0, 1, "-")], 54)
+    lines = countdown.steps([7, 3, 12, 25], [(1, 2, "*"), (1, 2, "+"), (0, 1, "-")], 54)
     assert lines == ["12*3=36 left 7 25 36", "(12*3)+25=36+25=61 left 7 61", "\\boxed{((12*3)+25)-7}=61-7=54 == 54"]
-    assert CD.steps([5, 20], [(0, 1, "/")], 3) == ["\\boxed{20/5}=20/5=4 != 3"]
+    assert countdown.steps([5, 20], [(0, 1, "/")], 3) == ["\\boxed{20/5}=20/5=4 != 3"]
 
 
 def small_prepare(out_dir, **kw):
@@ -853,20 +857,20 @@ def test_countdown_prepare(cd_data, tmp_path):
     small_prepare(tmp_path / "confirm", confirm=7)  # a confirmatory split: new problems, every other file unchanged
     for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model"):
         assert (d / f).read_bytes() == (tmp_path / "confirm" / f).read_bytes(), f
-    confirm = E.read_problems(str(tmp_path / "confirm" / "confirm.jsonl"))
+    confirm = tasks.read_problems(str(tmp_path / "confirm" / "confirm.jsonl"))
     assert [r["level"] for r in confirm] == [3] * 7 + [4] * 7 and not (d / "confirm.jsonl").exists()
     assert all(r["id"].startswith(f"cd{r['level']}-confirm-") for r in confirm)
     small_prepare(tmp_path / "round2", confirm=7, confirm_round=2)  # a second round: round 1 unchanged, then new ones
     for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model", "confirm.jsonl"):
         assert (tmp_path / "confirm" / f).read_bytes() == (tmp_path / "round2" / f).read_bytes(), f
-    confirm2 = E.read_problems(str(tmp_path / "round2" / "confirm2.jsonl"))
+    confirm2 = tasks.read_problems(str(tmp_path / "round2" / "confirm2.jsonl"))
     assert [r["level"] for r in confirm2] == [3] * 7 + [4] * 7
     assert all(r["id"].startswith(f"cd{r['level']}-confirm2-") for r in confirm2)
     with pytest.raises(common.UserError, match="confirm_round"):
         small_prepare(tmp_path / "bad", confirm_round=0)
     with pytest.raises(common.UserError, match="min_solutions must give a count >= 1 per level"):
         small_prepare(tmp_path / "bad", min_solutions=(1,))
-    splits = {s: E.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
+    splits = {s: tasks.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
     assert [len(splits[s]) for s in ("train", "val", "test")] == [140, 40, 60]
     assert sum(r["level"] == 3 for r in splits["train"]) == 56  # level_mix 2:3
     stats = json.loads((d / "prepare.json").read_text())
@@ -879,7 +883,7 @@ def test_countdown_prepare(cd_data, tmp_path):
     for r in splits["test"]:
         assert r["level"] == len(r["numbers"]) and r["answer"] == str(r["target"])
         assert r["solutions"] >= least[r["level"]]
-        assert r["problem"] == E.prompt_messages(r)[0]["content"] and r["id"].startswith(f"cd{r['level']}-test-")
+        assert r["problem"] == tasks.prompt_messages(r)[0]["content"] and r["id"].startswith(f"cd{r['level']}-test-")
     convs = common.read_jsonl(str(d / "warmup.jsonl"))
     assert len(convs) == 250
     for c in convs:
@@ -887,21 +891,21 @@ def test_countdown_prepare(cd_data, tmp_path):
         nums = user["content"].split(" from ")[1].split(" with")[0].split()
         rec = {"id": "w", "problem": "", "answer": "", "numbers": list(map(int, nums)),
                "target": int(user["content"].split()[1])}
-        assert user == E.prompt_messages(rec)[0] and asst["role"] == "assistant"
-        assert E.grade(rec, asst["content"])[1] and asst["content"].endswith("\n")
+        assert user == tasks.prompt_messages(rec)[0] and asst["role"] == "assistant"
+        assert tasks.grade(rec, asst["content"])[1] and asst["content"].endswith("\n")
         assert asst["content"].count("\n") == len(rec["numbers"]) - 1 and c["meta"]["backtracks"] == 0
-        assert asst["content"].endswith(f"={rec['target']} == {rec['target']}\n")  # as eval.tool writes it
+        assert asst["content"].endswith(f"={rec['target']} == {rec['target']}\n")  # as tasks.tool writes it
     with pytest.raises(common.UserError, match="only .* new solvable 3-number"):
         CD.main(CD.Config(out_dir=str(tmp_path / "x"), hi=3, train=600, warmup=10, level_mix=(1, 0), val=5, test=5))
 
 
 def test_countdown_calculator(cd_data):
     import model
-    tok = model.Tokenizer(str(cd_data / "tokenizer.model"))
+    tok = Tokenizer(str(cd_data / "tokenizer.model"))
     rec = {"numbers": [7, 3, 12, 25], "target": 54}
-    triggers, calc = E.tool(rec, tok)
-    assert E.tool({"problem": "x", "answer": "1"}, tok) is None  # math: no tool
-    prompt = tok.render_prompt(E.prompt_messages(rec))
+    triggers, calc = tasks.tool(rec, tok)
+    assert tasks.tool({"problem": "x", "answer": "1"}, tok) is None  # math: no tool
+    prompt = tok.render_prompt(tasks.prompt_messages(rec))
     for text, want in [("12*3=", "36 left 7 25 36\n"), ("(12*3)+25=36+25=", "61"),
                        ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
                        ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"), ("7 left 3\n\\boxed{3}=3\n61-7=", "54"),
@@ -916,31 +920,31 @@ def test_countdown_calculator(cd_data):
         ids = tok.encode(text)
         assert ids[-1] in triggers, text  # every "...=" ends in a trigger id
         assert calc(prompt, ids) == (tok.encode(want) if want else []), text
-    other = tok.render_prompt(E.prompt_messages({"numbers": [7, 3, 12, 25], "target": 68}))  # each row: its own target
+    other = tok.render_prompt(tasks.prompt_messages({"numbers": [7, 3, 12, 25], "target": 68}))  # each row: its own target
     assert calc(other, tok.encode("\\boxed{((12*3)+25)+7}=61+7=")) == tok.encode("68 == 68\n")
     for text in ("\\boxed{((12*3)+25)-7}=61-7=", "\\boxed{((12*3)+7)+3}=61-7=", "\\boxed{(25+25)+(7-3)}=50+4="):
         verdict = tok.decode(calc(prompt, tok.encode(text)))  # "==" exactly when the grader accepts the box
-        assert (" == " in verdict and "wrong" not in verdict) == E.grade(rec, text + verdict)[1], text
+        assert (" == " in verdict and "wrong" not in verdict) == tasks.grade(rec, text + verdict)[1], text
     assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))
     # the numbers left: from the line before, the start numbers after a restart, the restated step after a go-back
     for text, want in [("12*3=36 left 7 25 36\n(12*3)+25=36+25=", "61 left 7 61\n"),
                        ("12*3=36 left 7 25 36\n12*3=", "36"),  # 12 is not left: the model writes the rest itself
-                       (f"12*3=36 left 7 25 36\n\\boxed{{12*3}}=36 != 54\n{L.REFLECT} {L.NOT_SURE} "
-                        f"{L.RESTART}\n25-7=", "18 left 3 12 18\n"),
-                       (f"7+3=10 left 12 25 10\n{L.REFLECT} {L.NOT_SURE} {L.GO_BACK} had 12*3=36 left 7 25 "
+                       (f"12*3=36 left 7 25 36\n\\boxed{{12*3}}=36 != 54\n{common.REFLECT} {common.NOT_SURE} "
+                        f"{common.RESTART}\n25-7=", "18 left 3 12 18\n"),
+                       (f"7+3=10 left 12 25 10\n{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had 12*3=36 left 7 25 "
                         "36.\n25+7=", "32 left 36 32\n"),
-                       (f"{L.REFLECT} {L.NOT_SURE} {L.GO_BACK} had 12*3=", "36")]:  # inside a go-back: the result only
+                       (f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had 12*3=", "36")]:  # inside a go-back: the result only
         assert tok.decode(calc(prompt, tok.encode(text))) == want, text
-    assert E.numbers_left([7, 3, 12, 25], "") == [7, 3, 12, 25]
+    assert countdown.numbers_left([7, 3, 12, 25], "") == [7, 3, 12, 25]
     # search's prompts end in a node's path: the numbers left come from there
     assert tok.decode(calc(prompt + tok.encode("12*3=36 left 7 25 36\n"), tok.encode("25-7="))) == "18 left 36 18\n"
     # it writes what the warm-up traces say (the one freedom: which of two equal numbers goes first)
     written = same = 0
     for conv in common.read_jsonl(str(cd_data / "warmup.jsonl"))[:100]:
-        m = E.TARGET.search(conv["messages"][0]["content"])
+        m = countdown.TARGET.search(conv["messages"][0]["content"])
         row = {"target": int(m[1]), "numbers": [int(n) for n in m[2].split()]}
-        trig, calc_row = E.tool(row, tok)
-        p, ids, i = tok.render_prompt(E.prompt_messages(row)), tok.encode(conv["messages"][1]["content"]), 0
+        trig, calc_row = tasks.tool(row, tok)
+        p, ids, i = tok.render_prompt(tasks.prompt_messages(row)), tok.encode(conv["messages"][1]["content"]), 0
         while i < len(ids):
             out = calc_row(p, ids[: i + 1]) if ids[i] in trig else []
             if out:
@@ -958,20 +962,20 @@ def test_countdown_tokenizer(cd_data):
     counts = CD.bpe_corpus(common.read_jsonl(str(cd_data / "warmup.jsonl"))[:100])
     vocab, seg = CD.train_bpe(counts, 200)
     assert len(vocab) == 256 + 200 and len(set(vocab)) == len(vocab) and vocab[:256] == [bytes([b]) for b in range(256)]
-    enc = tiktoken.Encoding("t", pat_str=model.PAT_STR, mergeable_ranks={t: i for i, t in enumerate(vocab)},
+    enc = tiktoken.Encoding("t", pat_str=PAT_STR, mergeable_ranks={t: i for i, t in enumerate(vocab)},
                             special_tokens={})
     for word, toks in seg.items():  # tiktoken applies the ranks exactly as training merged
         assert [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary(word.decode())] == toks, word
-    tok = model.Tokenizer(str(cd_data / "tokenizer.model"))
+    tok = Tokenizer(str(cd_data / "tokenizer.model"))
     ranks = (cd_data / "tokenizer.model").read_text().splitlines()
     assert tok.n_vocab == len(ranks) + 256 and base64.b64decode(ranks[65].split()[0]) == b"A"
     conv = common.read_jsonl(str(cd_data / "warmup.jsonl"))[0]
     trace = conv["messages"][1]["content"]
-    line = f"{linearize.REFLECT} {linearize.NOT_SURE} {linearize.GO_BACK} had {trace.splitlines()[0]}.\n"
+    line = f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had {trace.splitlines()[0]}.\n"
     for text in (trace, line, conv["messages"][0]["content"]):
         assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(trace)) <= 20 * trace.count("\n")  # short steps
-    assert len(tok.encode(" " + linearize.REFLECT)) <= 16  # the reflection words are whole tokens
+    assert len(tok.encode(" " + common.REFLECT)) <= 16  # the reflection words are whole tokens
     ids, mask = tok.render_chat(conv["messages"])
     assert tok.decode([i for i, m in zip(ids, mask) if m][:-1]) == trace
 
@@ -1020,23 +1024,23 @@ def test_math_prepare_on_fixtures(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert MP.main(MP.Config(out_dir=str(out), train=True, val=1)) == \
         {"math500": 2, "aime24": 3, "amc23": 2, "math_train": 1, "math_val": 1}
-    split = [r["id"] for name in ("math_train", "math_val") for r in E.read_problems(str(out / f"{name}.jsonl"))]
-    assert sorted(split) == sorted(r["id"] for r in E.read_problems(str(out / "math500.jsonl")))  # the same fixture
+    split = [r["id"] for name in ("math_train", "math_val") for r in tasks.read_problems(str(out / f"{name}.jsonl"))]
+    assert sorted(split) == sorted(r["id"] for r in tasks.read_problems(str(out / "math500.jsonl")))  # the same fixture
     with pytest.raises(common.UserError, match="val must be in 1..1"):
         MP.main(MP.Config(out_dir=str(out), train=True, val=2))
-    aime = E.read_problems(str(out / "aime24.jsonl"))
+    aime = tasks.read_problems(str(out / "aime24.jsonl"))
     assert [(r["id"], r["answer"]) for r in aime] == [("aime24/2024_AIME_I/1", "073"), ("aime24/2024_AIME_I/10", "025"),
                                                       ("aime24/2024_AIME_II/2", "204")]
     assert set(aime[0]) == {"id", "problem", "answer", "solution", "_line"}
-    amc = E.read_problems(str(out / "amc23.jsonl"))
+    amc = tasks.read_problems(str(out / "amc23.jsonl"))
     assert [(r["id"], r["answer"]) for r in amc] == [("amc23/2023_AMC_12A/12", "-1.0"),
                                                      ("amc23/2023_AMC_12B/4", "27.0")]
-    m = E.read_problems(str(out / "math500.jsonl"))
+    m = tasks.read_problems(str(out / "math500.jsonl"))
     assert m[1]["id"] == "test/prealgebra/7.json" and m[1]["level"] == 2 and m[1]["subject"] == "Prealgebra"
     assert list(json.loads((out / "math500.jsonl").read_text().splitlines()[0])) == \
         ["id", "problem", "answer", "level", "subject", "solution"]
-    assert all(E.grade(r, r["solution"])[1] for r in m)
-    assert E.grade(amc[1], "\\boxed{27}")[1] and E.grade(aime[1], "\\boxed{25}")[1]
+    assert all(tasks.grade(r, r["solution"])[1] for r in m)
+    assert tasks.grade(amc[1], "\\boxed{27}")[1] and tasks.grade(aime[1], "\\boxed{25}")[1]
 
 
 def test_math_prepare_errors(tmp_path, monkeypatch):
@@ -1074,18 +1078,18 @@ def test_read_problems_reports_file_line_field(tmp_path, line, msg):
     p = tmp_path / "p.jsonl"
     p.write_text('{"id": "ok", "problem": "p", "answer": "1"}\n\n' + line + "\n")
     with pytest.raises(common.UserError, match=f"{p}:3: .*{msg}"):
-        E.read_problems(str(p))
+        tasks.read_problems(str(p))
 
 
 def test_prompts_and_reflections():
     cd = {"id": "c", "problem": "", "answer": "24", "numbers": [4, 6, 1, 5], "target": 24}
     m = {"id": "m", "problem": "What is 1+1?", "answer": "2"}
-    assert "4 6 1 5" in E.prompt_messages(cd)[0]["content"] and E.prompt_messages(m)[0]["content"].startswith("What is")
-    assert E.step_delimiter(cd) == "\n" and E.step_delimiter(m) == "\n\n"
+    assert "4 6 1 5" in tasks.prompt_messages(cd)[0]["content"] and tasks.prompt_messages(m)[0]["content"].startswith("What is")
+    assert tasks.step_delimiter(cd) == "\n" and tasks.step_delimiter(m) == "\n\n"
     L = linearize
-    text = (f"1+2=3\n{L.REFLECT} {L.NOT_SURE} {L.GO_BACK} had 1+2=3.\n4\n{L.REFLECT} {L.NOT_SURE} {L.RESTART}\n"
-            f"5\n{L.REFLECT} {L.SEEMS_RIGHT}\n")
-    assert E.count_reflections(text) == (2, 3) and E.count_reflections("plain") == (0, 0)
+    text = (f"1+2=3\n{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had 1+2=3.\n4\n{common.REFLECT} {common.NOT_SURE} {common.RESTART}\n"
+            f"5\n{common.REFLECT} {common.SEEMS_RIGHT}\n")
+    assert tasks.count_reflections(text) == (2, 3) and tasks.count_reflections("plain") == (0, 0)
 
 
 def test_summarize():
@@ -1168,7 +1172,7 @@ def test_report_gains_by_level(tmp_path):
 def tiny_model(cd_data, tmp_path_factory):
     import model
     torch.manual_seed(0)
-    tok = model.Tokenizer(str(cd_data / "tokenizer.model"))
+    tok = Tokenizer(str(cd_data / "tokenizer.model"))
     cfg = model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab, max_seq_len=256)
     d = tmp_path_factory.mktemp("ckpt")
     model.save_checkpoint(str(d), model.Llama(cfg), tok, {"stage": "test"})
@@ -1196,8 +1200,8 @@ def test_eval_end_to_end(cd_data, tiny_model, tmp_path, monkeypatch):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-2]) + '{"id": "torn')
     calls = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate",
+    real = G.generate
+    monkeypatch.setattr(G, "generate",
                         lambda net, prompts, *a, **k: calls.append(len(prompts)) or real(net, prompts, *a, **k))
     E.main(cfg)
     after = [json.loads(l) for l in path.read_text().splitlines()]
@@ -1216,18 +1220,18 @@ def test_eval_end_to_end(cd_data, tiny_model, tmp_path, monkeypatch):
 
 def test_eval_grades_what_it_generates(cd_data, tiny_model, tmp_path, monkeypatch):
     import model
-    recs = E.read_problems(str(cd_data / "test.jsonl"))[:3]
+    recs = tasks.read_problems(str(cd_data / "test.jsonl"))[:3]
     data = tmp_path / "three.jsonl"
     common.write_jsonl(str(data), recs)
-    tok = model.Tokenizer(str(cd_data / "tokenizer.model"))
-    _, [path] = CD.solve(np.array([recs[0]["numbers"]]), np.array([recs[0]["target"]]), np.random.default_rng(0))
-    right = "".join(line + "\n" for line in CD.steps(recs[0]["numbers"], path, recs[0]["target"]))
+    tok = Tokenizer(str(cd_data / "tokenizer.model"))
+    _, [path] = countdown.solve(np.array([recs[0]["numbers"]]), np.array([recs[0]["target"]]), np.random.default_rng(0))
+    right = "".join(line + "\n" for line in countdown.steps(recs[0]["numbers"], path, recs[0]["target"]))
 
     def fake_generate(net, prompts, num_samples=1, **kw):  # problem 0 solved, the others answered wrongly
         texts = [right if recs[0]["problem"] in tok.decode(p) else "\\boxed{1+1}" for p in prompts]
-        return [[model.Sample(tokens=tok.encode(t) + [tok.eot_id], logprobs=[], stopped=True)] * num_samples
+        return [[G.Sample(tokens=tok.encode(t) + [tok.eot_id], logprobs=[], stopped=True)] * num_samples
                 for t in texts]
-    monkeypatch.setattr(model, "generate", fake_generate)
+    monkeypatch.setattr(G, "generate", fake_generate)
     s = E.main(E.Config(init=str(tiny_model), data=str(data), out_dir=str(tmp_path / "ev"), num_samples=2))
     preds = [json.loads(l) for l in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
     assert [p["correct"] for p in preds] == [True, True, False, False, False, False]
@@ -1523,7 +1527,7 @@ def write_tokenizer(path):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return model.Tokenizer(write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
+    return Tokenizer(write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
 
 
 MATH = {"id": "m1", "problem": "What is (3+4)*2?", "answer": "14"}
@@ -1596,16 +1600,16 @@ def test_rollout_is_cut_into_steps_up_to_the_boxed_step(tok):
     t = make_tree(tok)
     first = t.add(0, tok.encode("Add.\n\n"), [0.0], "mcts")
     ids = tok.encode("7*2=14.\n\nSo \\boxed{14}.\n\nExtra chatter.\n\n") + [tok.eot_id]
-    end = t.add_rollout(first, model.Sample(ids, [-0.5] * len(ids), True))
+    end = t.add_rollout(first, G.Sample(ids, [-0.5] * len(ids), True))
     assert t.response(end) == "Add.\n\n7*2=14.\n\nSo \\boxed{14}.\n\n"
     assert [t.nodes[i].source for i in t.path(end)] == ["mcts", "mcts", "rollout", "rollout"]
     assert t.nodes[end].reward == 1.0 and len(t.nodes) == 4
     # a second rollout sharing the first step merges into it
     ids2 = tok.encode("7*2=14.\n\nSo \\boxed{15}.\n\n")
-    end2 = t.add_rollout(first, model.Sample(ids2, [-0.5] * len(ids2), False))
+    end2 = t.add_rollout(first, G.Sample(ids2, [-0.5] * len(ids2), False))
     assert t.nodes[end2].parent == t.nodes[end].parent and t.nodes[end2].reward == 0.0 and len(t.nodes) == 5
     # an empty rollout (no room left) is one empty terminal step
-    assert t.nodes[t.add_rollout(first, model.Sample([], [], False))].terminal
+    assert t.nodes[t.add_rollout(first, G.Sample([], [], False))].terminal
 
 
 # ----------------------------------------------------------------------------- a scripted policy
@@ -1619,7 +1623,7 @@ SCRIPT = {  # response so far -> [(next step, probability)]
 
 
 def scripted_policy(tok, prompts_by_id, calls=None):
-    """Samples steps from SCRIPT. Like model.generate: stops on any stop id, so with the delimiter among the stop ids
+    """Samples steps from SCRIPT. Like generate.generate: stops on any stop id, so with the delimiter among the stop ids
     it returns one step, otherwise a whole response ending in <|eot_id|>. Deterministic in (seed, prompt, sample)."""
     delim_ids = set(tok.ids_containing("\n\n"))
 
@@ -1643,7 +1647,7 @@ def scripted_policy(tok, prompts_by_id, calls=None):
                         break
                 else:
                     ids, lps = ids + [tok.eot_id], lps + [0.0]
-                samples.append(model.Sample(ids, lps, True))
+                samples.append(G.Sample(ids, lps, True))
             out.append(samples)
         return out
     return policy
@@ -1723,7 +1727,7 @@ def one_thread():
 def tiny_setup(tmp_path, n=5):
     if not hasattr(model, "save_checkpoint"):
         pytest.skip("model.py not written yet")
-    tok = model.Tokenizer(write_tokenizer(tmp_path / "tokenizer.model"))
+    tok = Tokenizer(write_tokenizer(tmp_path / "tokenizer.model"))
     torch.manual_seed(0)
     net = model.Llama(model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab,
                                         max_seq_len=512))
@@ -1861,13 +1865,13 @@ def metrics(out_dir):
 # ----------------------------------------------------------------------------- helpers
 
 def test_get_lr_and_optimizer():
-    assert sft.get_lr(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
-    assert sft.get_lr(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
-    assert sft.get_lr(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)  # cosine midpoint
-    assert sft.get_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
-    assert sft.get_lr(500, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert common.get_lr(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert common.get_lr(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert common.get_lr(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)  # cosine midpoint
+    assert common.get_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert common.get_lr(500, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     m = Llama(ModelConfig(vocab_size=300, max_seq_len=64, **TINY))
-    opt = sft.make_optimizer(m, 1e-3, 0.1)
+    opt = common.make_optimizer(m, 1e-3, 0.1)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -2249,7 +2253,7 @@ def test_step_prompts_is_a_stream_of_permutations():
 # E and W_out so that after the prompt it writes "\boxed{2" then "+" or "*" with probability P_ADD / 1 - P_ADD,
 # then "3}" and <|eot_id|>. On the easy problem "make 5 from 2 3" it is right with probability ~P_ADD; a second
 # problem, "make 7 from 2 3", has no solution and the difficulty filter must drop it. RL has to raise P(+ | 2)
-# through every real piece: render_prompt, generate, eval.grade, advantages, the loss, AdamW on all weights.
+# through every real piece: render_prompt, generate, tasks.grade, advantages, the loss, AdamW on all weights.
 
 P_ADD = 0.4
 
@@ -2297,12 +2301,12 @@ def easy(tmp_path_factory):
     with open(d / "bytes.model", "w") as f:
         for i in range(256):
             f.write(f"{base64.b64encode(bytes([i])).decode()} {i}\n")
-    tok = model.Tokenizer(str(d / "bytes.model"))
+    tok = Tokenizer(str(d / "bytes.model"))
     probs = [dict(id="add", numbers=[2, 3], target=5), dict(id="none", numbers=[2, 3], target=7)]
     for p in probs:
-        p.update(problem=ev.countdown_prompt(p["numbers"], p["target"]), answer=str(p["target"]))
-    assert ev.grade(probs[0], "\\boxed{2+3}")[1] and not ev.grade(probs[0], "\\boxed{2*3}")[1]
-    assert tok.render_prompt(ev.prompt_messages(probs[0]))[-1] == ord("\n")
+        p.update(problem=countdown.countdown_prompt(p["numbers"], p["target"]), answer=str(p["target"]))
+    assert tasks.grade(probs[0], "\\boxed{2+3}")[1] and not tasks.grade(probs[0], "\\boxed{2*3}")[1]
+    assert tok.render_prompt(tasks.prompt_messages(probs[0]))[-1] == ord("\n")
     text = "\n\\boxed{2"
     chain = {ord(a): ord(b) for a, b in zip(text, text[1:])}
     chain.update({ord("+"): ord("3"), ord("*"): ord("3"), ord("3"): ord("}"), ord("}"): tok.eot_id})
@@ -2331,7 +2335,7 @@ def test_logprobs_match_the_sampler(easy):
     cfg = easy("unused")
     net, tok = model.load_model(cfg.init)
     prompts = [tok.render_prompt([{"role": "user", "content": t}]) for t in ("make 5", "a longer prompt: make 5 now")]
-    groups = model.generate(net, prompts, 3, max_new_tokens=12, stop_ids=tok.stop_ids, seed=3)
+    groups = G.generate(net, prompts, 3, max_new_tokens=12, stop_ids=tok.stop_ids, seed=3)
     assert all(len(s.tokens) == 12 for ss in groups for s in ss)  # then cut to different lengths below
     samples = [(p, s) for p, ss in zip(prompts, groups) for s in ss]
     rows = [(p, s.tokens[:k], s.logprobs[:k], 0.0, []) for k, (p, s) in zip((12, 3, 7, 1, 12, 5), samples)]
@@ -2360,7 +2364,7 @@ def test_reward_goes_up_and_filter(easy):
     with open(os.path.join(cfg.out_dir, "prompts.jsonl")) as f:
         rates = {r["id"]: r["pass_rate"] for r in map(json.loads, f)}
     assert rates["none"] == 0 and 0 < rates["add"] < 1
-    kept = rl.select_prompts(cfg, None, None, ev.read_problems(cfg.train), 0, 1)
+    kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1)
     assert [r["id"] for r in kept] == ["add"]
     # the final model is a regular checkpoint
     net, _ = model.load_model(cfg.out_dir)
@@ -2530,6 +2534,36 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     p.write_text("")
     with pytest.raises(common.UserError, match="no records"):
         common.read_jsonl(str(p))
+
+
+def test_bad_bytes_and_numbers_are_one_line_errors(tmp_path):
+    """Non-UTF-8 bytes in a JSONL file name file:line; a number outside its Config's `ranges` names
+    the config file line or the override; on the command line either is one line, no traceback."""
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"id": 1}\n{"id": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(common.UserError, match=r"x.jsonl:2: not UTF-8"):
+        common.read_jsonl(str(p))
+    with pytest.raises(common.UserError, match=r"x.jsonl:2: not UTF-8"):
+        common.resume_jsonl(str(p))  # a whole line, not a torn write: never cut off
+    c = tmp_path / "c.py"
+    c.write_text("temperature = 0.5\nmax_new_tokens = 0\n")
+    with pytest.raises(common.UserError, match=r"c.py:2: max_new_tokens must be >= 1, got 0"):
+        common.parse_config(E.Config, [str(c)])
+    assert common.parse_config(E.Config, [str(c), "--max_new_tokens=8"]).max_new_tokens == 8
+    with pytest.raises(common.UserError, match=r"override --top_p: top_p must be in 0.0..1.0"):
+        common.parse_config(E.Config, ["--top_p=1.5"])
+    for stage in (sft, rl, search, E, L, CD):  # every range names a field; the defaults lie within
+        assert set(stage.Config.ranges) <= {f.name for f in dataclasses.fields(stage.Config)}
+        common.check_ranges(stage.Config())
+    with pytest.raises(common.UserError, match=r"s.json belongs to a run with other settings "
+                                               r"\(different lr: 0.1 -> 0.2\)"):
+        common.check_same_run({"lr": 0.1, "out_dir": "a"}, {"lr": 0.2, "out_dir": "b"}, "s.json",
+                              free={"out_dir"})
+    for argv in (["--max_new_tokens=-5"], [f"--data={p}"]):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == f"error: {p}:2: not UTF-8\n"
 
 
 def test_resume_jsonl_cuts_a_torn_last_line(tmp_path):

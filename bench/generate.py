@@ -1,12 +1,14 @@
 """
-Tokens/s of model.generate against transformers' generate on identical weights and prompts (fp32, one process).
+Tokens/s of generate.generate against transformers' generate on identical weights and prompts (fp32,
+one process).
 
-    python bench/generate.py                                  # dim 256, 4 layers, vocab 1024: the built-in task's size
-    python bench/generate.py --batches=1,16 --new_tokens=32   # a quick probe
+    python bench/generate.py                                 # dim 256, 4 layers, vocab 1024
+    python bench/generate.py --batches=1,16 --new_tokens=32  # a quick probe
     python bench/generate.py --dim=512 --n_layers=8 --compile=True
-Every prompt has the same length and generation never stops early (no stop ids), so both sides produce exactly
-batch * new_tokens tokens. Prints one line per batch size with both rates and their ratio (ours / transformers).
-Targets (issue 2): >= 2x at batch 1, >= 1.5x at batch 64 and 256. Don't tune timings while others use the CPU.
+The default shape is the built-in task's. Every prompt has the same length and generation never
+stops early (no stop ids), so both sides produce exactly batch * new_tokens tokens. Prints one line
+per batch size with both rates and their ratio (ours / transformers). Timings are only meaningful on
+an otherwise idle CPU.
 """
 import os
 import sys
@@ -17,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import common
+import generate as G
 import model as M
 
 
@@ -30,15 +33,18 @@ class Config:
     batches: str = "1,16,64,256"  # comma-separated batch sizes
     prompt_len: int = 64  # tokens per prompt
     new_tokens: int = 128  # generated tokens per row
-    threads: int = 1  # torch threads (0 = torch's default; more threads than free cores slows both sides badly)
+    # torch threads (0 = torch's default; more threads than free cores slows both sides badly)
+    threads: int = 1
     compile: bool = False  # also time generate(compile=True)
     repeats: int = 1  # timed runs per setting (the best one counts)
-    cpu_time: bool = False  # time with this process's CPU time: steadier while others share the CPU (threads=1)
+    # time with this process's CPU time: steadier while others share the CPU (threads=1)
+    cpu_time: bool = False
     seed: int = 0  # weights and prompts
 
 
 def best_times(fns, repeats, clock):
-    """Best time of each function over `repeats` rounds, the functions interleaved so load changes hit all."""
+    """Best time of each function over `repeats` rounds, the functions interleaved so that load
+    changes hit all of them."""
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
@@ -48,35 +54,46 @@ def best_times(fns, repeats, clock):
     return best
 
 
-def main(cfg):
+def models(cfg):
+    """Our Llama with random weights and transformers' LlamaForCausalLM holding the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    mc = M.ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                       max_seq_len=max(1024, cfg.prompt_len + cfg.new_tokens))
+    ours = M.Llama(mc).eval()
+    hc = LlamaConfig(hidden_size=mc.dim, intermediate_size=M.ffn_hidden(mc),
+                     num_hidden_layers=mc.n_layers, num_attention_heads=mc.n_heads,
+                     num_key_value_heads=mc.n_kv_heads, vocab_size=mc.vocab_size,
+                     rms_norm_eps=mc.norm_eps, rope_theta=mc.rope_theta,
+                     max_position_embeddings=mc.max_seq_len, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(hc).eval()
+    hf.load_state_dict({M.hf_name(k): v for k, v in M.split_qkv(ours.state_dict(), mc).items()})
+    return ours, hf
+
+
+def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    mc = M.ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                       vocab_size=cfg.vocab_size, max_seq_len=max(1024, cfg.prompt_len + cfg.new_tokens))
-    ours = M.Llama(mc).eval()
-    hc = LlamaConfig(hidden_size=mc.dim, intermediate_size=M.ffn_hidden(mc), num_hidden_layers=mc.n_layers,
-                     num_attention_heads=mc.n_heads, num_key_value_heads=mc.n_kv_heads, vocab_size=mc.vocab_size,
-                     rms_norm_eps=mc.norm_eps, rope_theta=mc.rope_theta, max_position_embeddings=mc.max_seq_len,
-                     tie_word_embeddings=False)
-    hf = LlamaForCausalLM(hc).eval()
-    hf.load_state_dict({M.hf_name(k): v for k, v in M.split_qkv(ours.state_dict(), mc).items()})
-    print(f"model: dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}, {torch.get_num_threads()} threads; "
-          f"prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens, fp32, {'CPU' if cfg.cpu_time else 'wall'} time")
+    ours, hf = models(cfg)
+    mc = ours.cfg
+    print(f"model: dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}, "
+          f"{torch.get_num_threads()} threads; prompt {cfg.prompt_len}, "
+          f"{cfg.new_tokens} new tokens, fp32, {'CPU' if cfg.cpu_time else 'wall'} time")
     for B in [int(b) for b in cfg.batches.split(",")]:
         prompts = torch.randint(0, mc.vocab_size - 256, (B, cfg.prompt_len))
         n = B * cfg.new_tokens
 
         def run_hf():
             with torch.no_grad():
-                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=cfg.new_tokens,
-                                  min_new_tokens=cfg.new_tokens, do_sample=True, top_k=0, eos_token_id=None,
-                                  pad_token_id=0)
+                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                  max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                                  do_sample=True, top_k=0, eos_token_id=None, pad_token_id=0)
             assert out.shape == (B, cfg.prompt_len + cfg.new_tokens)
 
         def run_ours(compile=False):
-            res = M.generate(ours, prompts.tolist(), max_new_tokens=cfg.new_tokens, batch_size=B, compile=compile)
+            res = G.generate(ours, prompts.tolist(), max_new_tokens=cfg.new_tokens, batch_size=B,
+                             compile=compile)
             assert sum(len(s[0].tokens) for s in res) == n
 
         fns = [run_hf, run_ours] + ([lambda: run_ours(True)] if cfg.compile else [])
@@ -84,7 +101,8 @@ def main(cfg):
             fn()  # warm-up (and compilation)
         clock = time.process_time if cfg.cpu_time else time.perf_counter
         t_hf, t_ours, *t_c = best_times(fns, cfg.repeats, clock)
-        line = f"batch {B:4d}: transformers {n / t_hf:6.0f} tok/s | ours {n / t_ours:6.0f} tok/s | {t_hf / t_ours:4.2f}x"
+        line = (f"batch {B:4d}: transformers {n / t_hf:6.0f} tok/s | "
+                f"ours {n / t_ours:6.0f} tok/s | {t_hf / t_ours:4.2f}x")
         if t_c:
             line += f" | compiled {n / t_c[0]:6.0f} tok/s | {t_hf / t_c[0]:4.2f}x"
         print(line, flush=True)

@@ -1,16 +1,18 @@
 """
-Tree tokens per second of search.py's MCTS (all trees of a batch grown at once, one generate call per round and
-phase, each prefix prefilled once and fanned out to its samples) against the SAME MCTS (search.search, same
-config, same weights, same problems) driven through transformers' generate the naive way: one call per expansion
-and one per rollout group, the prefix repeated once per sample (no fan-out), one tree at a time.
+Tree tokens per second of search.py's MCTS (all trees of a batch grown at once, one generate call
+per round and phase, each prefix prefilled once and fanned out to its samples) against the SAME
+MCTS (search.search, same config, same weights, same problems) driven through transformers'
+generate the naive way: one call per expansion and one per rollout group, the prefix repeated once
+per sample (no fan-out), one tree at a time.
 
-    python bench/search.py                              # out/base + data/countdown/val.jsonl when they exist
+    python bench/search.py                 # out/base + data/countdown/val.jsonl when they exist
     python bench/search.py --problems=8 --num_simulations=4 --threads=1     # a quick probe
-Without out/base it uses a random model of the base policy's size (dim 256, 4 layers; tokenizer
-data/countdown/tokenizer.model, or a byte-level one); without the problems file, random Countdown problems.
-Prints both rates, their ratio (target >= 3x) and our prefilled vs decoded tokens (target <= 0.5x on the
-built-in task). Tree tokens = tokens of all sampled steps and rollouts (the same count on both sides).
-Don't run it while others use the CPU if you want to quote the numbers.
+Without out/base it uses a random model of the base policy's shape (dim 128, 4 layers, as
+config/base_countdown.py; tokenizer data/countdown/tokenizer.model, or a byte-level one); without
+the problems file, random Countdown problems. Prints both rates, their ratio (target >= 3x) and our
+prefilled vs decoded tokens (target <= 0.5x on the built-in task). Tree tokens = tokens of all
+sampled steps and rollouts (the same count on both sides). Don't run it while others use the CPU
+if you want to quote the numbers.
 """
 import base64
 import os
@@ -22,16 +24,19 @@ from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
+from transformers import LlamaForCausalLM
 
 import common
+import generate as G
 import model as M
 import search
-from eval import read_problems
+from tasks import prompt_messages, read_problems
+from tokenizer import Tokenizer
 
 
 @dataclass
 class Config:
-    policy: str = "out/base"                        # checkpoint; a random model of the same size if missing
+    policy: str = "out/base"                        # checkpoint; if missing, a random model
     data: str = "data/countdown/val.jsonl"          # problems; random Countdown problems if missing
     tokenizer: str = "data/countdown/tokenizer.model"  # for the random model; byte-level if missing
     problems: int = 16                              # problems searched by each side
@@ -62,36 +67,40 @@ def load(cfg):
         tok_path = os.path.join(tempfile.mkdtemp(), "tokenizer.model")
         with open(tok_path, "w") as f:
             f.writelines(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
-    tok = M.Tokenizer(tok_path)
+    tok = Tokenizer(tok_path)
     torch.manual_seed(cfg.seed)
-    return M.Llama(M.ModelConfig(vocab_size=tok.n_vocab, max_seq_len=4096)).eval(), tok
+    shape = M.ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab,
+                          max_seq_len=4096)  # the base policy's (config/base_countdown.py)
+    return M.Llama(shape).eval(), tok
 
 
 def hf_policy(hf, counts):
-    """The naive driver: one transformers generate call per (prefix, num_samples), the prefix repeated per row."""
+    """The naive driver: one transformers generate call per (prefix, num_samples), the prefix
+    repeated per row."""
     def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed):
         stops, out = sorted(stop_ids), []
         for p, n in zip(prompts, nums):
             torch.manual_seed(seed + len(out))
             ids = torch.tensor([p] * n)
-            g = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                            top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=0,
+            g = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                            temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=0,
                             output_logits=True, return_dict_in_generate=True)
             new = g.sequences[:, len(p):]
-            lps = torch.stack(g.logits, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
+            logprobs = torch.stack(g.logits, 1).float().log_softmax(-1)
+            lps = logprobs.gather(-1, new[..., None])[..., 0]
             counts["prefill"] += n * len(p)
             counts["decode"] += new.numel()  # rows keep stepping (padded) until the last one stops
             samples = []
             for row, lp in zip(new.tolist(), lps.tolist()):
                 end = next((j + 1 for j, t in enumerate(row) if t in stop_ids), len(row))
-                samples.append(M.Sample(row[:end], lp[:end], end < len(row) or row[-1] in stop_ids))
+                samples.append(G.Sample(row[:end], lp[:end], end < len(row) or row[-1] in stop_ids))
             out.append(samples)
         return out
     return policy
 
 
 def main(cfg):
-    from transformers import LlamaForCausalLM
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     net, tok = load(cfg)
@@ -99,21 +108,26 @@ def main(cfg):
     hf_dir = tempfile.mkdtemp()
     M.export_hf(net, tok, hf_dir)  # identical weights, in transformers' layout
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    recs = read_problems(cfg.data)[:cfg.problems] if os.path.isfile(cfg.data) else random_problems(cfg.problems, 0)
-    x = torch.tensor([tok.render_prompt(search.prompt_messages(recs[0]))])
+    if os.path.isfile(cfg.data):
+        recs = read_problems(cfg.data)[:cfg.problems]
+    else:
+        recs = random_problems(cfg.problems, 0)
+    x = torch.tensor([tok.render_prompt(prompt_messages(recs[0]))])
     with torch.no_grad():
         err = (net(x) - hf(x).logits).abs().max().item()
-    print(f"policy {cfg.policy if os.path.isfile(os.path.join(cfg.policy, 'model.pt')) else 'random'}: dim {mc.dim}, "
-          f"{mc.n_layers} layers, vocab {mc.vocab_size}; {len(recs)} problems; {torch.get_num_threads()} threads; "
+    name = cfg.policy if os.path.isfile(os.path.join(cfg.policy, "model.pt")) else "random"
+    print(f"policy {name}: dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}; "
+          f"{len(recs)} problems; {torch.get_num_threads()} threads; "
           f"max |logits ours - transformers| = {err:.1e}")
-    scfg = replace(search.Config(), num_simulations=cfg.num_simulations, k=cfg.k, M=cfg.M, early_stop=False,
-                   max_step_tokens=cfg.max_step_tokens, max_rollout_tokens=cfg.max_rollout_tokens)
+    scfg = replace(search.Config(), num_simulations=cfg.num_simulations, k=cfg.k, M=cfg.M,
+                   early_stop=False, max_step_tokens=cfg.max_step_tokens,
+                   max_rollout_tokens=cfg.max_rollout_tokens)
 
-    M.reset_generate_stats()
+    G.reset_generate_stats()
     t0 = time.perf_counter()
     trees = search.search(recs, search.make_policy(net, scfg), tok, scfg, seed=cfg.seed)
     t_ours = time.perf_counter() - t0
-    gen = M.generate_stats()
+    gen = G.generate_stats()
     ours_tok = sum(t.decoded for t in trees)
 
     counts = {"prefill": 0, "decode": 0}

@@ -1,17 +1,20 @@
 """
-Tokens/s of sft.py's training step against a plain training loop over transformers' LlamaForCausalLM with the same
-model config, data, batch (conversations per micro-step, micro-steps per step), precision and AdamW, in one process.
+Tokens/s of sft.py's training step against a plain training loop over transformers'
+LlamaForCausalLM with the same model config, data, batch (conversations per micro-step, micro-steps
+per step), precision and AdamW, in one process.
 
-    python bench/sft.py                               # the built-in base policy (dim 256, 4 layers), fp32
-    python bench/sft.py --steps=2 --warmup=1 --threads=1 --batch_size=4 --micro_batch=2   # a quick probe
-    python bench/sft.py --compile=True                # sft.py with torch.compile (the plain loop stays eager)
-Ours is sft.main itself (batch building, doc-masked forward, loss, backward, clip, AdamW), timed from its own
-metrics.jsonl after `warmup` steps. Two baselines: (1) the same packed rows fed to LlamaForCausalLM(input_ids,
-labels) with its plain causal attention: less work than ours (no block-diagonal mask) but packed documents see
-each other; (2) the usual HF SFT loop: the same conversations, one per row, padded to the longest of the
-micro-batch. Rates are data tokens/s (padding excluded; processed tokens in brackets) and the ratio
-ours / transformers. Target (issue 4): >= 1.3x. Data: data/countdown/warmup.jsonl + tokenizer.model when present,
-else synthetic Countdown-like conversations with a byte-level tokenizer. Don't tune timings while others use the CPU.
+    python bench/sft.py                    # the base policy's shape (dim 128, 4 layers), fp32
+    python bench/sft.py --steps=2 --warmup=1 --threads=1 --batch_size=4 --micro_batch=2   # a probe
+    python bench/sft.py --compile=True     # sft.py with torch.compile (the plain loop stays eager)
+Ours is sft.main itself (batch building, doc-masked forward, loss, backward, clip, AdamW), timed
+from its own metrics.jsonl after `warmup` steps. Two baselines: (1) the same packed rows fed to
+LlamaForCausalLM(input_ids, labels) with its plain causal attention: less work than ours (no
+block-diagonal mask) but packed documents see each other; (2) the usual HF SFT loop: the same
+conversations, one per row, padded to the longest of the micro-batch. Rates are data tokens/s
+(padding excluded; processed tokens in brackets) and the ratio ours / transformers. Target:
+>= 1.3x. Data: data/countdown/warmup.jsonl + tokenizer.model when present, else synthetic
+Countdown-like conversations with a byte-level tokenizer. Don't tune timings while others use the
+CPU.
 """
 import base64
 import json
@@ -25,20 +28,22 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import common
 import sft
-from model import ModelConfig, Tokenizer, ffn_hidden
+from model import ModelConfig, ffn_hidden
+from tokenizer import Tokenizer
 
 
 @dataclass
 class Config:
-    data: str = "data/countdown/warmup.jsonl"  # conversations; synthetic ones if the file is missing
+    data: str = "data/countdown/warmup.jsonl"  # conversations; synthetic ones if it is missing
     tokenizer: str = "data/countdown/tokenizer.model"  # used with `data`
-    dim: int = 256  # model shape (the base policy's)
+    dim: int = 128  # model shape: the base policy's (config/base_countdown.py)
     n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
     seq_len: int = 1024  # packed row length
     batch_size: int = 16  # rows per optimizer step
     micro_batch: int = 4  # rows per forward
@@ -74,9 +79,10 @@ def synthetic(dirname, n=3000, seed=0):
 
 def ours(b, data, tok, out_dir):
     cfg = sft.Config(data=data, tokenizer=tok, dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads,
-                     n_kv_heads=b.n_kv_heads, seq_len=b.seq_len, batch_size=b.batch_size, micro_batch=b.micro_batch,
-                     max_steps=b.warmup + b.steps, dtype=b.dtype, compile=b.compile, val_frac=0.0, eval_every=0,
-                     save_every=10**9, log_every=1, progress=False, out_dir=out_dir)
+                     n_kv_heads=b.n_kv_heads, seq_len=b.seq_len, batch_size=b.batch_size,
+                     micro_batch=b.micro_batch, max_steps=b.warmup + b.steps, dtype=b.dtype,
+                     compile=b.compile, val_frac=0.0, eval_every=0, save_every=10**9, log_every=1,
+                     progress=False, out_dir=out_dir)
     sft.main(cfg)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f if '"loss"' in line][b.warmup:]
@@ -86,20 +92,22 @@ def ours(b, data, tok, out_dir):
 
 
 def transformers_loop(b, data, tok_path, packed):
-    """Data tokens/s and processed tokens/s of a plain LlamaForCausalLM loop. packed=True: our packed rows, full
-    length, plain causal attention (documents see each other: less work than ours, and a different objective).
-    packed=False: the same conversations per micro-step as ours, one per row, padded to the longest (the usual
-    HF SFT loop)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Data tokens/s and processed tokens/s of a plain LlamaForCausalLM loop. packed=True: our
+    packed rows, full length, plain causal attention (documents see each other: less work than
+    ours, and a different objective). packed=False: the same conversations per micro-step as ours,
+    one per row, padded to the longest (the usual HF SFT loop)."""
     tok = Tokenizer(tok_path)
-    docs, _ = sft.render(sft.read_conversations(data), tok, sft.Config(seq_len=b.seq_len))  # val_frac=0 below too
-    order = np.random.default_rng([sft.Config.seed, 2, 0]).permutation(len(docs))  # sft.py's epoch-0 order
-    rows = sft.pack([len(ids) for ids, _ in docs], order, b.seq_len)  # so: the rows ours trains on, in order
+    # ours holds out nothing either (val_frac=0)
+    docs, _ = sft.render(sft.read_conversations(data), tok, sft.Config(seq_len=b.seq_len))
+    # sft.py's epoch-0 order, so: the rows ours trains on, in order
+    order = np.random.default_rng([sft.Config.seed, 2, 0]).permutation(len(docs))
+    rows = sft.pack([len(ids) for ids, _ in docs], order, b.seq_len)
     mcfg = ModelConfig(dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads, n_kv_heads=b.n_kv_heads)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=tok.n_vocab, hidden_size=b.dim, intermediate_size=ffn_hidden(mcfg), num_hidden_layers=b.n_layers,
-        num_attention_heads=b.n_heads, num_key_value_heads=b.n_kv_heads, rms_norm_eps=1e-5, rope_theta=500000.0,
+        vocab_size=tok.n_vocab, hidden_size=b.dim, intermediate_size=ffn_hidden(mcfg),
+        num_hidden_layers=b.n_layers, num_attention_heads=b.n_heads,
+        num_key_value_heads=b.n_kv_heads, rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=b.seq_len, tie_word_embeddings=False, attn_implementation="sdpa"))
     model = torch.compile(hf) if b.compile_hf else hf
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -117,7 +125,7 @@ def transformers_loop(b, data, tok_path, packed):
                 x, y, _ = sft.make_batch([[i] for r in mine for i in r], docs, b.seq_len)
                 longest = max(len(docs[i][0]) for r in mine for i in r)
                 x, y = x[:, :longest], y[:, :longest]
-            labels = torch.full_like(x, -100)  # HF shifts labels itself: labels[t] is predicted at t-1
+            labels = torch.full_like(x, -100)  # HF shifts labels itself: labels[t] is read at t-1
             labels[:, 1:] = torch.where(y[:, :-1] == -1, -100, y[:, :-1])
             with autocast:
                 loss = model(input_ids=x, labels=labels).loss
@@ -135,14 +143,17 @@ def main(b):
     if b.threads:
         torch.set_num_threads(b.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data, tok = (b.data, b.tokenizer) if os.path.isfile(b.data) and os.path.isfile(b.tokenizer) \
-            else synthetic(tmp)
-        print(f"data {data} | dim {b.dim} x {b.n_layers} layers | {b.batch_size}x{b.seq_len} tokens per step "
-              f"({b.micro_batch} rows per forward) | {b.dtype} | compile {b.compile} | "
+        have = os.path.isfile(b.data) and os.path.isfile(b.tokenizer)
+        data, tok = (b.data, b.tokenizer) if have else synthetic(tmp)
+        print(f"data {data} | dim {b.dim} x {b.n_layers} layers | {b.batch_size}x{b.seq_len} "
+              f"tokens per step ({b.micro_batch} rows per forward) | {b.dtype} | "
+              f"compile {b.compile} | "
               f"{torch.get_num_threads()} threads | {b.steps} timed steps after {b.warmup}")
         ours_data, ours_all = ours(b, data, tok, os.path.join(tmp, "out"))
-        print(f"sft.py: {ours_data:,.0f} data tok/s ({ours_all:,.0f} processed, padding included)", flush=True)
-        for packed, name in ((True, "same packed rows, plain causal"), (False, "one conversation per row, padded")):
+        print(f"sft.py: {ours_data:,.0f} data tok/s ({ours_all:,.0f} processed, padding included)",
+              flush=True)
+        for packed, name in ((True, "same packed rows, plain causal"),
+                             (False, "one conversation per row, padded")):
             hf_data, hf_all = transformers_loop(b, data, tok, packed)
             print(f"transformers ({name}): {hf_data:,.0f} data tok/s ({hf_all:,.0f} processed) | "
                   f"ratio sft.py / transformers = {ours_data / hf_data:.2f}x", flush=True)

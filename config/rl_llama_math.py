@@ -1,25 +1,26 @@
 # Example GPU run: RL of a Llama 3 policy (SFT'd on ASTRO traces for MATH) on MATH problems.
-# The paths are placeholders: point init at your SFT checkpoint (our format, a Meta or a Hugging Face dir).
-# torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py
-init = "out/sft_llama_math"
+# The paths are placeholders: point init at your SFT checkpoint (our format, a Meta or a Hugging
+# Face dir).
+#   torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py
+init = "out/sft_llama_math"  # the ASTRO-SFT policy of config/sft_llama_math.py
 train = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
-val = "data/math/math_val.jsonl"
-out_dir = "out/rl_llama_math"
-prompts_per_step = 64
-group_size = 4
+val = "data/math/math_val.jsonl"  # held-out MATH problems from the same prepare.py run
+out_dir = "out/rl_llama_math"  # this run's own directory
+prompts_per_step = 64  # 8 per GPU on 8 GPUs
+group_size = 4  # the paper's G
 temperature = 1.0
-max_new_tokens = 4096
-gen_batch_size = 128
-filter_samples = 8
-filter_limit = 8192
-max_steps = 500
-truncation = "wrong"  # a long run: masked truncations let the answers grow unchecked (rl.py docstring)
-lr = 1e-6
-warmup_steps = 20
-micro_batch = 4
-kl_beta = 0.001
-eval_every = 50
-eval_limit = 500
-save_every = 25
-dtype = "bfloat16"
-compile = True
+max_new_tokens = 4096  # room for long MATH traces with backtracking
+gen_batch_size = 128  # rows of up to 4096 new tokens: the KV cache bounds the batch
+filter_samples = 8  # keep the "moderately difficult" prompts, as the paper
+filter_limit = 8192  # the filter grades this many shuffled problems: a bounded up-front cost
+max_steps = 500  # a long run: every prompt a few times over
+truncation = "wrong"  # a long run: masked truncations let answers grow unchecked (rl.py docstring)
+lr = 1e-6  # the usual rate for RL of 1B-70B models
+warmup_steps = 20  # a short warm-up of a long run
+micro_batch = 4  # completions of up to 4096 tokens per forward/backward: memory
+kl_beta = 0.001  # a light anchor to the SFT policy over a long run
+eval_every = 50  # ten held-out evaluations over the run
+eval_limit = 500  # MATH500's size: a steady estimate for its cost
+save_every = 25  # a crash loses at most 25 slow steps
+dtype = "bfloat16"  # GPUs: bf16 compute, bf16 rollouts and reference
+compile = True  # decode speed over thousands of generated tokens is worth the one-off compile

@@ -1,28 +1,33 @@
-# MCTS on the built-in Countdown task within the main job's CPU budget (2 cores; ~3 min of it).
-# python search.py config/search_countdown.py
-# Cost: a tree costs about rounds x (k steps of ~15 tokens + up to k new children x M rollouts of ~20-45 tokens);
-# early stopping and re-selected terminals (no sampling) cut most trees short. See the stats line / stats.json
-# (decode_tokens_per_s, mean_simulations) of a first run and scale `limit` to the time you have. Measured with a
-# weak 150-step base on 32 problems: ~900 decoded tokens per tree at these settings. M = 4 keeps the CPU cost
-# down but prefills about as many tokens as it decodes (each round re-prefills prompt + path per new child);
-# M = 16 (the paper, search.py's default) brings prefill to ~0.3x decoded at ~3x the rollout cost.
+# MCTS on the built-in Countdown task within the main job's CPU budget.
+#   python search.py config/search_countdown.py
+# Cost: a tree costs about rounds x (k steps of ~15 tokens + up to k new children x M rollouts of
+# ~20-45 tokens); early stopping and re-selected terminals (no sampling) cut most trees short. See
+# the stats line / stats.json (decode_tokens_per_s, mean_simulations) of a first run and scale
+# `limit` to the time you have. M = 4 keeps the CPU cost down but prefills about as many tokens as
+# it decodes (each round re-prefills prompt + path per new child); M = 16 (the paper, search.py's
+# default) prefills less per decoded token at a few times the rollout cost.
 problems = "data/countdown/train.jsonl"
 policy = "out/base"
 out_dir = "out/search"
-limit = 700                 # the first 700 problems of train.jsonl (shuffled: ~1/3 with 3 numbers, ~2/3 with 4):
-                            # ~58% of the trees solved -> ~1.6k traces, whose 10 SFT epochs fit the budget (run 23)
-num_simulations = 12        # rounds per tree; Countdown trees are shallow (3-4 steps), 12 covers k^2 paths
-k = 3                       # next steps per expansion
-M = 4                       # rollouts per new child (paper: 16; 4 keeps Q in quarters and the CPU budget)
+limit = 700                 # the first 700 problems of train.jsonl (shuffled: ~1/3 with 3 numbers,
+                            # ~2/3 with 4): over half of the trees are solved, enough traces for
+                            # the 10 SFT epochs that fit the budget
+num_simulations = 12        # rounds per tree; Countdown trees are shallow (3-4 steps), 12 covers
+                            # k^2 paths
+k = 3                       # next steps per expansion: a shallow tree needs little width
+M = 4                       # rollouts per new child (paper: 16; 4 keeps Q in quarters and the CPU
+                            # budget)
 c_puct = 1.0
 temperature = 1.0
 rollout_temperature = 1.0
 top_p = 1.0
-max_depth = 0               # 0: len(numbers) + depth_slack steps (a trace needs len(numbers) - 1 lines)
+max_depth = 0               # 0: len(numbers) + depth_slack steps (a trace has len(numbers) - 1
+                            # lines)
 depth_slack = 2
 max_step_tokens = 48        # a step is ~15 tokens
 max_rollout_tokens = 160    # a whole 4-number trace is ~45 tokens
-problems_per_batch = 256    # 256 trees per round: ~750 expansion rows and ~3000 rollout rows per generate call
+problems_per_batch = 256    # 256 trees per round: ~750 expansion rows and ~3000 rollout rows per
+                            # generate call, large batches for the CPU
 early_stop = True
 seed = 1337
 batch_size = 256

@@ -1,9 +1,10 @@
-# Example GPU run: MCTS with a Llama 3 policy on MATH-style problems (closer to the paper's setting).
-# The paths are placeholders: point policy at a Llama 3.x Instruct checkpoint (a Meta or a Hugging Face dir).
-# torchrun --standalone --nproc_per_node=8 search.py config/search_llama_math.py
+# Example GPU run: MCTS with a Llama 3 policy on MATH-style problems (closer to the paper's
+# setting). The paths are placeholders: point policy at a Llama 3.x Instruct checkpoint (a Meta or
+# a Hugging Face dir).
+#   torchrun --standalone --nproc_per_node=8 search.py config/search_llama_math.py
 problems = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
-policy = "out/llama_math_policy"
-out_dir = "out/search_llama_math"
+policy = "out/llama_math_policy"  # placeholder: the Llama 3.x Instruct policy
+out_dir = "out/search_llama_math"  # this search's own directory
 limit = 0
 num_simulations = 32        # not given by the paper; 32-64 is our guess
 k = 4
@@ -13,12 +14,12 @@ temperature = 1.0
 rollout_temperature = 1.0
 top_p = 1.0
 max_depth = 30              # steps ("\n\n"-separated paragraphs) per solution
-depth_slack = 0
-max_step_tokens = 256
-max_rollout_tokens = 2048
-problems_per_batch = 64     # per GPU: 64 trees x 4 children x 16 rollouts = 4096 rollout rows per round
+depth_slack = 0             # max_depth is set outright
+max_step_tokens = 256       # a MATH step is a paragraph
+max_rollout_tokens = 2048   # a whole MATH solution
+problems_per_batch = 64     # per GPU: 64 trees x 4 children x 16 rollouts = 4096 rollout rows
 early_stop = True
 seed = 1337
-batch_size = 512            # decode rows per forward
-compile = False             # True: ~1.6x faster decode on an H200 after a one-off compilation (15-60 s)
-dtype = "bfloat16"
+batch_size = 512            # decode rows per forward: a GPU takes more than a CPU
+compile = False             # True: a faster decode after a one-off compilation
+dtype = "bfloat16"          # GPUs: bf16 weights and KV cache

@@ -1,8 +1,11 @@
 """
-runs/report.py — the main job's last step: the paper's table in miniature, computed from the stage outputs.
+runs/report.py — the main job's last step: the paper's table in miniature, computed from the stage
+outputs.
 
-    python runs/report.py --out=out          # reads out/eval/*/summary.json, out/search, out/linearize -> out/report.md
-    python runs/report.py --out=out --split=val   # out/eval_val/*/summary.json -> out/report_val.md (for tuning)
+    python runs/report.py --out=out              # out/eval/*/summary.json, out/search,
+                                                 # out/linearize -> out/report.md
+    python runs/report.py --out=out --split=val  # out/eval_val/*/summary.json -> out/report_val.md
+                                                 # (for tuning)
 
 Every number comes from a file the stages wrote; nothing is typed in.
 """
@@ -17,8 +20,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import common  # noqa: E402
 from eval import bootstrap_ci, problem_accuracy  # noqa: E402
 
-MODELS = [("base", "Base policy (warm-up SFT, no search)"), ("sft_direct", "Direct-SFT"), ("sft_astro", "ASTRO-SFT"),
-          ("rl_direct", "Direct-RL"), ("rl_astro", "ASTRO-RL")]
+MODELS = [("base", "Base policy (warm-up SFT, no search)"), ("sft_direct", "Direct-SFT"),
+          ("sft_astro", "ASTRO-SFT"), ("rl_direct", "Direct-RL"), ("rl_astro", "ASTRO-RL")]
+NAMES = dict(MODELS)
+# The paper's claims: each pair ordered (b beats a), and by how much, per level.
+CLAIMS = [("base", "sft_direct"), ("sft_direct", "sft_astro"), ("rl_direct", "rl_astro"),
+          ("sft_astro", "rl_astro")]
+# The gains compared between the easiest and the hardest level.
+GAPS = [("base", "rl_astro"), ("base", "sft_astro"), ("sft_direct", "sft_astro"),
+        ("rl_direct", "rl_astro")]
 
 
 @dataclass
@@ -40,8 +50,9 @@ def pct(x):
 
 
 def level_gap(acc_a, acc_b, easy, hard, resamples=1000, seed=0):
-    """95% intervals of (hard level's gain - easy level's gain) of b over a, in points and relative to a's accuracy
-    on each level: problems resampled within each level (the levels are fixed halves of the benchmark)."""
+    """95% intervals of (hard level's gain - easy level's gain) of b over a, in points and relative
+    to a's accuracy on each level: problems resampled within each level (the levels are fixed
+    halves of the benchmark)."""
     rng = np.random.default_rng(seed)
     means = []
     for ids in (easy, hard):
@@ -50,99 +61,118 @@ def level_gap(acc_a, acc_b, easy, hard, resamples=1000, seed=0):
         means.append((a[idx].mean(1), b[idx].mean(1)))
     (ae, be), (ah, bh) = means
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = (bh / ah) - (be / ae)  # a resample where a solves nothing on a level has no relative gain
+        # a resample where a solves nothing on a level has no relative gain
+        rel = (bh / ah) - (be / ae)
     pts = np.percentile((bh - ah) - (be - ae), [2.5, 97.5])
     rel = np.percentile(rel, [2.5, 97.5]) if np.isfinite(rel).all() else None
     return pts, rel
 
 
-def main(cfg):
-    evals = "eval" if cfg.split == "test" else f"eval_{cfg.split}"
-    rows = [(key, name, load(os.path.join(cfg.out, evals, key, "summary.json"))) for key, name in MODELS]
-    rows = [r for r in rows if r[2]]
-    if not rows:
-        raise common.UserError(f"no {cfg.out}/{evals}/*/summary.json found: run the eval stage first")
-    levels = sorted({lv for _, _, s in rows for lv in s["pass@1_by_level"]}, key=int)
+# ----------------------------------------------------------------------------- sections
+
+def results_table(cfg, rows, levels):
+    """The title, the setting and one row per model: accuracies, lengths, backtracks."""
     s0 = rows[0][2]
     sizes = ", ".join(f"{s0['problems_by_level'][lv]} with {lv} numbers" for lv in levels)
     lines = ["# nanoastro: ASTRO in miniature on Countdown", "",
              f"Held-out {cfg.split} problems: {s0['problems']} "
              f"({sizes}); "
-             f"{s0['samples_per_problem']:.0f} samples per problem. pass@1 = mean accuracy over the samples "
-             f"(95% interval: {s0['ci_method']}); maj@k = majority vote over those samples; greedy = temperature 0.",
-             "", "| model | pass@1 (95% CI) | maj@k | greedy | " + " | ".join(f"pass@1, {lv} numbers" for lv in levels)
+             f"{s0['samples_per_problem']:.0f} samples per problem. "
+             f"pass@1 = mean accuracy over the samples "
+             f"(95% interval: {s0['ci_method']}); maj@k = majority vote over those samples; "
+             f"greedy = temperature 0.",
+             "", "| model | pass@1 (95% CI) | maj@k | greedy | "
+             + " | ".join(f"pass@1, {lv} numbers" for lv in levels)
              + " | tokens/response | backtracks/response | r(backtracks, correct) |",
              "|---|---|---|---|" + "---|" * len(levels) + "---|---|---|"]
     for key, name, s in rows:
         lo, hi = s["pass@1_ci95"]
         corr = s["pearson_backtracks_correct"]
         lines.append(f"| {name} | {pct(s['pass@1'])} ({pct(lo)}–{pct(hi)}) | {pct(s['maj@k'])} | "
-                     f"{pct(s['greedy_acc'])} | " + " | ".join(pct(s["pass@1_by_level"].get(lv)) for lv in levels)
+                     f"{pct(s['greedy_acc'])} | "
+                     + " | ".join(pct(s["pass@1_by_level"].get(lv)) for lv in levels)
                      + f" | {s['mean_tokens']:.1f} | {s['backtracks_per_response']:.2f} | "
                      + ("–" if corr is None else f"{corr:+.2f}") + " |")
     lines += ["", "Accuracies in %. Truncated responses (hit the token budget): "
               + ", ".join(f"{name} {pct(s['truncated'])}%" for _, name, s in rows) + "."]
+    return lines
 
-    # The paper's claims, checked on these numbers: each pair ordered, and by how much, per level.
-    got = {key: s for key, _, s in rows}
-    names = dict(MODELS)
-    pairs = [(a, b) for a, b in [("base", "sft_direct"), ("sft_direct", "sft_astro"), ("rl_direct", "rl_astro"),
-                                 ("sft_astro", "rl_astro")] if a in got and b in got]
-    # Two intervals can overlap while the gain is clear: both models answer the same problems, so the paired
-    # interval (bootstrap over problems of the per-problem difference) is the sharper test of "b beats a".
-    gaps = [(a, b) for a, b in [("base", "rl_astro"), ("base", "sft_astro"), ("sft_direct", "sft_astro"),
-                                ("rl_direct", "rl_astro")] if a in got and b in got]  # for the per-level table
-    acc = {key: problem_accuracy(common.resume_jsonl(os.path.join(cfg.out, evals, key, "predictions.jsonl")))
-           for key in {k for pair in pairs + gaps for k in pair}}
-    if pairs:
-        lines += ["", "## The paper's ordering on these problems", "",
-                  "| claim | pass@1 gain (points) | paired 95% CI of the gain | intervals disjoint | " +
-                  " | ".join(f"gain, {lv} numbers" for lv in levels) + " |", "|---|---|---|---|" + "---|" * len(levels)]
-        for a, b in pairs:
-            sa, sb = got[a], got[b]
-            disjoint = sb["pass@1_ci95"][0] > sa["pass@1_ci95"][1]
-            paired = "–"  # the two evals must cover the same problems
-            if acc[a] and acc[a].keys() == acc[b].keys():
-                lo, hi = bootstrap_ci([acc[b][i] - acc[a][i] for i in sorted(acc[a])])
-                paired = f"{100 * lo:+.1f} to {100 * hi:+.1f}"
-            gains = [sb["pass@1_by_level"].get(lv, 0) - sa["pass@1_by_level"].get(lv, 0) for lv in levels]
-            lines.append(f"| {names[a]} < {names[b]} | {100 * (sb['pass@1'] - sa['pass@1']):+.1f} | {paired} | "
-                         f"{'yes' if disjoint else 'no'} | " + " | ".join(f"{100 * g:+.1f}" for g in gains) + " |")
 
-    # Where the gains are. The paper's grow with difficulty: base -> ASTRO-RL is 65.8 -> 81.8 on MATH-500 but
-    # 10.0 -> 30.0 (3x) on AIME 2024. Here: each gain on the easiest and the hardest level, in points and relative
-    # to the first model's accuracy there, and whether the hardest level's gain is the larger.
+def ordering_table(pairs, got, acc, levels):
+    """The paper's claims, checked on these numbers. Two intervals can overlap while the gain is
+    clear: both models answer the same problems, so the paired interval (bootstrap over problems of
+    the per-problem difference) is the sharper test of "b beats a"."""
+    if not pairs:
+        return []
+    lines = ["", "## The paper's ordering on these problems", "",
+             "| claim | pass@1 gain (points) | paired 95% CI of the gain | intervals disjoint | "
+             + " | ".join(f"gain, {lv} numbers" for lv in levels) + " |",
+             "|---|---|---|---|" + "---|" * len(levels)]
+    for a, b in pairs:
+        sa, sb = got[a], got[b]
+        disjoint = sb["pass@1_ci95"][0] > sa["pass@1_ci95"][1]
+        paired = "–"  # the two evals must cover the same problems
+        if acc[a] and acc[a].keys() == acc[b].keys():
+            lo, hi = bootstrap_ci([acc[b][i] - acc[a][i] for i in sorted(acc[a])])
+            paired = f"{100 * lo:+.1f} to {100 * hi:+.1f}"
+        gains = [sb["pass@1_by_level"].get(lv, 0) - sa["pass@1_by_level"].get(lv, 0)
+                 for lv in levels]
+        lines.append(f"| {NAMES[a]} < {NAMES[b]} | {100 * (sb['pass@1'] - sa['pass@1']):+.1f} | "
+                     f"{paired} | {'yes' if disjoint else 'no'} | "
+                     + " | ".join(f"{100 * g:+.1f}" for g in gains) + " |")
+    return lines
+
+
+def gains_table(cfg, gaps, acc, levels):
+    """Where the gains are. The paper's grow with difficulty: base -> ASTRO-RL is 65.8 -> 81.8 on
+    MATH-500 but 10.0 -> 30.0 (3x) on AIME 2024. Here: each gain on the easiest and the hardest
+    level, in points and relative to the first model's accuracy there, and whether the hardest
+    level's gain is the larger."""
     problems_path = os.path.join(cfg.out, "data", f"{cfg.split}.jsonl")
-    if gaps and len(levels) > 1:
-        lines += ["", "## Where the gains are: the easiest and the hardest level", ""]
-        if not os.path.exists(problems_path):
-            lines.append(f"(not computed: {problems_path}, which gives each problem's level, is missing)")
-        else:
-            level = {r["id"]: str(r.get("level")) for r in common.read_jsonl(problems_path, required=("id",))}
-            easy, hard = levels[0], levels[-1]
-            lines += [f"Gain in points (and relative to the first model's accuracy on the level). Hardest − easiest: "
-                      "the difference of the two levels' gains, in points and in percentage points of relative gain, "
-                      "with a 95% interval from a bootstrap over problems within each level (levels from "
-                      f"{problems_path}).", "",
-                      f"| from → to | gain, {easy} numbers | gain, {hard} numbers | hardest − easiest, points "
-                      "| hardest − easiest, relative |", "|---|---|---|---|---|"]
-            for a, b in gaps:
-                ids = {lv: [i for i in sorted(acc[a]) if level.get(i) == lv] for lv in (easy, hard)}
-                if acc[a].keys() != acc[b].keys() or not all(ids.values()):
-                    lines.append(f"| {names[a]} → {names[b]} | – | – | – | – |")  # not the same problems
-                    continue
-                m = {lv: [np.mean([acc[k][i] for i in ids[lv]]) for k in (a, b)] for lv in (easy, hard)}
-                gain = {lv: m[lv][1] - m[lv][0] for lv in m}
-                rel = {lv: m[lv][1] / m[lv][0] - 1 if m[lv][0] else None for lv in m}
-                cells = [f"{100 * gain[lv]:+.1f} ({'–' if rel[lv] is None else f'{rel[lv]:+.0%}'})" for lv in m]
-                pts, rel_ci = level_gap(acc[a], acc[b], ids[easy], ids[hard])
-                rel_cell = "–"
-                if rel_ci is not None and None not in rel.values():
-                    lo, hi = (round(100 * x) for x in rel_ci)
-                    rel_cell = f"{round(100 * (rel[hard] - rel[easy])):+d} ({lo:+d} to {hi:+d})"
-                pts_cell = f"{100 * (gain[hard] - gain[easy]):+.1f} ({100 * pts[0]:+.1f} to {100 * pts[1]:+.1f})"
-                lines.append(f"| {names[a]} → {names[b]} | {cells[0]} | {cells[1]} | {pts_cell} | {rel_cell} |")
+    if not gaps or len(levels) <= 1:
+        return []
+    lines = ["", "## Where the gains are: the easiest and the hardest level", ""]
+    if not os.path.exists(problems_path):
+        return lines + [f"(not computed: {problems_path}, which gives each problem's level, "
+                        "is missing)"]
+    level = {r["id"]: str(r.get("level"))
+             for r in common.read_jsonl(problems_path, required=("id",))}
+    easy, hard = levels[0], levels[-1]
+    lines += ["Gain in points (and relative to the first model's accuracy on the level). "
+              "Hardest − easiest: the difference of the two levels' gains, in points and in "
+              "percentage points of relative gain, with a 95% interval from a bootstrap over "
+              f"problems within each level (levels from {problems_path}).", "",
+              f"| from → to | gain, {easy} numbers | gain, {hard} numbers "
+              "| hardest − easiest, points | hardest − easiest, relative |",
+              "|---|---|---|---|---|"]
+    for a, b in gaps:
+        ids = {lv: [i for i in sorted(acc[a]) if level.get(i) == lv] for lv in (easy, hard)}
+        if acc[a].keys() != acc[b].keys() or not all(ids.values()):
+            lines.append(f"| {NAMES[a]} → {NAMES[b]} | – | – | – | – |")  # not the same problems
+            continue
+        lines.append(gain_row(a, b, acc, ids, easy, hard))
+    return lines
 
+
+def gain_row(a, b, acc, ids, easy, hard):
+    """A row of gains_table: b over a on the easiest and the hardest level, and the difference."""
+    m = {lv: [np.mean([acc[k][i] for i in ids[lv]]) for k in (a, b)] for lv in (easy, hard)}
+    gain = {lv: m[lv][1] - m[lv][0] for lv in m}
+    rel = {lv: m[lv][1] / m[lv][0] - 1 if m[lv][0] else None for lv in m}
+    cells = [f"{100 * gain[lv]:+.1f} ({'–' if rel[lv] is None else f'{rel[lv]:+.0%}'})" for lv in m]
+    pts, rel_ci = level_gap(acc[a], acc[b], ids[easy], ids[hard])
+    rel_cell = "–"
+    if rel_ci is not None and None not in rel.values():
+        lo, hi = (round(100 * x) for x in rel_ci)
+        rel_cell = f"{round(100 * (rel[hard] - rel[easy])):+d} ({lo:+d} to {hi:+d})"
+    pts_cell = (f"{100 * (gain[hard] - gain[easy]):+.1f} "
+                f"({100 * pts[0]:+.1f} to {100 * pts[1]:+.1f})")
+    return f"| {NAMES[a]} → {NAMES[b]} | {cells[0]} | {cells[1]} | {pts_cell} | {rel_cell} |"
+
+
+def stats_tables(cfg):
+    """The scalar statistics of the search and of each linearization."""
+    lines = []
     search = load(os.path.join(cfg.out, "search", "stats.json"))
     if search:
         lines += ["", "## Search (MCTS with the base policy on training problems)", "",
@@ -155,30 +185,56 @@ def main(cfg):
             lines += ["", f"## Linearized {mode} traces", "", "| statistic | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                       for k, v in st.items() if not isinstance(v, (dict, list))]
+    return lines
 
-    # One example: a test response of the ASTRO model that backtracked, else a training trace with a backtrack.
-    example, where = None, ""
+
+def example(cfg, evals):
+    """One example: a test response of the ASTRO model that backtracked, else a training trace with
+    a backtrack."""
     for key in ("rl_astro", "sft_astro"):
         path = os.path.join(cfg.out, evals, key, "predictions.jsonl")
         if os.path.exists(path):
             for p in common.resume_jsonl(path):
                 if p.get("backtracks", 0) > 0 and p.get("correct"):
-                    example = p["response"]
                     where = f"a correct {cfg.split} response of {key} with a backtrack ({p['id']})"
-                    break
-        if example:
-            break
-    if example is None:
-        path = os.path.join(cfg.out, "linearize", "astro.jsonl")
-        if os.path.exists(path):
-            for r in common.resume_jsonl(path):
-                if r.get("meta", {}).get("backtracks", 0) > 0:
-                    example, where = r["messages"][-1]["content"], f"an ASTRO training trace ({r['id']})"
-                    break
-    if example:
-        lines += ["", f"## Example: {where}", "", "```", example.strip(), "```"]
+                    return ["", f"## Example: {where}", "", "```", p["response"].strip(), "```"]
+    path = os.path.join(cfg.out, "linearize", "astro.jsonl")
+    if os.path.exists(path):
+        for r in common.resume_jsonl(path):
+            if r.get("meta", {}).get("backtracks", 0) > 0:
+                text, where = r["messages"][-1]["content"], f"an ASTRO training trace ({r['id']})"
+                return ["", f"## Example: {where}", "", "```", text.strip(), "```"]
+    return []
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    evals = "eval" if cfg.split == "test" else f"eval_{cfg.split}"
+    rows = [(key, name, load(os.path.join(cfg.out, evals, key, "summary.json")))
+            for key, name in MODELS]
+    rows = [r for r in rows if r[2]]
+    if not rows:
+        raise common.UserError(
+            f"no {cfg.out}/{evals}/*/summary.json found: run the eval stage first")
+    levels = sorted({lv for _, _, s in rows for lv in s["pass@1_by_level"]}, key=int)
+    lines = results_table(cfg, rows, levels)
+
+    got = {key: s for key, _, s in rows}
+    pairs = [(a, b) for a, b in CLAIMS if a in got and b in got]
+    gaps = [(a, b) for a, b in GAPS if a in got and b in got]
+    # each model's predictions, loaded once for both tables
+    acc = {key: problem_accuracy(common.resume_jsonl(
+               os.path.join(cfg.out, evals, key, "predictions.jsonl")))
+           for key in {k for pair in pairs + gaps for k in pair}}
+    lines += ordering_table(pairs, got, acc, levels)
+    lines += gains_table(cfg, gaps, acc, levels)
+    lines += stats_tables(cfg)
+    lines += example(cfg, evals)
+
     text = "\n".join(lines) + "\n"
-    path = cfg.report or os.path.join(cfg.out, "report.md" if cfg.split == "test" else f"report_{cfg.split}.md")
+    path = cfg.report or os.path.join(
+        cfg.out, "report.md" if cfg.split == "test" else f"report_{cfg.split}.md")
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)

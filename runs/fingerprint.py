@@ -1,0 +1,73 @@
+"""
+runs/fingerprint.py — sha256 of every artifact of a main job, to check that a change left its arithmetic alone.
+
+    python runs/fingerprint.py --out=out > before.txt     # ... change the code, run the main job again ...
+    python runs/fingerprint.py --out=out > after.txt && diff before.txt after.txt
+
+Hashed: the state-dict tensors of every checkpoint (names, dtypes, shapes and bytes; not the pickled file, whose
+bytes also hold the config), trees.jsonl, astro.jsonl, direct.jsonl, every predictions.jsonl, and report.md
+without its stage-time rows. Equal hashes are promised on one machine only: another CPU may round differently.
+"""
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
+
+MODELS = ("base", "sft_direct", "sft_astro", "rl_direct", "rl_astro")
+
+
+@dataclass
+class Config:
+    out: str = "out"  # the main job's output directory
+
+
+def tensors_hash(path):
+    """sha256 over a checkpoint's state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    import torch
+    sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_hash(path, skip_line=lambda line: False):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for line in f:
+            if not skip_line(line):
+                h.update(line)
+    return h.hexdigest()
+
+
+def timing_row(line):
+    """report.md's rows that hold wall time or a speed (they differ between any two runs)."""
+    cells = line.decode("utf-8", "replace").split("|")
+    first = cells[1].strip() if line.startswith(b"|") and len(cells) > 2 else ""
+    return first in ("seconds", "whole job") or first.endswith(("_per_s", " s"))
+
+
+def main(cfg):
+    rows = []
+    for name in MODELS:
+        rows.append((f"{name}/model.pt tensors", os.path.join(cfg.out, name, "model.pt"), tensors_hash))
+    for rel in ("search/trees.jsonl", "linearize/astro.jsonl", "linearize/direct.jsonl"):
+        rows.append((rel, os.path.join(cfg.out, rel), file_hash))
+    for evals in sorted(d for d in os.listdir(cfg.out) if d.startswith("eval")):
+        for name in MODELS:
+            rel = os.path.join(evals, name, "predictions.jsonl")
+            rows.append((rel, os.path.join(cfg.out, rel), file_hash))
+    for report in sorted(f for f in os.listdir(cfg.out) if f.startswith("report") and f.endswith(".md")):
+        rows.append((f"{report} without stage times", os.path.join(cfg.out, report),
+                     lambda p: file_hash(p, timing_row)))
+    for label, path, fn in rows:
+        print(f"{fn(path) if os.path.exists(path) else 'missing':<64}  {label}")
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config)

@@ -1,0 +1,111 @@
+"""
+The tasks every stage shares: problems, prompts, the task's tool and the graders, behind one small
+dispatch, so search, linearize, RL and eval never ask which task a problem belongs to.
+
+    import tasks
+    problems = tasks.read_problems("data/countdown/test.jsonl")
+    pred, correct = tasks.grade(problems[0], response)
+
+A record with "numbers" is Countdown (tasks/countdown.py: steps end in "\\n", a calculator tool);
+any other is a math problem (tasks/math.py: steps end in "\\n\\n", no tool). The final answer is the
+content of the LAST \\boxed{...} of the response. Problem records: README.md, "JSONL schemas".
+"""
+import re
+
+import common
+from . import countdown
+from . import math as math_task  # the MATH grader; `math` alone would read as the standard library
+
+
+def prompt_messages(rec):
+    """The one prompt renderer: a problem record -> chat messages (the user turn)."""
+    if "numbers" in rec:
+        content = countdown.countdown_prompt(rec["numbers"], rec["target"])
+    else:
+        content = f"{rec['problem']}\n\n{math_task.MATH_INSTRUCTION}"
+    return [{"role": "user", "content": content}]
+
+
+def step_delimiter(rec):
+    return "\n" if "numbers" in rec else "\n\n"
+
+
+def read_problems(path):
+    """Problem records of a JSONL file, validated; a bad record is a UserError naming
+    file:line: field."""
+    recs, seen = common.read_jsonl(path, required=("id", "problem", "answer")), set()
+    for r in recs:
+        where = f"{path}:{r['_line']}"
+        bad = lambda field, msg: common.UserError(f"{where}: {field}: {msg}")
+        if not isinstance(r["id"], str) or not r["id"]:
+            raise bad("id", f"must be a non-empty string, got {r['id']!r}")
+        if r["id"] in seen:
+            raise bad("id", f"duplicate id {r['id']!r}")
+        seen.add(r["id"])
+        for key in ("problem", "answer"):
+            if not isinstance(r[key], str):
+                raise bad(key, f"must be a string, got {type(r[key]).__name__}")
+        if "level" in r and type(r["level"]) is not int:
+            raise bad("level", f"must be an int, got {r['level']!r}")
+        if "numbers" in r:
+            countdown.validate(r, where)
+    return recs
+
+
+def tool(rec, tok):
+    """The task's tool for generate.generate (the same in search, RL and eval): Countdown's
+    calculator (countdown.tool), or None."""
+    return countdown.tool(tok) if "numbers" in rec else None
+
+
+def extract_boxed(text):
+    """Content of the LAST \\boxed{...} (or \\fbox{...}), brace-matched; None if there is none or it
+    is unclosed."""
+    i, cmd = max((text.rfind(c), c) for c in ("\\boxed", "\\fbox"))
+    if i < 0:
+        return None
+    j = i + len(cmd)
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] != "{":  # "\boxed 5"
+        m = re.match(r"[^\s$]+", text[j:])
+        return m.group(0) if m and j > i + len(cmd) else None
+    depth, k = 0, j
+    while k < len(text):
+        c = text[k]
+        if c == "\\":
+            k += 2  # an escaped brace \{ \} is content, not grouping
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return text[j + 1:k].strip()
+        k += 1
+    return None
+
+
+def grade(rec, response):
+    """(pred, correct) for a response to a problem record: pred is the last \\boxed{} content
+    (None if absent). Safe on any string, bounded in time."""
+    pred = extract_boxed(response)
+    if pred is None:
+        return None, False
+    if "numbers" in rec:
+        return pred[:1000], countdown.countdown_correct(rec, pred)
+    return pred[:1000], math_task.math_equal(rec["answer"], pred)
+
+
+def answer_key(rec, pred):
+    """What maj@k votes on: Countdown, the expression's value (if it uses the numbers correctly);
+    math, the normalized answer."""
+    if pred is None:
+        return None
+    if "numbers" in rec:
+        p = countdown.countdown_eval(pred.split("=")[0])
+        return str(p[0]) if p and sorted(p[1]) == sorted(rec["numbers"]) else "invalid"
+    return math_task.normalize_math(pred)[0]
+
+
+def count_reflections(text):
+    """(backtracks, self-reflections) in a response: GO_BACK/RESTART phrases, and REFLECT
+    phrases (common.py's)."""
+    return (text.count(common.GO_BACK) + text.count(common.RESTART), text.count(common.REFLECT))
