@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 import common
 import generate
-import model
+import checkpoint
 import tasks
 
 
 @dataclass
 class Config:
-    init: str = "out/rl_astro"       # checkpoint dir (ours, Meta or Hugging Face; model.load_model)
+    init: str = "out/rl_astro"       # checkpoint dir (ours, Meta or Hugging Face; checkpoint.load_model)
     data: str = "data/countdown/test.jsonl"  # problems (JSONL; README.md, "JSONL schemas")
     out_dir: str = ""                # "" = out/eval/<init name>-<data name>
     limit: int = 0                   # evaluate only the first `limit` problems (0 = all)
@@ -151,7 +151,7 @@ def write_predictions(cfg, todo, total, n, want, pred_path):
     """Sample the problems `todo` ([(index, record)]) chunk by chunk, grade every answer and append
     the predictions to pred_path: one write and fsync per chunk, not per sample."""
     device = cfg.device or common.autodetect_device()
-    net, tok = model.load_model(cfg.init, device=device, dtype=getattr(torch, cfg.dtype))
+    net, tok = checkpoint.load_model(cfg.init, device=device, dtype=getattr(torch, cfg.dtype))
     net.eval()
     runs = ([(0, dict(num_samples=n, temperature=cfg.temperature, top_p=cfg.top_p,
                       top_k=cfg.top_k))]

@@ -3,9 +3,9 @@ Batched sampling from a Llama (model.py): a preallocated KV cache, continuous ba
 distinct prompt prefilled once and fanned out to its samples, temperature / top-k / top-p sampling,
 and a tool hook that writes ids in place of samples. Search, RL and eval sample through generate().
 
-    import model
+    import checkpoint
     from generate import generate
-    net, tok = model.load_model("out/base")
+    net, tok = checkpoint.load_model("out/base")
     prompt = tok.render_prompt([{"role": "user", "content": "What is 12*13?"}])
     [[s]] = generate(net, [prompt], max_new_tokens=64, temperature=0, stop_ids=tok.stop_ids)
     print(tok.decode(s.tokens), s.logprobs, s.stopped)

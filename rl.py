@@ -90,14 +90,14 @@ from tqdm import tqdm
 import common
 from eval import summarize
 from generate import generate
-from model import load_model, save_checkpoint
+from checkpoint import load_model, save_checkpoint
 from tasks import count_reflections, grade, prompt_messages, read_problems, tool
 
 
 @dataclass
 class Config:
     # paths
-    init: str = "out/sft_astro"                # start policy and KL reference (model.load_model)
+    init: str = "out/sft_astro"                # start policy and KL reference (checkpoint.load_model)
     train: str = "data/countdown/train.jsonl"  # RL prompts (problem records)
     val: str = "data/countdown/val.jsonl"      # held-out problems for the periodic evaluation
     out_dir: str = "out/rl_astro"

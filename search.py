@@ -60,14 +60,14 @@ import torch.distributed as dist
 
 import common
 import generate
-import model
+import checkpoint
 from tasks import grade, prompt_messages, read_problems, step_delimiter, tool
 
 
 @dataclass
 class Config:
     problems: str = "data/countdown/train.jsonl"  # problems to search (tasks.read_problems format)
-    policy: str = "out/base"          # the search policy (ours, Meta or HF; model.load_model)
+    policy: str = "out/base"          # the search policy (ours, Meta or HF; checkpoint.load_model)
     out_dir: str = "out/search"       # trees.jsonl, stats.json, config.json
     limit: int = 0                    # search only the first `limit` problems of the file (0 = all)
     num_simulations: int = 32         # selections per tree (paper: not given; 32-64 for GPUs)
@@ -372,7 +372,7 @@ def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank):
     if todo:
         print(f"rank {rank}: {len(done)} trees already in {out_path}; {len(todo)} chunks to search "
               f"with {cfg.policy}")
-        net, tok = model.load_model(cfg.policy, device=device, dtype=dtype)
+        net, tok = checkpoint.load_model(cfg.policy, device=device, dtype=dtype)
         # the first problem's task: one task per file (check())
         policy = make_policy(net, cfg, tool(chunks[0][0], tok))
     generate.reset_generate_stats()

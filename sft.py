@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 import common
 from common import UserError
-from model import Llama, ModelConfig, load_model, save_checkpoint
+from checkpoint import load_model, save_checkpoint
+from model import Llama, ModelConfig
 from tokenizer import Tokenizer
 
 

@@ -32,6 +32,7 @@ from collections import Counter
 import generate as G
 import model as M
 from common import UserError
+import checkpoint
 import common
 import eval as E
 import linearize
@@ -41,7 +42,8 @@ import model
 import search
 from search import Config, Node, Tree
 import sft
-from model import Llama, ModelConfig, load_model
+from checkpoint import load_model
+from model import Llama, ModelConfig
 from tokenizer import PAT_STR, Tokenizer
 import rl
 import tasks
@@ -90,7 +92,7 @@ def hf_model(cfg, state_dict=None):
                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
     hf = LlamaForCausalLM(hc).eval()
     if state_dict is not None:
-        missing, unexpected = hf.load_state_dict({M.hf_name(k): v for k, v in M.split_qkv(state_dict, cfg).items()},
+        missing, unexpected = hf.load_state_dict({checkpoint.hf_name(k): v for k, v in checkpoint.split_qkv(state_dict, cfg).items()},
                                                  strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}
     return hf
@@ -99,9 +101,9 @@ def hf_model(cfg, state_dict=None):
 def meta_state_dict(m):
     """Our (half-split rotary) weights in Meta's layout: names as they are, wq/wk rows un-permuted."""
     cfg = m.cfg
-    unperm = lambda w, n: w.view(n, 2, -1, w.size(1)).transpose(1, 2).reshape(w.shape)  # inverse of M._meta_perm
+    unperm = lambda w, n: w.view(n, 2, -1, w.size(1)).transpose(1, 2).reshape(w.shape)  # inverse of checkpoint._meta_perm
     sd = {}
-    for k, v in M.split_qkv(m.state_dict(), cfg).items():
+    for k, v in checkpoint.split_qkv(m.state_dict(), cfg).items():
         if k.endswith("attention.wq.weight"):
             v = unperm(v, cfg.n_heads)
         elif k.endswith("attention.wk.weight"):
@@ -146,8 +148,8 @@ def test_rope_convention_matches_meta_interleaved():
     meta = torch.view_as_real(torch.view_as_complex(xq) * torch.polar(torch.ones_like(freqs), freqs)[:, None])
     m = M.Llama(cfg)
     cos, sin = m.rope_table(x.device)
-    ours = M.rope((x @ M._meta_perm(w, nh).T).view(1, T, nh, hd), cos[None, :T, None], sin[None, :T, None])[0]
-    perm = M._meta_perm(torch.arange(nh * hd).float()[:, None], nh)[:, 0].long()  # row order after the permutation
+    ours = M.rope((x @ checkpoint._meta_perm(w, nh).T).view(1, T, nh, hd), cos[None, :T, None], sin[None, :T, None])[0]
+    perm = checkpoint._meta_perm(torch.arange(nh * hd).float()[:, None], nh)[:, 0].long()  # row order after the permutation
     assert torch.allclose(ours.reshape(T, -1), meta.reshape(T, -1)[:, perm], atol=1e-5)
 
 
@@ -164,10 +166,10 @@ def test_logits_match_transformers_hf_and_meta_layouts(tmp_path, tied):
     assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
     os.makedirs(tmp_path / "hf" / "original")
     (tmp_path / "hf" / "original" / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
-    m_hf, _ = M.load_model(tmp_path / "hf")
+    m_hf, _ = checkpoint.load_model(tmp_path / "hf")
     # Meta layout, two model-parallel shards
     write_meta(ref, tok, tmp_path / "meta", shards=2)
-    m_meta, _ = M.load_model(tmp_path / "meta")
+    m_meta, _ = checkpoint.load_model(tmp_path / "meta")
     assert m_meta.cfg.tie_embeddings == tied and m_hf.cfg.tie_embeddings == tied
     for m in (ref, m_hf, m_meta):
         assert (m(idx) - want).abs().max().item() <= 1e-4
@@ -183,7 +185,7 @@ def test_meta_single_shard_and_hf_single_file(tmp_path):
     (tmp_path / "hf" / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
     idx = torch.randint(0, 512, (1, 30))
     for d in ("meta", "hf"):
-        m, t = M.load_model(tmp_path / d)
+        m, t = checkpoint.load_model(tmp_path / d)
         assert t.n_vocab == 512 and torch.allclose(m(idx), ref(idx), atol=1e-5)
 
 
@@ -204,11 +206,11 @@ def test_export_hf_round_trip(tmp_path):
     for tied in (False, True):
         m = random_model(tiny_cfg(tie_embeddings=tied), seed=3)
         out = tmp_path / f"export{tied}"
-        M.export_hf(m, tok, out)
+        checkpoint.export_hf(m, tok, out)
         hf = LlamaForCausalLM.from_pretrained(out).eval()
         idx = torch.randint(0, 512, (2, 33))
         assert (hf(idx).logits - m(idx)).abs().max().item() <= 1e-4
-        back, _ = M.load_model(out)
+        back, _ = checkpoint.load_model(out)
         assert torch.equal(back(idx), m(idx))
 
 
@@ -479,8 +481,8 @@ def test_save_checkpoint_round_trip_and_errors(tmp_path):
     tok = byte_tokenizer(tmp_path)
     m = random_model(tiny_cfg(tie_embeddings=True), seed=11)
     out = tmp_path / "ck"
-    M.save_checkpoint(out, m, tok, {"lr": 1e-3})
-    back, tok2 = M.load_model(out)
+    checkpoint.save_checkpoint(out, m, tok, {"lr": 1e-3})
+    back, tok2 = checkpoint.load_model(out)
     idx = torch.randint(0, 512, (1, 20))
     assert torch.equal(back(idx), m(idx)) and tok2.n_vocab == tok.n_vocab
     assert back.output.weight is back.tok_embeddings.weight
@@ -488,56 +490,56 @@ def test_save_checkpoint_round_trip_and_errors(tmp_path):
     assert sorted(os.listdir(out)) == ["model.pt", "tokenizer.model"]
     # vocab mismatch names the tokenizer file
     (tmp_path / "ck2").mkdir()
-    M.save_checkpoint(tmp_path / "ck2", random_model(tiny_cfg(vocab_size=600)), tok, {})
+    checkpoint.save_checkpoint(tmp_path / "ck2", random_model(tiny_cfg(vocab_size=600)), tok, {})
     with pytest.raises(UserError, match="tokenizer.model.*vocab_size 600"):
-        M.load_model(tmp_path / "ck2")
+        checkpoint.load_model(tmp_path / "ck2")
     # corrupted model.pt
     data = (out / "model.pt").read_bytes()
     (out / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="model.pt"):
-        M.load_model(out)
+        checkpoint.load_model(out)
     with pytest.raises(UserError, match="no model.pt"):
-        M.load_model(tmp_path / "nowhere")
+        checkpoint.load_model(tmp_path / "nowhere")
 
 
 def test_broken_hf_and_meta_checkpoints(tmp_path):
     tok = byte_tokenizer(tmp_path)
     m = random_model(tiny_cfg(), seed=12)
-    M.export_hf(m, tok, tmp_path / "hf")
+    checkpoint.export_hf(m, tok, tmp_path / "hf")
     st = tmp_path / "hf" / "model.safetensors"
     data = st.read_bytes()
     st.write_bytes(data[:-100])  # truncated
     with pytest.raises(UserError, match="model.safetensors"):
-        M.load_model(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
     st.write_bytes(data)
     (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(UserError, match="gone.safetensors"):
-        M.load_model(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
     os.remove(tmp_path / "hf" / "model.safetensors.index.json")
     os.remove(tmp_path / "hf" / "tokenizer.model")
     with pytest.raises(UserError, match="tokenizer.model"):
-        M.load_model(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
     write_meta(m, tok, tmp_path / "meta")
     (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"garbage")
     with pytest.raises(UserError, match="consolidated.00.pth"):
-        M.load_model(tmp_path / "meta")
+        checkpoint.load_model(tmp_path / "meta")
     write_meta(random_model(tiny_cfg(n_layers=1)), tok, tmp_path / "meta1")
     params = json.loads((tmp_path / "meta1" / "params.json").read_text())
     (tmp_path / "meta1" / "params.json").write_text(json.dumps({**params, "n_layers": 2}))
     with pytest.raises(UserError, match="missing tensor layers.1"):
-        M.load_model(tmp_path / "meta1")
+        checkpoint.load_model(tmp_path / "meta1")
 
 
 def test_safetensors_writer_reads_back_and_ffn_rule(tmp_path):
     ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4), "e": torch.zeros(0, 2)}
-    M.write_safetensors(tmp_path / "x.safetensors", ts)
-    back = M.read_safetensors(tmp_path / "x.safetensors")
+    checkpoint.write_safetensors(tmp_path / "x.safetensors", ts)
+    back = checkpoint.read_safetensors(tmp_path / "x.safetensors")
     assert all(torch.equal(back[k], v) for k, v in ts.items())
     # Meta's SwiGLU sizes: Llama 3 8B, Llama 3.2 1B; and HF sizes map back onto the rule
     assert M.ffn_hidden(M.ModelConfig(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3)) == 14336
     assert M.ffn_hidden(M.ModelConfig(dim=2048, multiple_of=256, ffn_dim_multiplier=1.5)) == 8192
     for dim, hidden in [(2048, 8192), (4096, 14336), (64, 171), (256, 704), (3072, 8192)]:
-        mo, mult = M._ffn_fields(dim, hidden)
+        mo, mult = checkpoint._ffn_fields(dim, hidden)
         assert M.ffn_hidden(M.ModelConfig(dim=dim, multiple_of=mo, ffn_dim_multiplier=mult)) == hidden
 
 
@@ -1175,7 +1177,7 @@ def tiny_model(cd_data, tmp_path_factory):
     tok = Tokenizer(str(cd_data / "tokenizer.model"))
     cfg = model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab, max_seq_len=256)
     d = tmp_path_factory.mktemp("ckpt")
-    model.save_checkpoint(str(d), model.Llama(cfg), tok, {"stage": "test"})
+    checkpoint.save_checkpoint(str(d), model.Llama(cfg), tok, {"stage": "test"})
     return d
 
 
@@ -1731,7 +1733,7 @@ def tiny_setup(tmp_path, n=5):
     torch.manual_seed(0)
     net = model.Llama(model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab,
                                         max_seq_len=512))
-    model.save_checkpoint(str(tmp_path / "policy"), net, tok, {})
+    checkpoint.save_checkpoint(str(tmp_path / "policy"), net, tok, {})
     probs = tmp_path / "problems.jsonl"
     rng = random.Random(0)
     with open(probs, "w") as f:
@@ -2311,7 +2313,7 @@ def easy(tmp_path_factory):
     chain = {ord(a): ord(b) for a, b in zip(text, text[1:])}
     chain.update({ord("+"): ord("3"), ord("*"): ord("3"), ord("3"): ord("}"), ord("}"): tok.eot_id})
     net = bigram_policy(tok, chain, (ord("2"), ord("+"), ord("*")), P_ADD)
-    model.save_checkpoint(str(d / "init"), net, tok, {})
+    checkpoint.save_checkpoint(str(d / "init"), net, tok, {})
     train = write_jsonl(d / "train.jsonl", probs)
 
     def make(out, **kw):
@@ -2333,7 +2335,7 @@ def test_logprobs_match_the_sampler(easy):
     """collate + token_logprobs (the training forward) give the log-probs generate sampled with: the masks, the
     padding and the shift line up, for completions of different lengths and prompts of different lengths."""
     cfg = easy("unused")
-    net, tok = model.load_model(cfg.init)
+    net, tok = checkpoint.load_model(cfg.init)
     prompts = [tok.render_prompt([{"role": "user", "content": t}]) for t in ("make 5", "a longer prompt: make 5 now")]
     groups = G.generate(net, prompts, 3, max_new_tokens=12, stop_ids=tok.stop_ids, seed=3)
     assert all(len(s.tokens) == 12 for ss in groups for s in ss)  # then cut to different lengths below
@@ -2367,7 +2369,7 @@ def test_reward_goes_up_and_filter(easy):
     kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1)
     assert [r["id"] for r in kept] == ["add"]
     # the final model is a regular checkpoint
-    net, _ = model.load_model(cfg.out_dir)
+    net, _ = checkpoint.load_model(cfg.out_dir)
     assert net.cfg.dim == 32
 
 
@@ -2432,7 +2434,7 @@ def _ddp_worker(rank, world, port, init, rows, cfg, out):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     common.dist_setup()
-    net, tok = model.load_model(init)
+    net, tok = checkpoint.load_model(init)
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: update() leaves the all-reduced gradients in .grad
     res = rl.update(ddp, None, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id, contextlib.nullcontext())
@@ -2444,7 +2446,7 @@ def test_ddp_update_equals_single_process(easy):
     """2 ranks (gloo, forked) with half of the rows each, micro-batches of 2 (so the ranks run different numbers
     of real micro-batches and one pads with a dummy): the gradient equals the 1-process gradient over all rows."""
     cfg = easy("unused", micro_batch=2, ppo_epochs=1, grad_clip=0.0)  # clipping would hide a scale error
-    net, tok = model.load_model(cfg.init)
+    net, tok = checkpoint.load_model(cfg.init)
     p1, p2 = (tok.render_prompt([{"role": "user", "content": t}]) for t in ("make 5", "a longer prompt: make 5"))
     rnd = random.Random(0)
     rows = [(p, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a, []) for p, n, a in

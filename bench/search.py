@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from transformers import LlamaForCausalLM
 
+import checkpoint
 import common
 import generate as G
 import model as M
@@ -61,7 +62,7 @@ def random_problems(n, seed):
 
 def load(cfg):
     if os.path.isfile(os.path.join(cfg.policy, "model.pt")):
-        return M.load_model(cfg.policy)
+        return checkpoint.load_model(cfg.policy)
     tok_path = cfg.tokenizer
     if not os.path.isfile(tok_path):
         tok_path = os.path.join(tempfile.mkdtemp(), "tokenizer.model")
@@ -106,7 +107,7 @@ def main(cfg):
     net, tok = load(cfg)
     mc = net.cfg
     hf_dir = tempfile.mkdtemp()
-    M.export_hf(net, tok, hf_dir)  # identical weights, in transformers' layout
+    checkpoint.export_hf(net, tok, hf_dir)  # identical weights, in transformers' layout
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     if os.path.isfile(cfg.data):
         recs = read_problems(cfg.data)[:cfg.problems]

@@ -1,0 +1,340 @@
+"""
+Model weights in and out, in three layouts: ours (model.pt + tokenizer.model), Meta's originals
+(params.json + consolidated.*.pth, model-parallel shards merged) and Hugging Face's (config.json +
+*.safetensors, sharded or not). Every stage loads its policy with load_model.
+
+    import checkpoint
+    net, tok = checkpoint.load_model("Llama-3.2-1B-Instruct")  # HF dir: config.json + *.safetensors
+    # net, tok = checkpoint.load_model("~/.llama/checkpoints/Llama3.2-1B-Instruct")  # Meta layout
+    # on a GPU: checkpoint.load_model(path, device="cuda", dtype=torch.bfloat16)
+    checkpoint.save_checkpoint("out/mine", net, tok, {})  # ours; load_model("out/mine") reads it
+    checkpoint.export_hf(net, tok, "out/mine-hf")  # transformers' LlamaForCausalLM loads this
+
+Conventions (each pinned by a test in test_all.py):
+- Meta's checkpoints rotate interleaved pairs of each head (model.py rotates halves, HF's layout):
+  their wq/wk rows are permuted on load.
+- Meta params.json `use_scaled_rope: true` means factor 8 (Meta's reference code hard-codes it)
+  unless the file carries `rope_scaling_factor` or a `rope_scaling` dict. The Llama 3.2 HF configs
+  say 32: add "rope_scaling_factor": 32 to a 3.2 params.json to get the HF copy's logits.
+- Parameters keep Meta's names except two stacked pairs: attention.wqkv = [wq; wk; wv],
+  feed_forward.w13 = [w1; w3]; split_qkv / join_qkv convert.
+"""
+import dataclasses
+import glob
+import json
+import math
+import mmap
+import os
+
+import torch
+
+from common import UserError, torch_save
+from model import Llama, ModelConfig, ROPE_SCALING, ffn_hidden
+from tokenizer import Tokenizer
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_name(name):
+    """Our (Meta's) parameter name -> the Hugging Face LlamaForCausalLM name."""
+    part, w = name.rsplit(".", 1)
+    if part in _HF_NAMES:
+        return f"{_HF_NAMES[part]}.{w}"
+    _, i, part = part.split(".", 2)
+    return f"model.layers.{i}.{_HF_NAMES[part]}.{w}"
+
+
+def read_safetensors(path):
+    """{name: tensor}, memory-mapped, from a .safetensors file (u64 size, JSON header, data)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > 1 << 27:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # lazy, never written back
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (a, b) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            count = math.prod(shape)
+            if b - a != count * dtype.itemsize or 8 + n + b > len(buf):
+                raise ValueError(f"tensor {name} has bad offsets")
+            out[name] = torch.empty(shape, dtype=dtype) if not count else \
+                torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + a).view(shape)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def write_safetensors(path, tensors):
+    """Write {name: tensor} as .safetensors, atomically."""
+    inv = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # keep the data 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a truncated / corrupted / foreign file
+        raise UserError(f"{path}: not a readable torch checkpoint "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _meta_perm(w, n_heads):
+    """Meta's interleaved rotary row pairs -> our half-split rows (per head: even, then odd)."""
+    return w.view(n_heads, -1, 2, w.size(1)).transpose(1, 2).reshape(w.shape)
+
+
+def _ffn_fields(dim, hidden):
+    """(multiple_of, ffn_dim_multiplier) with which Meta's rule gives `hidden` (HF stores it)."""
+    base, m = int(2 * (4 * dim) / 3), math.gcd(hidden, 256)
+    for mult in (None, hidden / base if m > 1 else (hidden + 0.5) / base):
+        if ffn_hidden(ModelConfig(dim=dim, multiple_of=m, ffn_dim_multiplier=mult)) == hidden:
+            return m, mult
+    raise ValueError(f"cannot express intermediate_size {hidden}")
+
+
+def _config_from_hf(c, where):
+    try:
+        if c.get("model_type", "llama") != "llama" or c.get("attention_bias") or c.get("mlp_bias") \
+                or c.get("hidden_act", "silu") != "silu":
+            raise ValueError("only Llama models (silu, no biases) are supported")
+        dim, nh = c["hidden_size"], c["num_attention_heads"]
+        if c.get("head_dim") not in (None, dim // nh):
+            raise ValueError("head_dim != hidden_size // num_attention_heads is not supported")
+        rp = c.get("rope_parameters") or {}  # transformers >= 5: rope_theta and the scaling
+        rs = c.get("rope_scaling") or rp
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"rope type {kind!r} is not supported")
+        multiple_of, mult = _ffn_fields(dim, c["intermediate_size"])
+        return ModelConfig(
+            dim=dim, n_layers=c["num_hidden_layers"], n_heads=nh,
+            n_kv_heads=c.get("num_key_value_heads") or nh, vocab_size=c["vocab_size"],
+            multiple_of=multiple_of, ffn_dim_multiplier=mult, norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=c.get("rope_theta", rp.get("rope_theta", 10000.0)),
+            rope_scaling={k: rs[k] for k in ROPE_SCALING} if kind == "llama3" else None,
+            max_seq_len=c.get("max_position_embeddings", 8192),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{where}: unsupported or incomplete config "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _config_from_meta(p, where, tied):
+    try:
+        scaling = None
+        if p.get("rope_scaling"):
+            scaling = {k: p["rope_scaling"][k] for k in ROPE_SCALING}
+        elif p.get("use_scaled_rope"):  # Meta's reference hard-codes these numbers
+            scaling = dict(factor=p.get("rope_scaling_factor", 8.0), low_freq_factor=1.0,
+                           high_freq_factor=4.0, original_max_position_embeddings=8192)
+        return ModelConfig(
+            dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+            n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=p["vocab_size"],
+            multiple_of=p.get("multiple_of", 256), ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
+            norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
+            rope_scaling=scaling, max_seq_len=p.get("max_seq_len", 131072 if scaling else 8192),
+            tie_embeddings=tied)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{where}: unsupported or incomplete params "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def split_qkv(sd, cfg):
+    """Our state dict -> Meta's names (wq, wk, wv and w1, w3 separate)."""
+    sd, hd, h = dict(sd), cfg.dim // cfg.n_heads, ffn_hidden(cfg)
+    for i in range(cfg.n_layers):
+        a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
+        sizes = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
+        q, k, v = sd.pop(a + "wqkv.weight").split(sizes)
+        sd.update({a + "wq.weight": q, a + "wk.weight": k, a + "wv.weight": v})
+        sd[f + "w1.weight"], sd[f + "w3.weight"] = sd.pop(f + "w13.weight").split([h, h])
+    return sd
+
+
+def join_qkv(sd, cfg):
+    """Meta's names -> our state dict (inverse of split_qkv)."""
+    sd = dict(sd)
+    for i in range(cfg.n_layers):
+        a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
+        sd[a + "wqkv.weight"] = torch.cat([sd.pop(f"{a}w{n}.weight") for n in "qkv"])
+        sd[f + "w13.weight"] = torch.cat([sd.pop(f"{f}w{n}.weight") for n in "13"])
+    return sd
+
+
+def _meta_shapes(cfg):
+    """Meta's parameter names and shapes for cfg, without allocating anything."""
+    with torch.device("meta"):
+        sd = split_qkv(Llama(cfg).state_dict(), cfg)
+    return {k: v.shape for k, v in sd.items() if not (cfg.tie_embeddings and k == "output.weight")}
+
+
+def _load_meta(path, where):
+    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not shards:
+        raise UserError(f"{path}: params.json but no consolidated.*.pth weights")
+    parts = [_torch_load(s) for s in shards]
+    cfg = _config_from_meta(_read_json(where), where, tied="output.weight" not in parts[0])
+    sd = {}
+    for k, shape in _meta_shapes(cfg).items():
+        if any(k not in p for p in parts):
+            raise UserError(f"{shards[0]}: missing tensor {k}")
+        ts = [p[k] for p in parts]
+        if ts[0].shape == shape:  # one shard, or replicated across model-parallel ranks (norms)
+            sd[k] = ts[0]
+        else:  # split along the one dimension that differs (columns of wo/w2, rows elsewhere)
+            same_rank = len(ts[0].shape) == len(shape)
+            d = [a != b for a, b in zip(ts[0].shape, shape)].index(True) if same_rank else 0
+            sd[k] = torch.cat(ts, dim=d)
+        if sd[k].shape != shape:
+            raise UserError(f"{shards[0]}: tensor {k} has shape {tuple(sd[k].shape)}, "
+                            f"expected {tuple(shape)}")
+    for i in range(cfg.n_layers):
+        a = f"layers.{i}.attention."
+        sd[a + "wq.weight"] = _meta_perm(sd[a + "wq.weight"], cfg.n_heads)
+        sd[a + "wk.weight"] = _meta_perm(sd[a + "wk.weight"], cfg.n_kv_heads)
+    return cfg, sd
+
+
+def _load_hf(path, where):
+    cfg = _config_from_hf(_read_json(where), where)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no weight_map")
+        files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise UserError(f"{path}: config.json but no *.safetensors weights")
+    hf = {}
+    for f in files:
+        if not os.path.isfile(f):
+            raise UserError(f"{f}: weight file listed in the index is missing")
+        hf.update({k: (v, f) for k, v in read_safetensors(f).items()})
+    names = {hf_name(k): k for k in _meta_shapes(cfg)}
+    for h in names:
+        if h not in hf:
+            raise UserError(f"{files[0]}: missing tensor {h}")
+    ignored = ("rotary_emb.inv_freq",
+               "lm_head.weight" if cfg.tie_embeddings else "rotary_emb.inv_freq")
+    extra = sorted(h for h in hf if h not in names and not h.endswith(ignored))
+    if extra:
+        raise UserError(f"{hf[extra[0]][1]}: unexpected tensor {extra[0]}")
+    return cfg, {k: hf[h][0] for h, k in names.items()}
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from our checkpoint dir, a Meta original dir or a Hugging Face dir (see
+    the top). Weights stay memory-mapped until moved: modules are built on the meta device and the
+    tensors assigned."""
+    path = os.path.expanduser(str(path))
+    j = lambda *p: os.path.join(path, *p)
+    tok_path = j("tokenizer.model")
+    if os.path.isfile(j("model.pt")):
+        where = j("model.pt")
+        ck = _torch_load(where)
+        if not isinstance(ck, dict) or not isinstance(ck.get("model_config"), dict) \
+                or "model" not in ck:
+            raise UserError(f"{where}: not a nanoastro checkpoint (needs model_config and model)")
+        try:
+            cfg = ModelConfig(**ck["model_config"])
+        except TypeError as e:
+            raise UserError(f"{where}: bad model_config ({e})") from None
+        sd = ck["model"]
+    elif os.path.isfile(j("params.json")):
+        where = j("params.json")
+        cfg, sd = _load_meta(path, where)
+        sd = join_qkv(sd, cfg)
+    elif os.path.isfile(j("config.json")):
+        where = j("config.json")
+        if not os.path.isfile(tok_path):
+            tok_path = j("original", "tokenizer.model")  # where Hugging Face's Llama repos keep it
+        cfg, sd = _load_hf(path, where)
+        sd = join_qkv(sd, cfg)
+    else:
+        raise UserError(f"{path}: no model.pt (ours), params.json (Meta) or config.json "
+                        "(Hugging Face) found")
+    tok = Tokenizer(tok_path)
+    if tok.n_vocab != cfg.vocab_size:
+        raise UserError(f"{tok_path}: tokenizer has {tok.n_vocab} tokens but the model ({where}) "
+                        f"has vocab_size {cfg.vocab_size}")
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Llama(cfg)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"{where}: weights do not match the model config ({e})") from None
+    model.tie()  # assign=True gave the two names two parameters
+    return model.to(device=device, dtype=dtype), tok
+
+
+def save_checkpoint(out_dir, model, tokenizer, config: dict):
+    """Ours: out_dir/tokenizer.model, then (last) out_dir/model.pt {model_config, model, config}."""
+    model = getattr(model, "_orig_mod", model)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(out_dir)
+    ck = {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
+          "config": config}
+    torch_save(ck, os.path.join(out_dir, "model.pt"))
+
+
+def export_hf(model, tokenizer, out_dir):
+    """Hugging Face's layout: config.json, model.safetensors, generation_config.json, tokenizer."""
+    model = getattr(model, "_orig_mod", model)
+    cfg = model.cfg
+    os.makedirs(out_dir, exist_ok=True)
+    sd = {hf_name(k): v for k, v in split_qkv(model.state_dict(), cfg).items()
+          if not (cfg.tie_embeddings and k == "output.weight")}
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), sd)
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    scaling = dict(cfg.rope_scaling, rope_type="llama3") if cfg.rope_scaling else None
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted(tokenizer.stop_ids)}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+              "intermediate_size": ffn_hidden(cfg), "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+              "head_dim": cfg.dim // cfg.n_heads, "vocab_size": cfg.vocab_size,
+              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+              "max_position_embeddings": cfg.max_seq_len, "rope_scaling": scaling,
+              "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False, **ids, "torch_dtype": dtype}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(ids, f, indent=2)
+    tokenizer.save(out_dir)
