@@ -37,7 +37,7 @@ import tasks
 
 @dataclass
 class Config:
-    init: str = "out/rl_astro"       # checkpoint dir (ours, Meta or Hugging Face; checkpoint.load_model)
+    init: str = "out/rl_astro"       # checkpoint dir (ours, Meta or Hugging Face)
     data: str = "data/countdown/test.jsonl"  # problems (JSONL; README.md, "JSONL schemas")
     out_dir: str = ""                # "" = out/eval/<init name>-<data name>
     limit: int = 0                   # evaluate only the first `limit` problems (0 = all)

@@ -1,13 +1,12 @@
 """
 rl.py — reinforcement learning with verifiable rewards (GRPO-style) from the SFT policy, ASTRO §3.2.
 
-Run (the built-in Countdown task; resumes from out_dir/state.pt when it exists: rerun the command):
     python rl.py                              # out/sft_astro -> out/rl_astro, data/countdown/train
     python rl.py config/rl_astro.py config/rl_direct.py   # out/sft_direct -> out/rl_direct (Direct)
     python rl.py --max_steps=3 --prompts_per_step=4         # a quick CPU smoke run
     torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py   # several GPUs
 Writes out_dir/{model.pt, tokenizer.model, state.pt, metrics.jsonl, config.json} (+ prompts.jsonl
-with a prompt filter).
+with a prompt filter). Killed? Rerun the command: it resumes from state.pt.
 
 The objective. Each step samples, for each of B prompts q, a group of G completions o_i from π_old
 (the current weights; ONE generate.generate call, each prompt prefilled once and fanned out) and
@@ -20,60 +19,44 @@ grades them with tasks.grade:
 The sums run over every completion token the policy sampled (stop token included; the calculator's
 tokens on Countdown are context, not actions) of every completion kept in the step; T counts them.
 Why each choice (as verl, TRL and nanochat make it, and where we differ):
-- ±1 outcome reward, no length or format term: the paper's. Only the final answer counts, so the
-  wrong answers an ASTRO trace backtracks from are not punished. No value network. G = 8 (the
-  paper: 4): without a prompt filter, more of a step's groups hold both a right and a wrong answer.
-- r - mean without std division by default (Dr. GRPO, nanochat, TRL scale_rewards="none"): the std
-  gives groups that are almost always right or almost always wrong larger advantages (a difficulty
-  bias). std_adv=True gives the verl / TRL-default form.
-- Token-level aggregation Σ/T over the whole step (DAPO; TRL's default loss_type="dapo"): every
-  token weighs the same. GRPO's per-sequence mean gives each token of a long response less weight,
-  so long wrong answers are punished less and long correct ones rewarded less (a length bias);
-  ASTRO wants length to grow only if it pays.
-- ρ and the clip. With ppo_epochs = 1 (default) the rollouts serve one update right after sampling:
-  π_θ = π_old, ρ ≡ 1. We use ℓθ.detach() as ℓold so ρ is exactly 1, the clip never acts (clipfrac
-  0) and the gradient is the plain policy gradient A ∇ℓθ (nanochat: "on policy, no need for
-  ratio+clip"). With ppo_epochs > 1 each epoch is one optimizer step over the same rollouts, ℓold
-  are the log-probs generate returned while sampling (raw policy, temperature 1) and ε = clip_eps =
-  0.2 (PPO's value; the paper does not state one).
+- ±1 outcome reward, no length or format term (the paper's): the wrong answers an ASTRO trace
+  backtracks from are not punished. No value network. G = 8 (the paper: 4): without a prompt
+  filter, more of a step's groups hold both a right and a wrong answer.
+- r - mean without std division by default (Dr. GRPO, nanochat, TRL scale_rewards="none"): dividing
+  by the std favours groups that are almost always right or wrong. std_adv=True: verl / TRL default.
+- Token-level aggregation Σ/T over the whole step (DAPO; TRL's loss_type="dapo"): every token weighs
+  the same; GRPO's per-sequence mean punishes long wrong answers less (a length bias).
+- ρ and the clip. With ppo_epochs = 1 (default) π_θ = π_old: ℓθ.detach() serves as ℓold, ρ ≡ 1, the
+  clip never acts and the gradient is the plain policy gradient A ∇ℓθ. With ppo_epochs > 1 each
+  epoch is one optimizer step over the same rollouts, ℓold are the log-probs generate returned
+  (raw policy, temperature 1) and ε = clip_eps = 0.2 (PPO's; the paper states none).
 - KL to the frozen start policy: off by default (β = kl_beta = 0, as TRL); log_kl still measures
-  it. k3 is >= 0, unbiased for KL(π_θ || π_ref) on samples of π_θ and low-variance; mind the sign
-  (TinyZero had it reversed).
-- Zero-signal groups (all kept rewards equal, or < 2 kept): A = 0, no policy gradient (only KL would
-  remain). Dropped from the batch and from T; their share is logged (`zero`).
-- Truncated completions (max_new_tokens or the context hit without a stop id): truncation="mask"
-  (default; DAPO's overlong filtering) removes them from their group before A is computed, and from
-  the loss and T (a cut-off trace is no evidence that its reasoning was wrong). truncation="wrong"
-  gives them reward_wrong, a length penalty: no answer is a wrong answer. On Countdown, "wrong"
-  teaches ASTRO to finish sooner rather than to solve more, so the short CPU run masks; but with
-  masking nothing pushes back on truncation, and over longer runs the truncated share keeps
-  growing, so config/rl_llama_math.py's 500 steps use "wrong". Their share is logged (`trunc`).
+  it. k3 is >= 0, unbiased for KL(π_θ || π_ref) on samples of π_θ and low-variance.
+- Zero-signal groups (all kept rewards equal, or < 2 kept): A = 0, dropped from the batch and from
+  T; their share is logged (`zero`).
+- Truncated completions (no stop id before max_new_tokens or the context end): truncation="mask"
+  (default; DAPO's overlong filtering) removes them from their group before A is computed and from
+  the loss (a cut-off trace is no evidence its reasoning was wrong); "wrong" scores them
+  reward_wrong, a length penalty. Masking leaves nothing to push back on truncation, so long runs
+  (config/rl_llama_math.py) use "wrong". Their share is logged (`trunc`).
 - Prompts: every train problem by default. filter_samples = n > 0 keeps the "moderately difficult"
-  ones only (the paper's 8.7K): the START policy's pass rate over n samples per problem must be in
-  (0, 1) (our rule: such a prompt tends to give a group with signal), cached in
-  out_dir/prompts.jsonl so a resume does not redo it. On the built-in task the filter costs more
-  than it saves (most of the stage's time, and many groups still have no signal);
-  config/rl_llama_math.py uses it.
-Training forward: model(idx) logits -> log_softmax gathered at the completion tokens (the SFT
-forward); optional bf16 autocast (generation then runs on a bf16 copy of the fp32 policy); gradient
-accumulation over micro-batches of completions; grad clip; lr from common.get_lr; AdamW from
-common.make_optimizer.
-Logged each step (metrics.jsonl + one line): reward, acc (truncations included), len (generated
-tokens), backtracks / reflections per response (tasks.count_reflections), zero, trunc, kl (mean k3
-per loss token, first epoch), clipfrac (share of loss tokens whose clipped term is active, all
-epochs), tokens (T), tok_s (generated tokens per second of step time); every eval_every steps
-val_acc & co. on the first eval_limit val problems.
+  ones (the paper's 8.7K): the START policy's pass rate over n samples must be in (0, 1), cached in
+  out_dir/prompts.jsonl so a resume does not redo it.
+Training forward: log_softmax of model(idx) gathered at the completion tokens (as sft.py); optional
+bf16 autocast (generation then runs on a bf16 copy of the fp32 policy); gradient accumulation over
+micro-batches; grad clip; lr from common.get_lr; AdamW from common.make_optimizer.
+Logged each step (metrics.jsonl + one line): reward, acc, len (generated tokens), backtracks and
+reflections per response, zero, trunc, kl (mean k3 per loss token), clipfrac, tokens (T), tok_s;
+every eval_every steps val_acc & co. on the first eval_limit val problems.
 
-Exact resume: state.pt (common.save_state) holds model, optimizer, step and RNG states; everything
-else is a function of (seed, step): step s takes its prompts from a stream of per-epoch permutations
-seeded by (seed, epoch) and samples with a seed derived from (seed, s, rank). A killed and resumed
-CPU run ends with bitwise identical weights.
+Exact resume: state.pt holds model, optimizer, step and RNG states; everything else is a function
+of (seed, step): step s takes its prompts from per-epoch permutations seeded by (seed, epoch) and
+samples with a seed derived from (seed, s, rank). A killed and resumed CPU run ends bitwise equal.
 
 Several GPUs (torchrun): rank k samples prompts[k::world] of the step with its own seed. T is
-all-reduced over the ranks; each rank backpropagates world * Σ_own / T and DDP averages gradients
-over ranks, giving Σ_all / T: the gradient of the single-process loss over the same rollouts. All
-ranks run the same number of micro-batches (the max; missing ones are zero-loss dummies) so that
-DDP's all-reduces line up.
+all-reduced; each rank backpropagates world * Σ_own / T and DDP averages gradients over ranks,
+giving Σ_all / T: the single-process gradient. All ranks run the same number of micro-batches
+(the max; missing ones are zero-loss dummies) so that DDP's all-reduces line up.
 """
 import contextlib
 import copy
@@ -97,7 +80,7 @@ from tasks import count_reflections, grade, prompt_messages, read_problems, tool
 @dataclass
 class Config:
     # paths
-    init: str = "out/sft_astro"                # start policy and KL reference (checkpoint.load_model)
+    init: str = "out/sft_astro"                # start policy and KL reference (any checkpoint)
     train: str = "data/countdown/train.jsonl"  # RL prompts (problem records)
     val: str = "data/countdown/val.jsonl"      # held-out problems for the periodic evaluation
     out_dir: str = "out/rl_astro"

@@ -9,12 +9,12 @@ on the chain-of-thoughts that linearize.py writes (ASTRO traces, or the Direct b
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_llama_math.py   # FSDP2 on 8 GPUs
 
 Data: JSONL of {"messages": [{"role": ..., "content": ...}, ...]} rendered with the Llama 3 chat
-format (tokenizer.Tokenizer.render_chat). Conversations are packed into rows of up to seq_len tokens; a
-per-token document id keeps attention (and rotary positions) inside each conversation, so packing
-changes the speed, not the result. The global batch (batch_size rows) is the same for any number
-of processes: each rank takes its slice. Kill it at any moment and re-run the same command: it
-resumes from out_dir/state.pt and ends with the same weights, bit for bit, as a run that was never
-stopped. Re-running a finished run prints "already done".
+format (tokenizer.Tokenizer.render_chat). Conversations are packed into rows of up to seq_len
+tokens; a per-token document id keeps attention (and rotary positions) inside each conversation,
+so packing changes the speed, not the result. The global batch (batch_size rows) is the same for
+any number of processes: each rank takes its slice. Kill it at any moment and re-run the same
+command: it resumes from out_dir/state.pt and ends with the same weights, bit for bit, as a run
+that was never stopped. Re-running a finished run prints "already done".
 """
 import bisect
 import functools

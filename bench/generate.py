@@ -68,7 +68,8 @@ def models(cfg):
                      rms_norm_eps=mc.norm_eps, rope_theta=mc.rope_theta,
                      max_position_embeddings=mc.max_seq_len, tie_word_embeddings=False)
     hf = LlamaForCausalLM(hc).eval()
-    hf.load_state_dict({checkpoint.hf_name(k): v for k, v in checkpoint.split_qkv(ours.state_dict(), mc).items()})
+    hf.load_state_dict({checkpoint.hf_name(k): v
+                        for k, v in checkpoint.split_qkv(ours.state_dict(), mc).items()})
     return ours, hf
 
 

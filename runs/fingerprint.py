@@ -1,12 +1,13 @@
 """
-runs/fingerprint.py — sha256 of every artifact of a main job, to check that a change left its arithmetic alone.
+runs/fingerprint.py — hashes of a main job's artifacts: did a change leave the arithmetic alone?
 
-    python runs/fingerprint.py --out=out > before.txt     # ... change the code, run the main job again ...
+    python runs/fingerprint.py --out=out > before.txt    # change the code, run the main job again
     python runs/fingerprint.py --out=out > after.txt && diff before.txt after.txt
 
-Hashed: the state-dict tensors of every checkpoint (names, dtypes, shapes and bytes; not the pickled file, whose
-bytes also hold the config), trees.jsonl, astro.jsonl, direct.jsonl, every predictions.jsonl, and report.md
-without its stage-time rows. Equal hashes are promised on one machine only: another CPU may round differently.
+Hashed: the state-dict tensors of every checkpoint (names, dtypes, shapes and bytes; not the pickled
+file, whose bytes also hold the config), trees.jsonl, astro.jsonl, direct.jsonl, every
+predictions.jsonl, and report.md without its rows of wall time and speed. Equal hashes are promised
+on one machine only: another CPU may round differently.
 """
 import hashlib
 import os
@@ -25,7 +26,7 @@ class Config:
 
 
 def tensors_hash(path):
-    """sha256 over a checkpoint's state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    """sha256 of a checkpoint's state dict: each tensor's name, dtype, shape and bytes, by name."""
     import torch
     sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
     h = hashlib.sha256()
@@ -55,14 +56,16 @@ def timing_row(line):
 def main(cfg):
     rows = []
     for name in MODELS:
-        rows.append((f"{name}/model.pt tensors", os.path.join(cfg.out, name, "model.pt"), tensors_hash))
+        path = os.path.join(cfg.out, name, "model.pt")
+        rows.append((f"{name}/model.pt tensors", path, tensors_hash))
     for rel in ("search/trees.jsonl", "linearize/astro.jsonl", "linearize/direct.jsonl"):
         rows.append((rel, os.path.join(cfg.out, rel), file_hash))
     for evals in sorted(d for d in os.listdir(cfg.out) if d.startswith("eval")):
         for name in MODELS:
             rel = os.path.join(evals, name, "predictions.jsonl")
             rows.append((rel, os.path.join(cfg.out, rel), file_hash))
-    for report in sorted(f for f in os.listdir(cfg.out) if f.startswith("report") and f.endswith(".md")):
+    reports = [f for f in os.listdir(cfg.out) if f.startswith("report") and f.endswith(".md")]
+    for report in sorted(reports):
         rows.append((f"{report} without stage times", os.path.join(cfg.out, report),
                      lambda p: file_hash(p, timing_row)))
     for label, path, fn in rows:

@@ -1,15 +1,15 @@
 """
-runs/show_tree.py — see procedure cloning happen: one MCTS tree, and the ASTRO and Direct traces made from it.
+runs/show_tree.py — procedure cloning, seen: one MCTS tree and the ASTRO and Direct traces from it.
 
-    python runs/show_tree.py                                   # the first tree with right and wrong endings
+    python runs/show_tree.py                          # the first tree with right and wrong endings
     python runs/show_tree.py --trees=out/search/trees.jsonl --id=cd4-train-00017
-    python runs/show_tree.py --paths_only=False                # every node, not only the traces' paths
+    python runs/show_tree.py --paths_only=False       # every node, not only the traces' paths
 
-Prints the tree (each node: id, prior, N, Q, the step's text, and at a terminal the grader's verdict), then every
-trace linearize.py writes from it with the same settings: the ASTRO traces (wrong terminals first, each followed
-by a reflection and a backtrack to the deepest step it shares with the next path) and the Direct traces (a plain
-path to a correct terminal). Each trace line is tagged with the node it copies, so a reader can follow the
-trace through the tree.
+Prints the tree (each node: id, prior, N, Q, the step's text, and at a terminal the grader's
+verdict), then every trace linearize.py writes from it with the same settings: the ASTRO traces
+(wrong terminals first, each followed by a reflection and a backtrack to the deepest step it shares
+with the next path) and the Direct traces (a plain path to a correct terminal). Each trace line is
+tagged with the node it copies, so a reader can follow the trace through the tree.
 """
 import os
 import sys
@@ -26,8 +26,8 @@ import tasks  # noqa: E402
 class Config:
     trees: str = "out/search/trees.jsonl"  # search.py's output
     id: str = ""                 # tree id; "" = the first tree with a correct and a wrong terminal
-    linearize: str = "config/linearize_countdown.py"  # linearize settings to trace with ("" = its defaults)
-    paths_only: bool = True      # show only the nodes on some trace's path (a tree has hundreds of nodes)
+    linearize: str = "config/linearize_countdown.py"  # linearize's settings ("" = its defaults)
+    paths_only: bool = True      # only nodes on a trace's path (trees have hundreds of nodes)
     width: int = 60              # characters of step text shown per node
 
 
