@@ -46,11 +46,24 @@ def file_hash(path, skip_line=lambda line: False):
     return h.hexdigest()
 
 
-def timing_row(line):
-    """report.md's rows that hold wall time or a speed (they differ between any two runs)."""
+def report_hash(path):
+    """report.md's hash without its section of stage times, its rows of speed (they differ
+    between any two runs) and its blank lines."""
+    in_times = False
+
+    def skip(line):
+        nonlocal in_times
+        if line.startswith(b"## "):
+            in_times = line.startswith(b"## Stage times")
+        return in_times or speed_row(line) or not line.strip()
+    return file_hash(path, skip)
+
+
+def speed_row(line):
+    """A table row of wall time or speed (search's seconds, problems_per_s, ...)."""
     cells = line.decode("utf-8", "replace").split("|")
     first = cells[1].strip() if line.startswith(b"|") and len(cells) > 2 else ""
-    return first in ("seconds", "whole job") or first.endswith(("_per_s", " s"))
+    return first == "seconds" or first.endswith("_per_s")
 
 
 def main(cfg):
@@ -66,8 +79,7 @@ def main(cfg):
             rows.append((rel, os.path.join(cfg.out, rel), file_hash))
     reports = [f for f in os.listdir(cfg.out) if f.startswith("report") and f.endswith(".md")]
     for report in sorted(reports):
-        rows.append((f"{report} without stage times", os.path.join(cfg.out, report),
-                     lambda p: file_hash(p, timing_row)))
+        rows.append((f"{report} without times", os.path.join(cfg.out, report), report_hash))
     for label, path, fn in rows:
         print(f"{fn(path) if os.path.exists(path) else 'missing':<64}  {label}")
 

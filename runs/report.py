@@ -209,6 +209,23 @@ def example(cfg, evals):
 
 # ----------------------------------------------------------------------------- main
 
+def times_table(cfg):
+    """Each stage's wall time, from the main job's <out>/times.txt (written as the stages end, so
+    the report's own seconds and the whole job's come after this table is made)."""
+    path = os.path.join(cfg.out, "times.txt")
+    if not os.path.isfile(path):
+        return []
+    rows = [ln.strip().split("  ", 1) for ln in open(path, encoding="utf-8") if ln.strip()]
+    rows = [(t.strip(), name.strip()) for t, name in rows if t.strip().endswith(" s")]
+    if not rows:
+        return []
+    total = sum(int(t[:-2]) for t, name in rows if name != "whole job")
+    if all(name != "whole job" for _, name in rows):
+        rows.append((f"{total} s", "stages so far"))
+    return ["", "## Stage times (this machine; judge every speed change by these)", "",
+            "| wall time | stage |", "|---|---|"] + [f"| {t} | {name} |" for t, name in rows]
+
+
 def main(cfg):
     evals = "eval" if cfg.split == "test" else f"eval_{cfg.split}"
     rows = [(key, name, load(os.path.join(cfg.out, evals, key, "summary.json")))
@@ -231,6 +248,7 @@ def main(cfg):
     lines += gains_table(cfg, gaps, acc, levels)
     lines += stats_tables(cfg)
     lines += example(cfg, evals)
+    lines += times_table(cfg)
 
     text = "\n".join(lines) + "\n"
     path = cfg.report or os.path.join(
