@@ -1,21 +1,25 @@
 """
 The test suite of nanoastro: every stage on tiny models, CPU only, no downloads.
 
-    python -m pytest -q test_all.py
+    python -m pytest -q test_all.py                # everything: what CI runs
+    python -m pytest -q -m "not slow" test_all.py  # all but the main job's smoke run and the
+                                                   # multi-process, compile, kill-and-resume tests
 
-Sections: model.py, tasks/ and eval.py (graders, data preparation), linearize.py, search.py, sft.py, rl.py, the main job.
-transformers and llama-models are test-only dependencies (requirements-test.txt; .ci/run).
+Sections, in the order the data flows: common (configs, JSONL, resume checks), tokenizer, model,
+checkpoint, generate, tasks/ (dispatch, countdown, math), search, linearize, sft, rl, eval, report
+and the main job, guards. transformers, llama-models and math-verify are test-only dependencies
+(requirements-test.txt; .ci/run).
 """
+import ast
 import base64
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import importlib.util
 import json
 import math
-import numpy as np
 import os
-import pytest
 import random
 import re
 import signal
@@ -24,1815 +28,67 @@ import subprocess
 import sys
 import threading
 import time
-import torch
-import torch.multiprocessing as mp
 import types
 from collections import Counter
 
-import generate as G
-import model as M
-from common import UserError
+import math_verify
+import numpy as np
+import pytest
+import tiktoken
+import torch
+import torch.multiprocessing as mp
+import transformers
+
 import checkpoint
 import common
-import eval as E
+import eval as evaluate  # the stage eval.py; its own name would shadow the builtin eval
+import generate
 import linearize
-import linearize as L
-from common import GO_BACK, NOT_SURE, REFLECT, RESTART, SEEMS_RIGHT
 import model
-import search
-from search import Config, Node, Tree
-import sft
-from checkpoint import load_model
-from model import Llama, ModelConfig
-from tokenizer import PAT_STR, Tokenizer
 import rl
+import search
+import sft
 import tasks
 import tasks.math as math_task
+import tokenizer
 from tasks import countdown
 
 
-# ====================================================================================================
-# model.py, generate.py, tokenizer.py: Llama 3, KV cache, generate, tokenizer, checkpoints
-# ====================================================================================================
+# ==================================================================================================
+# shared: the repository root, one thread, the tiny model and tokenizer, JSONL files, data scripts
+# ==================================================================================================
 
-torch.set_num_threads(1)
-SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-
-
-def tiny_cfg(**kw):
-    # vocab 512 = a byte-level ranks file (256) + 256 specials; hd 16 so rope scaling hits all three bands
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=256,
-                rope_scaling=dict(SCALING))
-    return M.ModelConfig(**{**base, **kw})
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)  # the tiny Llama of every stage's tests
 
 
-def random_model(cfg, seed=0):
-    """Random weights large enough that the logits are far from uniform (so greedy has clear winners)."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: tiny models are latency-bound, other jobs share the machine's cores, and
+    the subprocesses run with OMP_NUM_THREADS=1, which the bitwise comparisons with them need."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed=0, **overrides):
+    """A tiny Llama (TINY, plus the ModelConfig fields in overrides), initialized after
+    torch.manual_seed(seed)."""
     torch.manual_seed(seed)
-    m = M.Llama(cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.2 if p.dim() == 2 else 1 + 0.2 * torch.randn_like(p))
-    return m.eval()
-
-
-def byte_tokenizer(tmp_path):
-    path = tmp_path / "bytes.model"
-    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    return Tokenizer(path)
-
-
-def hf_model(cfg, state_dict=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    hc = LlamaConfig(hidden_size=cfg.dim, intermediate_size=M.ffn_hidden(cfg), num_hidden_layers=cfg.n_layers,
-                     num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                     vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                     rope_scaling=dict(cfg.rope_scaling, rope_type="llama3") if cfg.rope_scaling else None,
-                     max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
-                     bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf = LlamaForCausalLM(hc).eval()
-    if state_dict is not None:
-        missing, unexpected = hf.load_state_dict({checkpoint.hf_name(k): v for k, v in checkpoint.split_qkv(state_dict, cfg).items()},
-                                                 strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}
-    return hf
-
-
-def meta_state_dict(m):
-    """Our (half-split rotary) weights in Meta's layout: names as they are, wq/wk rows un-permuted."""
-    cfg = m.cfg
-    unperm = lambda w, n: w.view(n, 2, -1, w.size(1)).transpose(1, 2).reshape(w.shape)  # inverse of checkpoint._meta_perm
-    sd = {}
-    for k, v in checkpoint.split_qkv(m.state_dict(), cfg).items():
-        if k.endswith("attention.wq.weight"):
-            v = unperm(v, cfg.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = unperm(v, cfg.n_kv_heads)
-        sd[k] = v.clone()
-    sd["rope.freqs"] = torch.zeros(cfg.dim // cfg.n_heads // 2)  # old Meta checkpoints carry this; ignored
-    if cfg.tie_embeddings:
-        del sd["output.weight"]  # no output matrix: loads as tied
-    return sd
-
-
-def write_meta(m, tok, d, shards=1):
-    """A Meta original directory, optionally split like fairscale model parallelism (rows, or columns of wo/w2)."""
-    d.mkdir()
-    cfg = m.cfg
-    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                  vocab_size=cfg.vocab_size, multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier,
-                  norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, use_scaled_rope=True)
-    (d / "params.json").write_text(json.dumps(params))
-    sd = meta_state_dict(m)
-    for r in range(shards):
-        part = {}
-        for k, v in sd.items():
-            if v.dim() == 1:
-                part[k] = v  # replicated
-            else:
-                dim = 1 if k.endswith(("wo.weight", "w2.weight")) else 0
-                part[k] = v.chunk(shards, dim=dim)[r].clone()
-        torch.save(part, d / f"consolidated.{r:02d}.pth")
-    (d / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
-
-
-# ----------------------------------------------------------------------------- model vs transformers
-
-def test_rope_convention_matches_meta_interleaved():
-    """Meta rotates interleaved pairs as complex numbers; our half-split rotary on permuted rows is the same."""
-    cfg = tiny_cfg()
-    T, hd, nh = 10, 16, 4
-    x, w = torch.randn(T, cfg.dim), torch.randn(nh * hd, cfg.dim)
-    freqs = torch.outer(torch.arange(T, dtype=torch.float32), M.rope_freqs(cfg))
-    xq = (x @ w.T).view(T, nh, hd // 2, 2)  # Meta: interleaved pairs times e^{i t f}
-    meta = torch.view_as_real(torch.view_as_complex(xq) * torch.polar(torch.ones_like(freqs), freqs)[:, None])
-    m = M.Llama(cfg)
-    cos, sin = m.rope_table(x.device)
-    ours = M.rope((x @ checkpoint._meta_perm(w, nh).T).view(1, T, nh, hd), cos[None, :T, None], sin[None, :T, None])[0]
-    perm = checkpoint._meta_perm(torch.arange(nh * hd).float()[:, None], nh)[:, 0].long()  # row order after the permutation
-    assert torch.allclose(ours.reshape(T, -1), meta.reshape(T, -1)[:, perm], atol=1e-5)
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_logits_match_transformers_hf_and_meta_layouts(tmp_path, tied):
-    tok = byte_tokenizer(tmp_path)
-    cfg = tiny_cfg(tie_embeddings=tied, ffn_dim_multiplier=1.3)
-    ref = random_model(cfg)
-    hf = hf_model(cfg, ref.state_dict())
-    idx = torch.randint(0, cfg.vocab_size, (2, 40))
-    want = hf(idx).logits
-    # Hugging Face layout, sharded with an index (written by transformers itself)
-    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
-    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
-    os.makedirs(tmp_path / "hf" / "original")
-    (tmp_path / "hf" / "original" / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
-    m_hf, _ = checkpoint.load_model(tmp_path / "hf")
-    # Meta layout, two model-parallel shards
-    write_meta(ref, tok, tmp_path / "meta", shards=2)
-    m_meta, _ = checkpoint.load_model(tmp_path / "meta")
-    assert m_meta.cfg.tie_embeddings == tied and m_hf.cfg.tie_embeddings == tied
-    for m in (ref, m_hf, m_meta):
-        assert (m(idx) - want).abs().max().item() <= 1e-4
-    if tied:
-        assert m_hf.output.weight is m_hf.tok_embeddings.weight
-
-
-def test_meta_single_shard_and_hf_single_file(tmp_path):
-    tok = byte_tokenizer(tmp_path)
-    ref = random_model(tiny_cfg(), seed=1)
-    write_meta(ref, tok, tmp_path / "meta", shards=1)
-    hf_model(ref.cfg, ref.state_dict()).save_pretrained(tmp_path / "hf")
-    (tmp_path / "hf" / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
-    idx = torch.randint(0, 512, (1, 30))
-    for d in ("meta", "hf"):
-        m, t = checkpoint.load_model(tmp_path / d)
-        assert t.n_vocab == 512 and torch.allclose(m(idx), ref(idx), atol=1e-5)
-
-
-def test_greedy_generation_matches_transformers():
-    cfg = tiny_cfg()
-    m = random_model(cfg, seed=2)
-    hf = hf_model(cfg, m.state_dict())
-    prompts = [[5, 9, 200, 31], [7], list(range(100, 123))]
-    res = G.generate(m, prompts, max_new_tokens=24, temperature=0)
-    for p, [s] in zip(prompts, res):
-        want = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
-        assert s.tokens == want and not s.stopped
-
-
-def test_export_hf_round_trip(tmp_path):
-    from transformers import LlamaForCausalLM
-    tok = byte_tokenizer(tmp_path)
-    for tied in (False, True):
-        m = random_model(tiny_cfg(tie_embeddings=tied), seed=3)
-        out = tmp_path / f"export{tied}"
-        checkpoint.export_hf(m, tok, out)
-        hf = LlamaForCausalLM.from_pretrained(out).eval()
-        idx = torch.randint(0, 512, (2, 33))
-        assert (hf(idx).logits - m(idx)).abs().max().item() <= 1e-4
-        back, _ = checkpoint.load_model(out)
-        assert torch.equal(back(idx), m(idx))
-
-
-def test_doc_mask_equals_separate_forwards():
-    m = random_model(tiny_cfg(), seed=4)
-    a, b, c = (torch.randint(0, 512, (1, n)) for n in (7, 12, 5))
-    packed = torch.cat([a, b, c], 1)
-    doc = torch.tensor([[3] * 7 + [1] * 12 + [3] * 5])  # ids may repeat: a run of equal ids is one document
-    got = m(packed, doc=doc)
-    want = torch.cat([m(a), m(b), m(c)], 1)
-    assert torch.allclose(got, want, atol=1e-5)
-    assert torch.allclose(m(packed, doc=torch.zeros_like(doc)), m(packed), atol=1e-5)
-
-
-# ----------------------------------------------------------------------------- generation
-
-def full_logprobs(m, prompt, tokens):
-    lp = m(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1].log_softmax(-1)
-    return lp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-
-
-def test_cache_equals_full_forward_ragged_fanout():
-    """KV-cached logprobs (ragged prompts, fan-out, refilled slots, compaction) == full forward log_softmax."""
-    m = random_model(tiny_cfg(), seed=5)
-    prompts = [[1, 2, 3], list(range(40, 81)), [9], list(range(200, 217))]
-    res = G.generate(m, prompts, [3, 1, 2, 4], max_new_tokens=20, temperature=0.8, top_k=50, top_p=0.9,
-                     seed=1, batch_size=4)
-    assert [len(r) for r in res] == [3, 1, 2, 4]
-    for p, samples in zip(prompts, res):
-        for s in samples:
-            assert len(s.tokens) == 20 and len(s.logprobs) == 20
-            assert torch.allclose(torch.tensor(s.logprobs), full_logprobs(m, p, s.tokens), atol=1e-4)
-
-
-def test_finished_rows_wait_in_the_batch_without_stretching_the_cache():
-    """Rows that finish with nothing left to start wait in the batch (idle) until an eighth of it is idle. Here a
-    long prompt's row ends at its limit and idles while rows admitted later run on for many steps: the keys they
-    attend to must follow them, not the idle row (which once ran past the cache)."""
-    m = random_model(tiny_cfg(), seed=6)
-    a, b, c = list(range(100, 160)), [1, 2, 3], [7, 8]
-    fa, fb, fc = (G.generate(m, [p], max_new_tokens=60, temperature=0)[0][0].tokens for p in (a, b, c))
-    j = next(j for j in range(2, 60) if fc[j] not in fa + fb + fc[:j])  # a token of c that a and b never write
-    waves = 40 // (j + 1)  # c's rows stop after j + 1 tokens and hand their slots on; b's rows come last
-    kw = dict(max_new_tokens=60, temperature=0, stop_ids={fc[j]})
-    res = G.generate(m, [a, c, b], [1, 9 * waves, 9], batch_size=10, **kw)
-    assert len(res[0][0].tokens) == 60 and len(res[1][0].tokens) == j + 1 and len(res[2][0].tokens) == 60
-    for p, r in zip([a, c, b], res):
-        assert same(r, G.generate(m, [p], len(r), **kw)[0])
-
-
-def same(a, b):
-    """Samples (nested lists) with equal tokens and stop flags and logprobs equal up to float noise."""
-    if isinstance(a, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a.tokens == b.tokens and a.stopped == b.stopped and \
-        torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
-
-
-def test_batching_does_not_change_greedy_outputs():
-    m = random_model(tiny_cfg(), seed=6)
-    prompts = [list(range(i, i + 3 * i + 1)) for i in range(1, 8)]
-    free = G.generate(m, prompts, max_new_tokens=15, temperature=0)
-    stop = {free[0][0].tokens[4], free[3][0].tokens[9]}  # rows stop at different steps
-    kw = dict(max_new_tokens=15, temperature=0, stop_ids=stop)
-    ref = G.generate(m, prompts, 2, batch_size=256, **kw)
-    assert any(s.stopped for r in ref for s in r) and not all(s.stopped for r in ref for s in r)
-    for bs in (1, 3):  # (the logprobs' last bits depend on the batch shape)
-        assert same(G.generate(m, prompts, 2, batch_size=bs, **kw), ref)
-    for p, r in zip(prompts, ref):  # and each equals the prompt alone
-        assert same([r[0], r[0]], r) and same(G.generate(m, [p], **kw)[0], r[:1])
-
-
-def test_fanout_rows_sample_independently_and_seed_reproduces():
-    m = random_model(tiny_cfg(), seed=7)
-    with torch.no_grad():
-        m.output.weight.mul_(0.05)  # flatten the distribution so samples differ
-    kw = dict(max_new_tokens=8, temperature=1.0)
-    a = G.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0]
-    assert len({s.tokens[0] for s in a}) > 4  # first tokens drawn per row, not broadcast
-    assert len({tuple(s.tokens) for s in a}) == 16
-    assert G.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0] == a
-    assert G.generate(m, [[1, 2, 3]], 16, seed=4, **kw)[0] != a
-
-
-def test_tool_writes_after_its_trigger():
-    """A tool's ids replace the samples after a trigger, in every row (fan-out, refill and compaction included),
-    are marked forced, and the model then continues from them as from its own tokens."""
-    m = random_model(tiny_cfg(), seed=8)
-    with torch.no_grad():
-        m.output.weight.mul_(0.05)  # flat: triggers get sampled
-    trig = set(range(0, 512, 7))
-    tool = (trig, lambda prompt, ids: [500, 501, 502][: 1 + ids[-1] % 3])  # 1-3 ids, chosen from the trigger
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    kw = dict(max_new_tokens=20, temperature=1.0, seed=5, stop_ids={3})
-    for bs in (256, 3):
-        res = G.generate(m, prompts, [5, 3], batch_size=bs, tool=tool, **kw)
-        hits = 0
-        for s in (s for ss in res for s in ss):
-            k, want = 0, []
-            while k < len(s.tokens):
-                if s.tokens[k] in trig and not (s.stopped and k == len(s.tokens) - 1):
-                    n = 1 + s.tokens[k] % 3
-                    want += list(range(k + 1, min(k + 1 + n, len(s.tokens))))
-                    assert s.tokens[k + 1:k + 1 + n] == [500, 501, 502][:n][:len(s.tokens) - k - 1]
-                    hits, k = hits + 1, k + 1 + n
-                else:
-                    k += 1
-            assert s.forced == want and len(s.logprobs) == len(s.tokens)
-        assert hits > 5
-    # a forced id is fed back like a sampled one: the greedy run with a tool equals the greedy run without one
-    # continued from the same prefix
-    first = G.generate(m, [[9, 9]], max_new_tokens=1, temperature=0)[0][0].tokens[0]
-    [[g]] = G.generate(m, [[9, 9]], max_new_tokens=12, temperature=0,
-                       tool=({first}, lambda prompt, ids: [42] if len(ids) == 1 and prompt == [9, 9] else []))
-    [[h]] = G.generate(m, [[9, 9, g.tokens[0], 42]], max_new_tokens=10, temperature=0)
-    assert g.tokens[1] == 42 and g.forced == [1] and g.tokens[2:] == h.tokens
-
-
-
-def test_stop_ids_and_max_new_tokens():
-    m = random_model(tiny_cfg(), seed=8)
-    prompt = [4, 5, 6]
-    [[free]] = G.generate(m, [prompt], max_new_tokens=12, temperature=0)
-    assert len(free.tokens) == 12 and not free.stopped
-    stop = free.tokens[5]
-    k = free.tokens.index(stop)
-    [[s]] = G.generate(m, [prompt], max_new_tokens=12, temperature=0, stop_ids=[stop, 9999])
-    assert s.tokens == free.tokens[: k + 1] and s.stopped and len(s.logprobs) == k + 1
-    [[s]] = G.generate(m, [prompt], max_new_tokens=3, temperature=0)
-    assert s.tokens == free.tokens[:3]
-    # the context ends generation too: max_seq_len 256
-    [[s]] = G.generate(m, [list(range(250))], max_new_tokens=50, temperature=0)
-    assert len(s.tokens) == 6 and not s.stopped
-    assert G.generate(m, [list(range(256))], max_new_tokens=5)[0][0] == G.Sample([], [], False)
-
-
-def test_sampler_temperature_top_k_top_p():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])).expand(20000, 5).contiguous()
-    freq = lambda ids: torch.bincount(ids, minlength=5).float() / len(ids)
-    assert torch.allclose(freq(G.sample_next(logits, 1.0, 0, 1.0, gen)), logits[0].exp(), atol=0.015)
-    assert torch.equal(G.sample_next(logits, 0, 0, 1.0, gen), torch.zeros(20000, dtype=torch.long))
-    f = freq(G.sample_next(logits, 1.0, 2, 1.0, gen))  # top-k renormalizes over the two best
-    assert torch.allclose(f, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015)
-    f = freq(G.sample_next(logits, 1.0, 0, 0.7, gen))  # top-p keeps 0.5, 0.3 (the mass before 0.15 is 0.8 > 0.7)
-    assert torch.allclose(f, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015)
-    f = freq(G.sample_next(logits, 2.0, 0, 1.0, gen))  # temperature 2 flattens: p ~ sqrt(p)
-    want = logits[0].div(2).softmax(-1)
-    assert torch.allclose(f, want, atol=0.015)
-
-
-def test_top_p_shortcut_draws_what_the_full_sort_draws():
-    def full_sort(logits, top_p, gen):  # the plain recipe: sort the whole vocabulary, same inverse-CDF draw
-        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
-        cdf = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0).cumsum(-1)
-        u = torch.rand(cdf.size(0), 1, generator=gen) * cdf[:, -1:]
-        return order.gather(-1, torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1))[:, 0]
-
-    peaked = torch.randn(512, 1000, generator=torch.Generator().manual_seed(1)) * 8  # top 64 hold > 0.9: shortcut
-    flat = torch.randn(512, 1000, generator=torch.Generator().manual_seed(2)) * 0.1  # they do not: full sort
-    assert (peaked.softmax(-1).topk(G.TOP_P_FIRST).values.sum(-1) > 0.9).all()
-    for logits in (peaked, flat, torch.cat([peaked[:-1], flat[:1]])):  # one flat row sends all rows to the sort
-        got = G.sample_next(logits, 1.0, 0, 0.9, torch.Generator().manual_seed(3))
-        assert torch.equal(got, full_sort(logits, 0.9, torch.Generator().manual_seed(3)))
-
-
-def test_generate_stats_count_each_prompt_once():
-    m = random_model(tiny_cfg(), seed=9)
-    G.reset_generate_stats()
-    res = G.generate(m, [[1, 2, 3, 4], [5, 6]], [8, 2], max_new_tokens=5, temperature=1.0, stop_ids=range(0, 512, 3))
-    st = G.generate_stats()
-    assert st["prefill_tokens"] == 3 + 1  # all but the last token of each distinct prompt, once
-    assert st["decode_tokens"] == sum(len(s.tokens) for r in res for s in r) < 10 * 5  # finished rows cost nothing
-
-
-def test_compiled_decode_matches_eager():
-    from torch._dynamo.utils import counters
-    m = random_model(tiny_cfg(n_layers=1, dim=32), seed=10)
-    assert m.cfg.n_kv_heads == 2  # the first batch has as many rows as kv heads: no graph may specialize on it
-    prompts = [[1, 2, 3], list(range(10, 30)), [7] * 9]
-    graphs = counters["stats"]["unique_graphs"]
-    for n, new in ((1, 10), (2, 13)):  # 2 rows, then 6: other batch sizes and lengths, one compilation
-        kw = dict(max_new_tokens=new, temperature=1.0, seed=5)
-        eager = G.generate(m, prompts[: 2 * n], n, **kw)
-        compiled = G.generate(m, prompts[: 2 * n], n, compile=True, **kw)
-        for e, c in zip(sum(eager, []), sum(compiled, [])):
-            assert e.tokens == c.tokens
-            assert torch.allclose(torch.tensor(e.logprobs), torch.tensor(c.logprobs), atol=1e-4)
-    assert counters["stats"]["unique_graphs"] - graphs == 1
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-def llama_models_reference():
-    """llama-models' own Tokenizer / ChatFormat. Its chat_format imports PIL only for images: when PIL is absent, a
-    stub stands in during the import and is removed afterwards (so nothing else sees a fake PIL)."""
-    pytest.importorskip("llama_models")
-    stubbed = []
-    try:
-        import PIL.Image  # noqa: F401
-    except ImportError:
-        pil = types.ModuleType("PIL")
-        pil.Image = types.ModuleType("PIL.Image")
-        pil.Image.Image = object
-        sys.modules.update({"PIL": pil, "PIL.Image": pil.Image})
-        stubbed = ["PIL", "PIL.Image"]
-    try:
-        from llama_models.datatypes import RawMessage, StopReason
-        from llama_models.llama3 import tokenizer
-        from llama_models.llama3.chat_format import ChatFormat
-    finally:
-        for name in stubbed:
-            sys.modules.pop(name, None)
-    path = os.path.join(os.path.dirname(tokenizer.__file__), "tokenizer.model")
-    return path, tokenizer.Tokenizer.get_instance(), ChatFormat, RawMessage, StopReason
-
-
-def test_real_llama3_tokenizer_golden_ids():
-    path, ref, ChatFormat, RawMessage, StopReason = llama_models_reference()
-    tok = Tokenizer(path)
-    assert tok.n_vocab == ref.n_words == 128256
-    assert tok.specials == ref.special_tokens
-    assert (tok.bos_id, tok.eos_id, tok.eom_id, tok.eot_id) == (128000, 128001, 128008, 128009)
-    assert tok.stop_ids == set(ref.stop_tokens)
-    texts = ["Hello, world!", "  spaces\n\nand\ttabs 12345 ünïcödé 日本語", "x<|eot_id|>y <|begin_of_text|>", ""]
-    for t in texts:
-        assert tok.encode(t) == ref.encode(t, bos=False, eos=False)
-        assert tok.decode(tok.encode(t)) == t
-    assert 128009 not in tok.encode("<|eot_id|>")  # special-token text is never a control token
-    assert {271, 198} <= tok.ids_containing("\n") and 271 in tok.ids_containing("\n\n")
-    msgs = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "What is 2+2?\n"},
-            {"role": "assistant", "content": "4\n"}, {"role": "user", "content": "<|eot_id|> and 3+3?"}]
-    fmt = ChatFormat(ref)
-    raw = [RawMessage(role=x["role"], content=x["content"], stop_reason=StopReason.end_of_turn) for x in msgs]
-    assert tok.render_prompt(msgs) == fmt.encode_dialog_prompt(raw).tokens
-    ids, mask = tok.render_chat(msgs[:3])
-    want = [ref.bos_id] + sum((fmt.encode_message(r, None)[0] for r in raw[:3]), [])
-    assert ids == want
-    assert ids[:5] == [128000, 128006, 9125, 128007, 271]  # golden: system = 9125, "\n\n" = 271
-    assert tok.render_prompt(msgs[:1])[-4:] == [128006, 78191, 128007, 271]  # assistant = 78191
-    body = fmt.encode_message(raw[2], None)[0][4:]  # assistant content + <|eot_id|>
-    assert [i for i, k in zip(ids, mask) if k] == body and body[-1] == tok.eot_id
-
-
-def test_byte_tokenizer_chat_mask_and_specials(tmp_path):
-    tok = byte_tokenizer(tmp_path)
-    assert tok.n_vocab == 512 and tok.bos_id == 256 and tok.eot_id == 256 + 9
-    assert tok.special("<|start_header_id|>") == 262 and tok.special("<|reserved_special_token_2|>") == 268
-    assert tok.special("<|reserved_special_token_245|>") == 511
-    assert tok.encode("ab") == [97, 98] and tok.decode([104, 105]) == "hi"
-    assert tok.ids_containing("\n") == {10}
-    ids, mask = tok.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
-    assert [i for i, k in zip(ids, mask) if k] == [ord("y"), ord("o"), tok.eot_id]
-    assert len(ids) == len(mask) and ids[0] == tok.bos_id
-    prompt = tok.render_prompt([{"role": "user", "content": "hi"}])
-    assert ids[: len(prompt)] == prompt and tok.decode(prompt).endswith("assistant<|end_header_id|>\n\n")
-    with pytest.raises(ValueError):
-        tok.render_prompt([{"role": "assistant", "content": "x"}])
-    bad = tmp_path / "bad.model"
-    bad.write_text("YQ== 0\nnot-base64!! 1\n")
-    with pytest.raises(UserError, match="bad.model:2"):
-        Tokenizer(bad)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def test_save_checkpoint_round_trip_and_errors(tmp_path):
-    tok = byte_tokenizer(tmp_path)
-    m = random_model(tiny_cfg(tie_embeddings=True), seed=11)
-    out = tmp_path / "ck"
-    checkpoint.save_checkpoint(out, m, tok, {"lr": 1e-3})
-    back, tok2 = checkpoint.load_model(out)
-    idx = torch.randint(0, 512, (1, 20))
-    assert torch.equal(back(idx), m(idx)) and tok2.n_vocab == tok.n_vocab
-    assert back.output.weight is back.tok_embeddings.weight
-    assert torch.load(out / "model.pt", weights_only=True)["config"] == {"lr": 1e-3}
-    assert sorted(os.listdir(out)) == ["model.pt", "tokenizer.model"]
-    # vocab mismatch names the tokenizer file
-    (tmp_path / "ck2").mkdir()
-    checkpoint.save_checkpoint(tmp_path / "ck2", random_model(tiny_cfg(vocab_size=600)), tok, {})
-    with pytest.raises(UserError, match="tokenizer.model.*vocab_size 600"):
-        checkpoint.load_model(tmp_path / "ck2")
-    # corrupted model.pt
-    data = (out / "model.pt").read_bytes()
-    (out / "model.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="model.pt"):
-        checkpoint.load_model(out)
-    with pytest.raises(UserError, match="no model.pt"):
-        checkpoint.load_model(tmp_path / "nowhere")
-
-
-def test_broken_hf_and_meta_checkpoints(tmp_path):
-    tok = byte_tokenizer(tmp_path)
-    m = random_model(tiny_cfg(), seed=12)
-    checkpoint.export_hf(m, tok, tmp_path / "hf")
-    st = tmp_path / "hf" / "model.safetensors"
-    data = st.read_bytes()
-    st.write_bytes(data[:-100])  # truncated
-    with pytest.raises(UserError, match="model.safetensors"):
-        checkpoint.load_model(tmp_path / "hf")
-    st.write_bytes(data)
-    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
-    with pytest.raises(UserError, match="gone.safetensors"):
-        checkpoint.load_model(tmp_path / "hf")
-    os.remove(tmp_path / "hf" / "model.safetensors.index.json")
-    os.remove(tmp_path / "hf" / "tokenizer.model")
-    with pytest.raises(UserError, match="tokenizer.model"):
-        checkpoint.load_model(tmp_path / "hf")
-    write_meta(m, tok, tmp_path / "meta")
-    (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="consolidated.00.pth"):
-        checkpoint.load_model(tmp_path / "meta")
-    write_meta(random_model(tiny_cfg(n_layers=1)), tok, tmp_path / "meta1")
-    params = json.loads((tmp_path / "meta1" / "params.json").read_text())
-    (tmp_path / "meta1" / "params.json").write_text(json.dumps({**params, "n_layers": 2}))
-    with pytest.raises(UserError, match="missing tensor layers.1"):
-        checkpoint.load_model(tmp_path / "meta1")
-
-
-def test_safetensors_writer_reads_back_and_ffn_rule(tmp_path):
-    ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4), "e": torch.zeros(0, 2)}
-    checkpoint.write_safetensors(tmp_path / "x.safetensors", ts)
-    back = checkpoint.read_safetensors(tmp_path / "x.safetensors")
-    assert all(torch.equal(back[k], v) for k, v in ts.items())
-    # Meta's SwiGLU sizes: Llama 3 8B, Llama 3.2 1B; and HF sizes map back onto the rule
-    assert M.ffn_hidden(M.ModelConfig(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3)) == 14336
-    assert M.ffn_hidden(M.ModelConfig(dim=2048, multiple_of=256, ffn_dim_multiplier=1.5)) == 8192
-    for dim, hidden in [(2048, 8192), (4096, 14336), (64, 171), (256, 704), (3072, 8192)]:
-        mo, mult = checkpoint._ffn_fields(dim, hidden)
-        assert M.ffn_hidden(M.ModelConfig(dim=dim, multiple_of=mo, ffn_dim_multiplier=mult)) == hidden
-
-
-# ====================================================================================================
-# tasks/ and eval.py: graders, data preparation, evaluation
-# ====================================================================================================
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and other jobs share this machine's cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CD = load_script("countdown_prepare", "data/countdown/prepare.py")
-MP = load_script("math_prepare", "data/math/prepare.py")
-
-# ----------------------------------------------------------------------------- MATH grader
-
-# (reference answer, prediction, equivalent?) — the agreement set: MATH-500-style answers in many surface forms and
-# near misses. The grader must match every label; math-verify's agreement with the labels is measured below.
-PAIRS = [
-    # --- equivalent: numbers
-    ("27.0", "27", True), ("27", "27.0", True), ("025", "25", True), ("073", "73", True), ("-1.0", "-1", True),
-    ("1000", "1,000", True), ("10,\\!080", "10080", True), ("11,\\! 111,\\! 111,\\! 100", "11111111100", True),
-    ("\\$32,\\!348", "32348", True), ("\\$18.90", "18.9", True), ("\\$36", "36", True), ("58,500", "58500", True),
-    ("0.15", ".15", True), (".0000672", "0.0000672", True), ("1.25", "\\frac{5}{4}", True), ("1.25", "5/4", True),
-    ("3.21", "3.210", True), ("4.5", "\\frac92", True), ("326.5", "\\frac{653}{2}", True), ("5", "5.", True),
-    ("5", "\\text{5}", True), ("5", "$5$", True), ("-50", "-50.0", True), ("0", "0.0", True), ("2000", "2000.00", True),
-    # --- fractions
-    ("\\frac{14}{3}", "14/3", True), ("\\frac{14}{3}", "\\dfrac{14}{3}", True),
-    ("\\frac{14}{3}", "\\tfrac{14}{3}", True),
-    ("\\frac43", "\\frac{4}{3}", True), ("\\frac 59", "\\frac{5}{9}", True), ("\\frac9{19}", "9/19", True),
-    ("\\frac{3}{56}", "\\frac{6}{112}", True), ("\\frac{1}{2}", "0.5", True),
-    ("-\\frac{35}{9}", "\\frac{-35}{9}", True),
-    ("-\\frac{24}{25}", "-0.96", True), ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True),
-    ("1\\frac{4}{5}", "\\frac{9}{5}", True), ("137 \\frac{1}{2}", "137.5", True),
-    ("\\frac{11+9a}{20}", "\\frac{9a+11}{20}", True),
-    ("\\frac{3\\sqrt{3}}{4}", "\\frac{3}{4}\\sqrt{3}", True), ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True),
-    ("\\frac{\\sqrt{21}}{5}", "\\sqrt{21}/5", True), ("\\frac{20000}{\\pi}", "20000/\\pi", True),
-    # --- roots, pi
-    ("3\\sqrt{13}", "\\sqrt{117}", True), ("11\\sqrt2", "11\\sqrt{2}", True), ("70 \\sqrt{2}", "70\\sqrt{2}", True),
-    ("\\sqrt{51}", "\\sqrt{51}", True), ("2\\sqrt{5}", "\\sqrt{20}", True), ("6\\sqrt{2}", "\\sqrt{72}", True),
-    ("-\\sqrt{3}", "-1\\cdot\\sqrt{3}", True), ("\\sqrt[3]{8}", "2", True), ("288 \\pi", "288\\pi", True),
-    ("7\\pi", "\\pi\\cdot 7", True), ("18+2\\pi", "2\\pi+18", True), ("-\\frac{\\pi}{6}", "-\\pi/6", True),
-    ("\\pi", "\\pi", True), ("11 \\sqrt{5} + 11", "11(\\sqrt{5}+1)", True), ("1+2\\sqrt{3}", "2\\sqrt3+1", True),
-    # --- degrees, percent, units, text
-    ("90^\\circ", "90", True), ("145^\\circ", "145^{\\circ}", True), ("30^\\circ", "30 degrees", True),
-    ("120^\\circ", "120°", True), ("50\\%", "50", True), ("50\\%", "0.5", True), ("25\\%", "25%", True),
-    ("864 \\mbox{ inches}^2", "864", True), ("15\\mbox{ cm}^2", "15", True), ("5.4 \\text{ cents}", "5.4", True),
-    ("12 \\text{ units}", "12", True), ("\\text{Evelyn}", "Evelyn", True), ("\\text{east}", "East", True),
-    ("\\text{(C)}", "C", True), ("\\text{(E)}", "(E)", True), ("\\textbf{(B)}", "B", True),
-    ("\\text{ellipse}", "ellipse", True),
-    # --- variables and equations
-    ("x=5", "5", True), ("5", "x = 5", True), ("y = 2x + 3", "2x+3", True), ("y = -2x", "y=-2x", True),
-    ("x \\in [-2,7]", "[-2,7]", True), ("p - q", "-q+p", True), ("2k+2", "2(k+1)", True), ("2k", "k+k", True),
-    ("(a+5)(b+2)", "ab+2a+5b+10", True), ("x^3+3x-6", "3x+x^3-6", True), ("-13x+3", "3-13x", True),
-    ("6r^2-4r-24", "2(3r^2-2r-12)", True), ("5r^5", "5 r^5", True), ("3R^2", "3R^{2}", True),
-    ("x^5 - x^4 + x^3 - x^2 + x - 1", "x^5-x^4+x^3-x^2+x-1", True), ("8n^2 + 4n + 1", "1+4n+8n^2", True),
-    ("15x - 80", "5(3x-16)", True), ("\\cot x", "\\frac{\\cos x}{\\sin x}", True), ("x^{2}", "x^2", True),
-    # --- complex numbers
-    ("6 - 5i", "-5i+6", True), ("-2 + 7i", "7i-2", True), ("1+274i", "1 + 274 i", True), ("1 - 12i", "1-12i", True),
-    # --- tuples, intervals, sets, lists
-    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)", True), ("(6,31,-1)", "(6, 31, -1)", True),
-    ("(-2,1)", "\\left(-2,1\\right)", True), ("(15,-29)", "(15, -29)", True),
-    ("\\left( \\frac{3}{2}, -13 \\right)", "(1.5,-13)", True),
-    ("(3,4]", "(3, 4]", True), ("(2,\\infty)", "(2, \\infty)", True), ("(-\\infty, 0]", "(-\\infty,0]", True),
-    ("(0,9) \\cup (9,36)", "(0,9)\\cup(9,36)", True),
-    ("(-\\infty, 2) \\cup (3, \\infty)", "(3,\\infty)\\cup(-\\infty,2)", True),
-    ("\\left[ \\frac{\\pi^2}{8}, \\frac{5 \\pi^2}{4} \\right]", "[\\pi^2/8, 5\\pi^2/4]", True),
-    ("1,-2", "-2, 1", True), ("3, 5, 7", "7,5,3", True), ("-2,1", "1, -2", True), ("\\{1,2\\}", "\\{2,1\\}", True),
-    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}", True),
-    ("3 \\pm 2 \\sqrt{2}", "3-2\\sqrt{2},3+2\\sqrt{2}", True),
-    ("\\{1\\pm\\sqrt{5},-2\\}", "-2, 1-\\sqrt5, 1+\\sqrt5", True), ("(1,-16,-4,43)", "(1, -16, -4, 43)", True),
-    # --- matrices
-    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
-     "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}", True),
-    ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", "\\begin{bmatrix} -1 & 0 \\\\ 0 & -1 \\end{bmatrix}", True),
-    ("\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}", "\\begin{pmatrix}-2\\\\-14\\\\-7\\end{pmatrix}", True),
-    # --- misc
-    ("52_8", "52_{8}", True), ("4210_{5}", "4210_5", True), ("6.72\\times10^{-5}", ".0000672", True),
-    ("2^{10}", "1024", True), ("10!", "3628800", True), ("\\frac{448}{15625}", "0.028672", True),
-    ("\\frac{1}{3}", "\\frac{2}{6}", True), ("\\frac{2}{21}", "2/21", True), ("9901", "9901", True),
-    # --- near misses
-    ("27.0", "28", False), ("025", "52", False), ("5", "-5", False), ("\\frac{14}{3}", "\\frac{3}{14}", False),
-    ("\\frac{1}{2}", "0.51", False), ("\\frac{1}{3}", "0.333", False), ("\\frac{3}{56}", "\\frac{3}{65}", False),
-    ("1000", "100", False), ("10,\\!080", "1008", False), ("1.25", "1.2", False), ("0.15", "0.015", False),
-    ("3\\sqrt{13}", "3\\sqrt{11}", False), ("3\\sqrt{13}", "\\sqrt{39}", False), ("11\\sqrt2", "11\\sqrt3", False),
-    ("\\pi", "3.14", False), ("7\\pi", "7", False), ("18+2\\pi", "18+\\pi", False),
-    ("-\\frac{\\pi}{6}", "\\frac{\\pi}{6}", False),
-    ("90^\\circ", "80", False), ("50\\%", "5", False), ("\\text{Evelyn}", "Navin", False), ("\\text{(C)}", "D", False),
-    ("x=5", "6", False), ("p - q", "q - p", False), ("2k+2", "2k+1", False), ("(a+5)(b+2)", "(a+2)(b+5)", False),
-    ("x^3+3x-6", "x^3+3x+6", False), ("x^2", "x^3", False), ("6r^2-4r-24", "6r^2-4r+24", False),
-    ("6 - 5i", "6 + 5i", False), ("-2 + 7i", "2 - 7i", False), ("1+274i", "274+i", False),
-    ("(6,31,-1)", "(6,-1,31)", False), ("(-2,1)", "(1,-2)", False), ("(3,4]", "(3,4)", False),
-    ("(3,4]", "[3,4]", False),
-    ("(2,\\infty)", "[2,\\infty)", False), ("(0,9) \\cup (9,36)", "(0,36)", False), ("1,-2", "1, 2", False),
-    ("3, 5, 7", "3, 5", False), ("3, 5, 7", "3,5,7,9", False), ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}", False),
-    ("(15,-29)", "(-29,15)", False), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi)", False),
-    ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", "\\begin{pmatrix} 1 & 0 \\\\ 0 & 1 \\end{pmatrix}", False),
-    ("\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}", "\\begin{pmatrix}-2\\\\-14\\\\7\\end{pmatrix}", False),
-    ("52_8", "52", False), ("4210_{5}", "4210_6", False), ("2^{10}", "1023", False), ("10!", "362880", False),
-    ("\\frac{448}{15625}", "0.0287", False), ("9901", "9910", False), ("-50", "50", False), ("0", "1", False),
-    ("\\sqrt{51}", "51", False), ("2\\sqrt{5}", "\\sqrt{10}", False), ("\\frac{\\sqrt{3}}{3}", "\\sqrt{3}", False),
-    ("y = 2x + 3", "2x - 3", False), ("5r^5", "5r^4", False), ("3R^2", "3R", False), ("\\cot x", "\\tan x", False),
-    ("8n^2 + 4n + 1", "8n^2 + 4n", False), ("15x - 80", "15x-8", False), ("-13x+3", "13x+3", False),
-    ("\\frac{11+9a}{20}", "\\frac{11+9a}{2}", False), ("137 \\frac{1}{2}", "137", False),
-    ("1\\frac{4}{5}", "\\frac{4}{5}", False),
-    ("\\$32,\\!348", "32,384", False), ("58,500", "585", False), ("12 \\text{ units}", "13", False),
-    ("\\text{east}", "west", False), ("\\text{ellipse}", "parabola", False), ("-\\sqrt{3}", "\\sqrt{3}", False),
-    ("288 \\pi", "288", False), ("-\\frac{24}{25}", "\\frac{24}{25}", False), ("4.5", "45", False),
-    ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2]\\cup(3,\\infty)", False), ("\\{1,2\\}", "\\{1,2,3\\}", False),
-    ("6.72\\times10^{-5}", "6.72\\times10^{-4}", False), ("x \\in [-2,7]", "[-2,7)", False), ("2k", "k", False),
-    ("11 \\sqrt{5} + 11", "11\\sqrt{5}", False), ("\\frac{20000}{\\pi}", "20000\\pi", False),
-    ("9", "9^{9^{9^{9}}}", False),
-]
-
-
-def test_math_pairs(monkeypatch):
-    # Equivalence logic only: generous time limits, so a busy machine cannot turn a slow sympy call into "not equal"
-    # (the limits themselves are tested with the adversarial inputs below).
-    monkeypatch.setattr(math_task, "SYMPY_TIMEOUT", 60.0)
-    monkeypatch.setattr(math_task, "MATH_TIME_LIMIT", 120.0)
-    assert len(PAIRS) >= 150 and 60 <= sum(not p[2] for p in PAIRS)
-    math_task._sympy_cache.clear()
-    wrong = [(g, p, want) for g, p, want in PAIRS if math_task.math_equal(g, p) != want]
-    assert not wrong, wrong
-
-
-def test_math_verify_agreement():
-    mv = pytest.importorskip("math_verify")  # test-only reference grader
-    agree, differ = 0, []
-    for g, p, want in PAIRS:
-        try:
-            parse = lambda x: mv.parse(f"\\boxed{{{x}}}", parsing_timeout=1)
-            got = mv.verify(parse(g), parse(p), timeout_seconds=1)
-        except Exception:
-            got = None
-        agree += got == want
-        if got != want:
-            differ.append((g, p, want, got))
-    rate = agree / len(PAIRS)
-    print(f"\nmath-verify agrees with the labels (= our grader) on {agree}/{len(PAIRS)} = {rate:.1%}; "
-          f"differs on {differ}")
-    assert rate >= 0.9
-
-
-def test_extract_boxed():
-    assert tasks.extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
-    assert tasks.extract_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"  # escaped braces are content
-    assert tasks.extract_boxed("so \\boxed 5$.") == "5"
-    assert tasks.extract_boxed("\\fbox{7}") == "7"
-    assert tasks.extract_boxed("\\boxed{1} then \\boxed{2") is None  # the last box is unclosed: no answer
-    assert tasks.extract_boxed("no box") is None and tasks.extract_boxed("\\boxed") is None
-    assert tasks.extract_boxed("\\boxed{ {a}{b} }") == "{a}{b}"
-
-
-ADVERSARIAL = [
-    "\\boxed{9^{9^{9^{9}}}}", "\\boxed{10!!!!!!}", "\\boxed{(10!)!}", "\\boxed{2^{100000}}", "\\boxed{x^{99999999}}",
-    "x" * 100_000 + "\\boxed{5}", "\\boxed{" + "1+" * 50_000 + "1}",
-    "\\boxed{" + "{" * 50_000 + "5" + "}" * 50_000 + "}",
-    "\\boxed{" + "(" * 5000 + "5" + ")" * 5000 + "}", "\\boxed{" + "\\frac{" * 2000 + "1" + "}{2}" * 2000 + "}",
-    "\\boxed{" * 30_000, "\\boxed{\\sqrt{\\sqrt{\\sqrt{" * 300 + "}", "}" * 100_000 + "\\boxed{}",
-    "\\boxed{1e999999999}", "\\boxed{__import__('os').system('echo pwned')}", "\\boxed{().__class__}",
-]
-
-
-@pytest.mark.parametrize("response", ADVERSARIAL, ids=[f"adv{i}" for i in range(len(ADVERSARIAL))])
-def test_adversarial_inputs_finish_fast(response):
-    math_task.math_equal("1", "2")  # warm the worker so its start is not timed
-    for rec in ({"id": "m", "problem": "", "answer": "5"},
-                {"id": "c", "problem": "", "answer": "24", "numbers": [1, 2, 3, 4], "target": 24}):
-        t = time.time()
-        pred, ok = tasks.grade(rec, response)
-        # no hang: bounded by the grader's own limits (a hang would take minutes), not a speed target
-        assert time.time() - t < math_task.MATH_TIME_LIMIT + math_task.SYMPY_TIMEOUT + 5 and ok in (True, False)
-    assert math_task.to_sympy_str("9^{9^{9}}") is None and math_task.to_sympy_str("10!!") is None
-    assert math_task.to_sympy_str("__import__") is None and math_task.to_sympy_str("a.b") is None
-
-
-def test_sympy_timeout_from_a_thread(monkeypatch):
-    monkeypatch.setattr(math_task, "SYMPY_TIMEOUT", 0.5)
-    math_task._sympy_cache.clear()
-    slow = ("(a+b+c)^{30}(a-b)^{30}", "(a^2-b^2+ac-bc)^{30}+a")  # passes every guard, simplify takes seconds
-    out = {}
-    th = threading.Thread(target=lambda: out.update(r=math_task.math_equal(*slow)))
-    t = time.time()
-    th.start()
-    th.join(10)
-    assert not th.is_alive() and out["r"] is False  # the worker was killed at its limit, not waited for
-    assert math_task.math_equal("2k+2", "2(k+1)")  # a fresh worker replaced the killed one
-    assert math_task.sympy_equal("x", "x+1") is False
-
-
-def test_math_normalize_and_percent():
-    assert math_task.normalize_math("\\left( 3, \\dfrac{\\pi}{2} \\right)")[0] == "(3,\\frac{\\pi}{2})"
-    assert math_task.normalize_math("10\\%") == ("10", True)
-    assert tasks.grade({"id": "x", "problem": "", "answer": "0.5"}, "so \\boxed{50\\%}")[1]
-    assert not tasks.grade({"id": "x", "problem": "", "answer": "0.5"}, "\\boxed{50}")[1]  # no percent sign: no rescaling
-    assert tasks.grade({"id": "x", "problem": "", "answer": "27.0"}, "The answer is $\\boxed{27}$.") == ("27", True)
-
-
-# ----------------------------------------------------------------------------- Countdown grader and data
-
-CD_REC = {"id": "c", "problem": "", "answer": "24", "numbers": [1, 2, 3, 4], "target": 24, "level": 4}
-
-
-@pytest.mark.parametrize("expr,ok", [
-    ("1*2*3*4", True), ("(1+2+3)*4", True), ("4*3*2*1", True), ("(4+2)*(3+1)", True), ("((1+2)+3)*4", True),
-    ("(2+1+3)*4 = 24", True), ("4\\times 3\\times 2\\times 1", True), ("(3-1)*4*(2+1)-0", False),
-    ("4*3*2", False),              # 1 unused
-    ("4*3*2*1*1", False),          # 1 used twice
-    ("(1+3)*2*4", False),          # 32
-    ("4*3*(2-1)", False),          # 12
-    ("6*4", False),                # numbers not given
-    ("24", False), ("1*2*3*4=25", False), ("(1+2+3)*4=24=25", False),
-    ("-1+2+3*4+11", False), ("4/(1-1)+2*3", False), ("(1+2+3*4", False), ("1 2 3 4", False), ("", False),
-    ("1*2*3*4" + "*1" * 100, False), ("1.0*2*3*4", False), ("(1+2+3)\\cdot 4", True), ("4*(3+2+1)/1*1", False),
-])
-def test_countdown_grader(expr, ok):
-    assert tasks.grade(CD_REC, f"1+2=3 left 3 3 4\n\\boxed{{{expr}}}\n")[1] is ok
-
-
-def test_countdown_grader_rules():
-    rec = {"id": "c", "problem": "", "answer": "10", "numbers": [2, 3, 4], "target": 10, "level": 3}
-    assert tasks.grade(rec, "\\boxed{2*3+4}") == ("2*3+4", True)
-    assert tasks.grade(rec, "\\boxed{4+3*2}")[1] and tasks.grade(rec, "\\boxed{(4+(3*2))}")[1]
-    assert tasks.grade(rec, "\\boxed{2*3+4=10}")[1] and not tasks.grade(rec, "\\boxed{2*3+4=11}")[1]
-    assert not tasks.grade(rec, "\\boxed{2*3+4+0}")[1]    # a number not given
-    assert not tasks.grade(rec, "\\boxed{2*3+4*1}")[1]
-    assert not tasks.grade(rec, "\\boxed{(2*3+4)}\\boxed{2+3+4}")[1]  # the last box counts
-    assert not tasks.grade(rec, "\\boxed{2*3+4")[1] and tasks.grade(rec, "2*3+4") == (None, False)
-    rec2 = dict(rec, numbers=[3, 3, 2], answer="3", target=3)
-    assert tasks.grade(rec2, "\\boxed{3/(3/2)+1}")[1] is False
-    assert tasks.grade(dict(rec2, numbers=[4, 2, 1], answer="3", target=3), "\\boxed{(4+2)*(1/2)}")[1] is False
-    assert tasks.grade(dict(rec, numbers=[6, 4, 3], answer="8", target=8), "\\boxed{6/3*4}")[1]  # fractions exact
-    assert tasks.grade(dict(rec, numbers=[7, 2, 2], answer="7", target=7), "\\boxed{7/2*2}")[1]
-    assert countdown.countdown_eval("1/(2-2)") is None and countdown.countdown_eval("-1+2") is None
-    assert countdown.countdown_eval("((((((((((1))))))))))") == (1, [1])
-    assert countdown.countdown_eval("(" * 100 + "1" + ")" * 100) is None  # too deep
-
-
-def brute_count(nums, target):
-    """Independent, slow reference solver: number of operation sequences (over positions) reaching target."""
-    if len(nums) == 1:
-        return int(nums[0] == target)
-    total = 0
-    for i in range(len(nums)):
-        for j in range(i + 1, len(nums)):
-            a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
-            rest = [n for k, n in enumerate(nums) if k not in (i, j)]
-            for c in (a + b, a - b, a * b, a // b if b and a % b == 0 else None):
-                if c is not None:
-                    total += brute_count(rest + [c], target)
-    return total
-
-
-def test_countdown_solver_and_grader_agree():
-    rng = np.random.default_rng(0)
-    for k in (3, 4):
-        nums, tgt = rng.integers(1, 26, (400, k)), rng.integers(10, 101, 400)
-        count, paths = countdown.solve(nums, tgt, rng)
-        for i in range(0, 400, 8):  # the vectorized counts match an independent brute force
-            assert count[i] == brute_count(nums[i].tolist(), int(tgt[i]))
-        assert (count > 0).sum() > 10
-        for i in np.flatnonzero(count):
-            rec = {"id": "x", "problem": "", "numbers": nums[i].tolist(), "target": int(tgt[i]), "answer": str(tgt[i])}
-            lines = countdown.steps(rec["numbers"], paths[i], rec["target"])
-            assert len(lines) == k - 1 and all(" left " in s for s in lines[:-1])
-            assert tasks.grade(rec, "\n".join(lines) + "\n") == (tasks.extract_boxed(lines[-1]), True)
-            box = tasks.extract_boxed(lines[-1])
-            first = __import__("re").search(r"[0-9]+", box)
-            bad = box[:first.start()] + str(int(first.group()) + 1) + box[first.end():]  # a mutated number
-            assert tasks.grade(rec, f"\\boxed{{{bad}}}")[1] is False
-            assert lines[-1].endswith(f"={rec['target']} == {rec['target']}")  # the arithmetic ends at the target
-        assert all(p is None for p in np.array(paths, dtype=object)[count == 0])
-
-
-def test_countdown_steps_format():
-    lines = countdown.steps([7, 3, 12, 25], [(1, 2, "*"), (1, 2, "+"), (0, 1, "-")], 54)
-    assert lines == ["12*3=36 left 7 25 36", "(12*3)+25=36+25=61 left 7 61", "\\boxed{((12*3)+25)-7}=61-7=54 == 54"]
-    assert countdown.steps([5, 20], [(0, 1, "/")], 3) == ["\\boxed{20/5}=20/5=4 != 3"]
-
-
-def small_prepare(out_dir, **kw):
-    cfg = CD.Config(out_dir=str(out_dir), train=140, warmup=250, level_mix=(2, 3), val=20, test=30, bpe_docs=250, **kw)
-    return CD.main(cfg)
-
-
-@pytest.fixture(scope="module")
-def cd_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cd")
-    small_prepare(d)
-    return d
-
-
-def test_countdown_prepare(cd_data, tmp_path):
-    d = cd_data
-    small_prepare(tmp_path / "again")
-    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model"):
-        assert (d / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f  # deterministic
-    cfg2 = CD.Config(out_dir=str(tmp_path / "big"), train=180, warmup=110, val=20, test=30, bpe_docs=100)
-    CD.main(cfg2)
-    assert (d / "test.jsonl").read_bytes() == (tmp_path / "big" / "test.jsonl").read_bytes()  # test ignores train size
-    small_prepare(tmp_path / "confirm", confirm=7)  # a confirmatory split: new problems, every other file unchanged
-    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model"):
-        assert (d / f).read_bytes() == (tmp_path / "confirm" / f).read_bytes(), f
-    confirm = tasks.read_problems(str(tmp_path / "confirm" / "confirm.jsonl"))
-    assert [r["level"] for r in confirm] == [3] * 7 + [4] * 7 and not (d / "confirm.jsonl").exists()
-    assert all(r["id"].startswith(f"cd{r['level']}-confirm-") for r in confirm)
-    small_prepare(tmp_path / "round2", confirm=7, confirm_round=2)  # a second round: round 1 unchanged, then new ones
-    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model", "confirm.jsonl"):
-        assert (tmp_path / "confirm" / f).read_bytes() == (tmp_path / "round2" / f).read_bytes(), f
-    confirm2 = tasks.read_problems(str(tmp_path / "round2" / "confirm2.jsonl"))
-    assert [r["level"] for r in confirm2] == [3] * 7 + [4] * 7
-    assert all(r["id"].startswith(f"cd{r['level']}-confirm2-") for r in confirm2)
-    with pytest.raises(common.UserError, match="confirm_round"):
-        small_prepare(tmp_path / "bad", confirm_round=0)
-    with pytest.raises(common.UserError, match="min_solutions must give a count >= 1 per level"):
-        small_prepare(tmp_path / "bad", min_solutions=(1,))
-    splits = {s: tasks.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [140, 40, 60]
-    assert sum(r["level"] == 3 for r in splits["train"]) == 56  # level_mix 2:3
-    stats = json.loads((d / "prepare.json").read_text())
-    held = set(stats["held_out_targets"])
-    assert len(held) == 9 and not any(r["target"] in held for r in splits["train"])
-    assert any(r["new_target"] for r in splits["test"] + splits["val"])
-    keys = [(tuple(sorted(r["numbers"])), r["target"]) for s in [*splits.values(), confirm, confirm2] for r in s]
-    assert len(keys) == len(set(keys))  # no problem in two splits
-    least = dict(zip(CD.Config.levels, CD.Config.min_solutions))
-    for r in splits["test"]:
-        assert r["level"] == len(r["numbers"]) and r["answer"] == str(r["target"])
-        assert r["solutions"] >= least[r["level"]]
-        assert r["problem"] == tasks.prompt_messages(r)[0]["content"] and r["id"].startswith(f"cd{r['level']}-test-")
-    convs = common.read_jsonl(str(d / "warmup.jsonl"))
-    assert len(convs) == 250
-    for c in convs:
-        user, asst = c["messages"]
-        nums = user["content"].split(" from ")[1].split(" with")[0].split()
-        rec = {"id": "w", "problem": "", "answer": "", "numbers": list(map(int, nums)),
-               "target": int(user["content"].split()[1])}
-        assert user == tasks.prompt_messages(rec)[0] and asst["role"] == "assistant"
-        assert tasks.grade(rec, asst["content"])[1] and asst["content"].endswith("\n")
-        assert asst["content"].count("\n") == len(rec["numbers"]) - 1 and c["meta"]["backtracks"] == 0
-        assert asst["content"].endswith(f"={rec['target']} == {rec['target']}\n")  # as tasks.tool writes it
-    with pytest.raises(common.UserError, match="only .* new solvable 3-number"):
-        CD.main(CD.Config(out_dir=str(tmp_path / "x"), hi=3, train=600, warmup=10, level_mix=(1, 0), val=5, test=5))
-
-
-def test_countdown_calculator(cd_data):
-    import model
-    tok = Tokenizer(str(cd_data / "tokenizer.model"))
-    rec = {"numbers": [7, 3, 12, 25], "target": 54}
-    triggers, calc = tasks.tool(rec, tok)
-    assert tasks.tool({"problem": "x", "answer": "1"}, tok) is None  # math: no tool
-    prompt = tok.render_prompt(tasks.prompt_messages(rec))
-    for text, want in [("12*3=", "36 left 7 25 36\n"), ("(12*3)+25=36+25=", "61"),
-                       ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
-                       ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"), ("7 left 3\n\\boxed{3}=3\n61-7=", "54"),
-                       ("7 left 3 25 36\n600*25=", "15000"), ("20/5=", "4"), ("(12*3)+25=", None),
-                       ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None), ("1.5+2=", None),
-                       # the answer's line shows the box's own value and the grader's verdict, whatever was copied
-                       ("\\boxed{((12*3)+25)-7}=61-9=", "54 == 54\n"), ("\\boxed{((12*3)+7)+3}=61-7=", "46 != 54\n"),
-                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7 != 54\n"), ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid != 54\n"),
-                       ("\\boxed{(12*3)+(25-7=", "invalid != 54\n"),
-                       ("\\boxed{(12*3)+(25-7)}=36+18=", "54 == 54\n"),
-                       ("\\boxed{(25+25)+(7-3)}=50+4=", "54 == 54 but the numbers are wrong\n")]:
-        ids = tok.encode(text)
-        assert ids[-1] in triggers, text  # every "...=" ends in a trigger id
-        assert calc(prompt, ids) == (tok.encode(want) if want else []), text
-    other = tok.render_prompt(tasks.prompt_messages({"numbers": [7, 3, 12, 25], "target": 68}))  # each row: its own target
-    assert calc(other, tok.encode("\\boxed{((12*3)+25)+7}=61+7=")) == tok.encode("68 == 68\n")
-    for text in ("\\boxed{((12*3)+25)-7}=61-7=", "\\boxed{((12*3)+7)+3}=61-7=", "\\boxed{(25+25)+(7-3)}=50+4="):
-        verdict = tok.decode(calc(prompt, tok.encode(text)))  # "==" exactly when the grader accepts the box
-        assert (" == " in verdict and "wrong" not in verdict) == tasks.grade(rec, text + verdict)[1], text
-    assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))
-    # the numbers left: from the line before, the start numbers after a restart, the restated step after a go-back
-    for text, want in [("12*3=36 left 7 25 36\n(12*3)+25=36+25=", "61 left 7 61\n"),
-                       ("12*3=36 left 7 25 36\n12*3=", "36"),  # 12 is not left: the model writes the rest itself
-                       (f"12*3=36 left 7 25 36\n\\boxed{{12*3}}=36 != 54\n{common.REFLECT} {common.NOT_SURE} "
-                        f"{common.RESTART}\n25-7=", "18 left 3 12 18\n"),
-                       (f"7+3=10 left 12 25 10\n{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had 12*3=36 left 7 25 "
-                        "36.\n25+7=", "32 left 36 32\n"),
-                       (f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had 12*3=", "36")]:  # inside a go-back: the result only
-        assert tok.decode(calc(prompt, tok.encode(text))) == want, text
-    assert countdown.numbers_left([7, 3, 12, 25], "") == [7, 3, 12, 25]
-    # search's prompts end in a node's path: the numbers left come from there
-    assert tok.decode(calc(prompt + tok.encode("12*3=36 left 7 25 36\n"), tok.encode("25-7="))) == "18 left 36 18\n"
-    # it writes what the warm-up traces say (the one freedom: which of two equal numbers goes first)
-    written = same = 0
-    for conv in common.read_jsonl(str(cd_data / "warmup.jsonl"))[:100]:
-        m = countdown.TARGET.search(conv["messages"][0]["content"])
-        row = {"target": int(m[1]), "numbers": [int(n) for n in m[2].split()]}
-        trig, calc_row = tasks.tool(row, tok)
-        p, ids, i = tok.render_prompt(tasks.prompt_messages(row)), tok.encode(conv["messages"][1]["content"]), 0
-        while i < len(ids):
-            out = calc_row(p, ids[: i + 1]) if ids[i] in trig else []
-            if out:
-                written += 1
-                said, wrote = tok.decode(ids[i + 1 : i + 1 + len(out)]), tok.decode(out)
-                same += said == wrote or (len(set(row["numbers"])) < len(row["numbers"])  # equal numbers: any order
-                                          and sorted(said.split()) == sorted(wrote.split()))
-            i += 1 + len(out)
-    assert written > 150 and same == written
-
-
-def test_countdown_tokenizer(cd_data):
-    import tiktoken
-    import model
-    counts = CD.bpe_corpus(common.read_jsonl(str(cd_data / "warmup.jsonl"))[:100])
-    vocab, seg = CD.train_bpe(counts, 200)
-    assert len(vocab) == 256 + 200 and len(set(vocab)) == len(vocab) and vocab[:256] == [bytes([b]) for b in range(256)]
-    enc = tiktoken.Encoding("t", pat_str=PAT_STR, mergeable_ranks={t: i for i, t in enumerate(vocab)},
-                            special_tokens={})
-    for word, toks in seg.items():  # tiktoken applies the ranks exactly as training merged
-        assert [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary(word.decode())] == toks, word
-    tok = Tokenizer(str(cd_data / "tokenizer.model"))
-    ranks = (cd_data / "tokenizer.model").read_text().splitlines()
-    assert tok.n_vocab == len(ranks) + 256 and base64.b64decode(ranks[65].split()[0]) == b"A"
-    conv = common.read_jsonl(str(cd_data / "warmup.jsonl"))[0]
-    trace = conv["messages"][1]["content"]
-    line = f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had {trace.splitlines()[0]}.\n"
-    for text in (trace, line, conv["messages"][0]["content"]):
-        assert tok.decode(tok.encode(text)) == text
-    assert len(tok.encode(trace)) <= 20 * trace.count("\n")  # short steps
-    assert len(tok.encode(" " + common.REFLECT)) <= 16  # the reflection words are whole tokens
-    ids, mask = tok.render_chat(conv["messages"])
-    assert tok.decode([i for i, m in zip(ids, mask) if m][:-1]) == trace
-
-
-# ----------------------------------------------------------------------------- MATH data
-
-def make_sources(tmp_path):
-    """Small files in each source's own format (not the real data)."""
-    math = [{"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "answer": "2", "subject": "Algebra",
-             "level": 1, "unique_id": "test/algebra/1.json"},
-            {"problem": "Half?", "solution": "$\\boxed{\\frac12}$", "answer": "\\frac{1}{2}", "subject": "Prealgebra",
-             "level": 2, "unique_id": "test/prealgebra/7.json"}]
-    url = "https://artofproblemsolving.com/wiki/index.php/2024_AIME_{}_Problems/Problem_{}"
-    aime = [{"id": 61, "problem": "p10", "solution": "s", "answer": "025", "url": url.format("I", 10),
-             "question": "p10"},
-            {"id": 75, "problem": "q2", "solution": "s", "answer": "204", "url": url.format("II", 2), "question": "q2"},
-            {"id": 60, "problem": "p1", "solution": "s", "answer": "073", "url": url.format("I", 1), "question": "p1"}]
-    amc_url = "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12{}_Problems/Problem_{}"
-    amc = [{"id": 3, "problem": "b", "answer": 27.0, "url": amc_url.format("B", 4), "question": "b"},
-           {"id": 0, "problem": "a", "answer": -1.0, "url": amc_url.format("A", 12), "question": "a"}]
-    to_bytes = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()
-    return {"math500": to_bytes(math), "aime24": to_bytes(aime), "amc23": to_bytes(amc),
-            "math_train": to_bytes(math)}
-
-
-def serve(monkeypatch, files, broken=()):
-    """Point every source at fixture bytes; `broken` names get corrupted bytes."""
-    sources, served = {}, {}
-    for name, (urls, sha, conv) in MP.SOURCES.items():
-        sources[name] = (urls, hashlib.sha256(files[name]).hexdigest(), conv)
-        for u in urls:
-            served[u] = files[name] + (b" " if name in broken else b"")
-    monkeypatch.setattr(MP, "SOURCES", sources)
-
-    def download(url, timeout=60.0):
-        if url not in served:
-            raise OSError(f"offline: {url}")
-        return served[url]
-    monkeypatch.setattr(MP, "download", download)
-
-
-def test_math_prepare_on_fixtures(tmp_path, monkeypatch):
-    files = make_sources(tmp_path)
-    monkeypatch.setattr(MP.urllib.request, "urlopen", lambda *a, **k: pytest.fail("network access in a test"))
-    serve(monkeypatch, files)
-    out = tmp_path / "out"
-    assert MP.main(MP.Config(out_dir=str(out), train=True, val=1)) == \
-        {"math500": 2, "aime24": 3, "amc23": 2, "math_train": 1, "math_val": 1}
-    split = [r["id"] for name in ("math_train", "math_val") for r in tasks.read_problems(str(out / f"{name}.jsonl"))]
-    assert sorted(split) == sorted(r["id"] for r in tasks.read_problems(str(out / "math500.jsonl")))  # the same fixture
-    with pytest.raises(common.UserError, match="val must be in 1..1"):
-        MP.main(MP.Config(out_dir=str(out), train=True, val=2))
-    aime = tasks.read_problems(str(out / "aime24.jsonl"))
-    assert [(r["id"], r["answer"]) for r in aime] == [("aime24/2024_AIME_I/1", "073"), ("aime24/2024_AIME_I/10", "025"),
-                                                      ("aime24/2024_AIME_II/2", "204")]
-    assert set(aime[0]) == {"id", "problem", "answer", "solution", "_line"}
-    amc = tasks.read_problems(str(out / "amc23.jsonl"))
-    assert [(r["id"], r["answer"]) for r in amc] == [("amc23/2023_AMC_12A/12", "-1.0"),
-                                                     ("amc23/2023_AMC_12B/4", "27.0")]
-    m = tasks.read_problems(str(out / "math500.jsonl"))
-    assert m[1]["id"] == "test/prealgebra/7.json" and m[1]["level"] == 2 and m[1]["subject"] == "Prealgebra"
-    assert list(json.loads((out / "math500.jsonl").read_text().splitlines()[0])) == \
-        ["id", "problem", "answer", "level", "subject", "solution"]
-    assert all(tasks.grade(r, r["solution"])[1] for r in m)
-    assert tasks.grade(amc[1], "\\boxed{27}")[1] and tasks.grade(aime[1], "\\boxed{25}")[1]
-
-
-def test_math_prepare_errors(tmp_path, monkeypatch):
-    files = make_sources(tmp_path)
-    serve(monkeypatch, files, broken={"aime24"})
-    with pytest.raises(common.UserError, match=r"(?s)aime24: .*checksum mismatch"):
-        MP.main(MP.Config(out_dir=str(tmp_path / "o")))
-    files["amc23"] = b'{"problem": "x", "answer": 1.0, "url": "nowhere"}\n'
-    serve(monkeypatch, files)
-    with pytest.raises(common.UserError, match=r"amc23:1: url"):
-        MP.main(MP.Config(out_dir=str(tmp_path / "o")))
-    files["amc23"] = b'{"problem": "x", \n'
-    serve(monkeypatch, files)
-    with pytest.raises(common.UserError, match=r"amc23:1: not valid JSON"):
-        MP.main(MP.Config(out_dir=str(tmp_path / "o")))
-    monkeypatch.setattr(MP, "download", lambda url, timeout=60.0: (_ for _ in ()).throw(OSError("no network")))
-    with pytest.raises(common.UserError, match=r"(?s)math500: could not get .*no network"):
-        MP.main(MP.Config(out_dir=str(tmp_path / "o")))
-
-
-# ----------------------------------------------------------------------------- problems, reflections, summary
-
-@pytest.mark.parametrize("line,msg", [
-    ('{"id": "a", "problem": "p"', "not valid JSON"),
-    ('{"id": "a", "problem": "p"}', "missing field 'answer'"),
-    ('{"id": 3, "problem": "p", "answer": "1"}', "id: must be a non-empty string"),
-    ('{"id": "a", "problem": "p", "answer": 27.0}', "answer: must be a string"),
-    ('{"id": "a", "problem": "p", "answer": "1", "level": "2"}', "level: must be an int"),
-    ('{"id": "a", "problem": "p", "answer": "5", "numbers": [1, "2"], "target": 5}', "numbers: must be a list"),
-    ('{"id": "a", "problem": "p", "answer": "6", "numbers": [1, 2], "target": 5}', "answer: must be str"),
-    ('{"id": "a", "problem": "p", "answer": "3", "numbers": [1, 2], "target": 3, "level": 3}', "level: a Countdown"),
-    ('{"id": "ok", "problem": "p", "answer": "1"}', "id: duplicate id 'ok'"),
-])
-def test_read_problems_reports_file_line_field(tmp_path, line, msg):
-    p = tmp_path / "p.jsonl"
-    p.write_text('{"id": "ok", "problem": "p", "answer": "1"}\n\n' + line + "\n")
-    with pytest.raises(common.UserError, match=f"{p}:3: .*{msg}"):
-        tasks.read_problems(str(p))
-
-
-def test_prompts_and_reflections():
-    cd = {"id": "c", "problem": "", "answer": "24", "numbers": [4, 6, 1, 5], "target": 24}
-    m = {"id": "m", "problem": "What is 1+1?", "answer": "2"}
-    assert "4 6 1 5" in tasks.prompt_messages(cd)[0]["content"] and tasks.prompt_messages(m)[0]["content"].startswith("What is")
-    assert tasks.step_delimiter(cd) == "\n" and tasks.step_delimiter(m) == "\n\n"
-    L = linearize
-    text = (f"1+2=3\n{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had 1+2=3.\n4\n{common.REFLECT} {common.NOT_SURE} {common.RESTART}\n"
-            f"5\n{common.REFLECT} {common.SEEMS_RIGHT}\n")
-    assert tasks.count_reflections(text) == (2, 3) and tasks.count_reflections("plain") == (0, 0)
-
-
-def test_summarize():
-    probs = [{"id": f"p{i}", "problem": "", "answer": "5", "level": 1 + i % 2} for i in range(4)]
-    preds = []
-    for i, (answers, oks) in enumerate([(["5", "5", "6"], [1, 1, 0]), (["7", "7", "5"], [0, 0, 1]),
-                                        ([None, None, None], [0, 0, 0]), (["5", "5", "5"], [1, 1, 1])]):
-        for j, (a, ok) in enumerate(zip(answers, oks)):
-            preds.append({"id": f"p{i}", "sample": j, "pred": a, "correct": bool(ok), "tokens": 10 + j,
-                          "backtracks": ok, "reflections": 2 * ok, "stopped": j != 2})
-        preds.append({"id": f"p{i}", "sample": -1, "pred": "5", "correct": i != 2, "tokens": 1, "backtracks": 0,
-                      "reflections": 0, "stopped": True})
-    s = E.summarize(preds, probs + [{"id": "unseen", "problem": "", "answer": "1"}])
-    assert s["problems"] == 4 and s["samples"] == 12
-    assert s["pass@1"] == pytest.approx((2 / 3 + 1 / 3 + 0 + 1) / 4)
-    assert s["maj@k"] == pytest.approx(0.5) and s["greedy_acc"] == pytest.approx(0.75)
-    assert s["pass@1_by_level"] == {"1": pytest.approx((2 / 3 + 0) / 2), "2": pytest.approx((1 / 3 + 1) / 2)}
-    assert s["pass@1_ci95"][0] <= s["pass@1"] <= s["pass@1_ci95"][1]
-    assert s["truncated"] == pytest.approx(1 / 3) and s["mean_tokens"] == pytest.approx(11)
-    assert s["pearson_backtracks_correct"] == pytest.approx(1.0) and s["no_answer"] == pytest.approx(0.25)
-
-
-def write_evals(out, probs, hits):
-    """An eval stage's files under out/eval/<model>/: hits[model][i] of 3 samples right on problem i."""
-    for key, row in hits.items():
-        preds = [{"id": p["id"], "sample": j, "pred": "1", "correct": j < h, "tokens": 5, "backtracks": 0,
-                  "reflections": 0, "stopped": True} for p, h in zip(probs, row) for j in range(3)]
-        d = out / "eval" / key
-        d.mkdir(parents=True)
-        common.write_jsonl(str(d / "predictions.jsonl"), preds)
-        common.write_json(str(d / "summary.json"), E.summarize(preds, probs))
-
-
-def test_report_paired_interval(tmp_path):
-    """runs/report.py: each claim gets the paired 95% interval of its gain (bootstrap over problems of the
-    per-problem difference), which excludes 0 here although the two models' own intervals overlap."""
-    probs = [{"id": f"p{i}", "problem": "", "answer": "1", "level": 3} for i in range(40)]
-    hits = {"base": [i % 4 for i in range(40)]}  # correct samples out of 3, per problem
-    hits["sft_direct"] = [h + 1 if i < 10 and h < 3 else h for i, h in enumerate(hits["base"])]  # 8 problems better
-    write_evals(tmp_path, probs, hits)
-    r = subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| Base policy")
-               and "< Direct-SFT" in line).split(" | ")
-    gain = {p["id"]: (b - a) / 3 for p, a, b in zip(probs, hits["base"], hits["sft_direct"])}
-    lo, hi = E.bootstrap_ci([gain[i] for i in sorted(gain)])  # in the report's order: sorted problem ids
-    assert row[1:4] == [f"{100 * 8 / 120:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}", "no"]
-    assert lo > 0
-
-
-def test_report_gains_by_level(tmp_path):
-    """runs/report.py's hardest-vs-easiest table: each level's gain in points and relative, and the difference of
-    the two gains with a bootstrap interval; without the problems file it says what is missing."""
-    probs = [{"id": f"p{i:02d}", "problem": "", "answer": "1", "level": 3 + i // 20} for i in range(40)]
-    hits = {"base": [1] * 20 + [i % 2 for i in range(20)],  # correct samples out of 3: 33.3% / 16.7%
-            "rl_astro": [2] * 20 + [1] * 20}                 # 66.7% / 33.3%: +33.3 and +16.7 points, both +100%
-    write_evals(tmp_path, probs, hits)
-    report = lambda: subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=120)
-    r = report()
-    assert r.returncode == 0, r.stderr
-    assert f"(not computed: {tmp_path}/data/test.jsonl" in (tmp_path / "report.md").read_text()
-    (tmp_path / "data").mkdir()
-    common.write_jsonl(str(tmp_path / "data" / "test.jsonl"), probs)
-    r = report()
-    assert r.returncode == 0, r.stderr
-    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
-               if line.startswith("| Base policy") and "→ ASTRO-RL" in line).strip("| ").split(" | ")
-    assert row[1:3] == ["+33.3 (+100%)", "+16.7 (+100%)"]
-    pts = re.fullmatch(r"(\S+) \((\S+) to (\S+)\)", row[3]).groups()
-    rel = re.fullmatch(r"(\S+) \((\S+) to (\S+)\)", row[4]).groups()
-    assert pts[0] == "-16.7" and float(pts[1]) < -16.7 < float(pts[2]) < 0  # level 3 has no spread: level 4's
-    assert rel[0] == "+0" and float(rel[1]) < 0 < float(rel[2])
-
-
-# ----------------------------------------------------------------------------- eval main end to end
-
-@pytest.fixture(scope="module")
-def tiny_model(cd_data, tmp_path_factory):
-    import model
-    torch.manual_seed(0)
-    tok = Tokenizer(str(cd_data / "tokenizer.model"))
-    cfg = model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab, max_seq_len=256)
-    d = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save_checkpoint(str(d), model.Llama(cfg), tok, {"stage": "test"})
-    return d
-
-
-def test_eval_end_to_end(cd_data, tiny_model, tmp_path, monkeypatch):
-    import model
-    data = tmp_path / "five.jsonl"
-    data.write_text("".join(l + "\n" for l in (cd_data / "test.jsonl").read_text().splitlines()[:5]))
-    cfg = E.Config(init=str(tiny_model), data=str(data), out_dir=str(tmp_path / "ev"), num_samples=2, greedy=True,
-                   max_new_tokens=12, chunk=2)
-    s = E.main(cfg)
-    preds = [json.loads(l) for l in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 15 and {p["sample"] for p in preds} == {-1, 0, 1}
-    keys = {"id", "sample", "response", "pred", "correct", "tokens", "backtracks", "reflections", "stopped"}
-    assert all(p.keys() == keys for p in preds)
-    assert all(1 <= p["tokens"] <= 12 for p in preds)
-    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["problems"] == 5 and summary["samples"] == 10 and summary["greedy_acc"] is not None
-    assert summary == json.loads(json.dumps(s))
-
-    # killed mid-problem: drop the last 2 records and leave a torn line -> resume redoes only the unfinished problem
-    path = tmp_path / "ev" / "predictions.jsonl"
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines[:-2]) + '{"id": "torn')
-    calls = []
-    real = G.generate
-    monkeypatch.setattr(G, "generate",
-                        lambda net, prompts, *a, **k: calls.append(len(prompts)) or real(net, prompts, *a, **k))
-    E.main(cfg)
-    after = [json.loads(l) for l in path.read_text().splitlines()]
-    assert len(after) == 15 and calls == [1, 1]  # one problem, sampled + greedy
-    assert after[:12] == preds[:12]  # finished problems kept as they were
-    assert sorted((p["id"], p["sample"]) for p in after) == sorted((p["id"], p["sample"]) for p in preds)
-    calls.clear()
-    E.main(cfg)
-    assert calls == []  # all done: nothing generated
-    with pytest.raises(common.UserError, match="other settings.*num_samples"):
-        E.main(E.Config(**{**cfg.__dict__, "num_samples": 3}))
-    os.utime(tiny_model / "model.pt")  # the checkpoint was rewritten: old predictions must not be reused
-    with pytest.raises(common.UserError, match="other settings.*weights"):
-        E.main(cfg)
-
-
-def test_eval_grades_what_it_generates(cd_data, tiny_model, tmp_path, monkeypatch):
-    import model
-    recs = tasks.read_problems(str(cd_data / "test.jsonl"))[:3]
-    data = tmp_path / "three.jsonl"
-    common.write_jsonl(str(data), recs)
-    tok = Tokenizer(str(cd_data / "tokenizer.model"))
-    _, [path] = countdown.solve(np.array([recs[0]["numbers"]]), np.array([recs[0]["target"]]), np.random.default_rng(0))
-    right = "".join(line + "\n" for line in countdown.steps(recs[0]["numbers"], path, recs[0]["target"]))
-
-    def fake_generate(net, prompts, num_samples=1, **kw):  # problem 0 solved, the others answered wrongly
-        texts = [right if recs[0]["problem"] in tok.decode(p) else "\\boxed{1+1}" for p in prompts]
-        return [[G.Sample(tokens=tok.encode(t) + [tok.eot_id], logprobs=[], stopped=True)] * num_samples
-                for t in texts]
-    monkeypatch.setattr(G, "generate", fake_generate)
-    s = E.main(E.Config(init=str(tiny_model), data=str(data), out_dir=str(tmp_path / "ev"), num_samples=2))
-    preds = [json.loads(l) for l in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
-    assert [p["correct"] for p in preds] == [True, True, False, False, False, False]
-    assert preds[0]["response"] == right and preds[0]["tokens"] == len(tok.encode(right)) + 1
-    assert s["pass@1"] == pytest.approx(1 / 3) and s["maj@k"] == pytest.approx(1 / 3) and s["truncated"] == 0
-
-
-# ====================================================================================================
-# linearize.py: Algorithm 1 and procedure cloning
-# ====================================================================================================
-
-BACK = f"{REFLECT} {NOT_SURE} {GO_BACK} "
-OK = f"{REFLECT} {SEEMS_RIGHT}\n"
-
-
-def node(i, parent, text, Q=0.5, answer=None, reward=None, source="mcts"):
-    return {"id": i, "parent": parent, "depth": 0, "text": text, "prior": 1.0, "N": 1, "Q": Q,
-            "terminal": reward is not None, "answer": answer, "reward": reward, "source": source}
-
-
-def countdown_tree(tid="p1"):
-    """Countdown-style tree (delimiter "\\n"):
-        0 root ── 1 a ── 2 b ── 3 wrong "1"
-              │      └─ 4 c ── 5 correct "24"
-              └─ 6 d ── 7 wrong "2"
-                   └─ 8 wrong "1"   (same wrong answer as 3)
-    """
-    nodes = [node(0, None, ""), node(1, 0, "a=1 (left 2)\n"), node(2, 1, "b\n"),
-             node(3, 2, "w \\boxed{1}\n", answer="1", reward=0.0), node(4, 1, "c\n"),
-             node(5, 4, "ok \\boxed{24}\n", answer="24", reward=1.0), node(6, 0, "d\n"),
-             node(7, 6, "x \\boxed{2}\n", answer="2", reward=0.0), node(8, 6, "y \\boxed{1}\n", answer="1", reward=0.0)]
-    problem = {"id": tid, "problem": "Use 1 2 to make 24", "answer": "24", "numbers": [1, 2], "target": 24}
-    return {"id": tid, "problem": problem, "nodes": nodes, "stats": {}}
-
-
-def test_backtrack_to_lca_exact_text():
-    tree = countdown_tree()
-    text, meta = L.linearize(tree, [3, 5], q_high=0.75)
-    assert text == ("a=1 (left 2)\nb\nw \\boxed{1}\n" + BACK + "had a=1 (left 2).\n"
-                    + "c\nok \\boxed{24}\n" + OK)
-    assert meta == {"k": 1, "backtracks": 1, "restarts": 0, "positive": 1}
-    # the paper's phrases, spelled out here once more, independently of linearize.py's constants
-    assert ("\nBut wait, are we solving the problem correctly so far? Hmm... I'm not sure if we're solving the "
-            "problem correctly so far. Let's go back to where we had a=1 (left 2).\n") in text
-    assert text.endswith("\nBut wait, are we solving the problem correctly so far? Hmm... Our solution seems to be "
-                         "correct so far.\n")
-    assert L.check_trace(tree, text) == []
-
-
-def test_restart_when_shared_node_is_root():
-    tree = countdown_tree()
-    text, meta = L.linearize(tree, [7, 5], q_high=0.75)
-    assert text == "d\nx \\boxed{2}\n" + f"{REFLECT} {NOT_SURE} {RESTART}\n" + "a=1 (left 2)\nc\nok \\boxed{24}\n" + OK
-    assert meta["restarts"] == 1 and meta["backtracks"] == 1
-    # the jump after 3 lands on node 1, which is not an ancestor of the previous terminal 7: still valid
-    text, meta = L.linearize(tree, [7, 3, 5], q_high=0.75)
-    assert text.count(RESTART) == 1 and text.count(GO_BACK) == 1 and L.check_trace(tree, text) == []
-
-
-def test_positive_reflection_only_on_final_path_high_q_mcts_steps():
-    tree = countdown_tree()
-    tree["nodes"][4]["Q"] = 0.9   # on n*'s path -> reflection
-    tree["nodes"][2]["Q"] = 0.9   # on a wrong branch -> none
-    text, meta = L.linearize(tree, [3, 5], q_high=0.75)
-    assert "b\nw" in text and "c\n" + OK + "ok" in text and meta["positive"] == 2
-    tree["nodes"][4]["source"] = "rollout"  # a rollout node's Q is one sample, not an MCTS estimate
-    assert L.linearize(tree, [3, 5], q_high=0.75)[1]["positive"] == 1
-    plain, _ = L.linearize(tree, [5], q_high=0.75, reflect=False)
-    assert plain == "a=1 (left 2)\nc\nok \\boxed{24}\n"
-
-
-def test_restate():
-    assert L.restate({"text": "25+50=75 (left 3 7 75)\n"}) == "had 25+50=75 (left 3 7 75)"
-    assert L.restate({"text": "We get $x = 2.5$. Then we add.\n\n"}) == "had we get $x = 2.5$"
-    assert L.restate({"text": "\n"}) == "had that step"
-
-
-def test_distinct_wrong_answers_and_k_cap():
-    tree = countdown_tree()
-    cfg = L.Config(ks=(0, 1, 1, 2, 3, 3))
-    for seed in range(20):
-        cfg.seed, stats = seed, Counter()
-        for text, meta in L.astro_traces(tree, cfg, stats):
-            assert L.check_trace(tree, text) == []
-            assert meta["k"] <= 2  # only 2 distinct wrong answers ("1", "2")
-            answers = [a for a in ("\\boxed{1}", "\\boxed{2}") if a in text]
-            assert len(answers) == meta["k"] and text.count("\\boxed{1}") <= 1
-        assert stats["k_capped"] == 2  # the two k=3 slots
-    # no wrong terminal at all: only the direct trace
-    only_good = countdown_tree()
-    only_good["nodes"] = [node(0, None, ""), node(1, 0, "c\n"), node(2, 1, "ok \\boxed{24}\n", answer="24", reward=1)]
-    stats = Counter()
-    traces = L.astro_traces(only_good, L.Config(), stats)
-    assert [m["k"] for _, m in traces] == [0] and stats["slots_no_wrong"] == 3
-
-
-def test_none_answer_is_one_distinct_value():
-    tree = countdown_tree()
-    for i in (3, 8):
-        tree["nodes"][i]["answer"] = None
-    seen = set()
-    for seed in range(30):
-        for text, meta in L.astro_traces(tree, L.Config(seed=seed, ks=(2,)), Counter()):
-            assert not ("w \\boxed" in text and "y \\boxed" in text)  # both answer None: never together
-            seen.add(meta["k"])
-    assert seen == {2}
-
-
-def test_checker_rejects_broken_traces():
-    tree = countdown_tree()
-    good, _ = L.linearize(tree, [3, 5], q_high=0.75)
-    # wrong final answer
-    errs = L.check_trace(tree, "a=1 (left 2)\nb\nw \\boxed{1}\n")
-    assert any("not at a correct terminal" in e for e in errs)
-    # backtrack to a node never written (node 6 "d" was not written)
-    broken = "a=1 (left 2)\nb\nw \\boxed{1}\n" + BACK + "had d.\n" + "x \\boxed{2}\n"
-    assert any("never written" in e for e in L.check_trace(tree, broken))
-    # the same wrong answer twice (3 and 8 both answer "1")
-    repeated, _ = L.linearize(tree, [3, 8, 5], q_high=0.75)
-    assert any("repeated" in e for e in L.check_trace(tree, repeated))
-    # a step that is not a child of the current node, and a backtrack not after a wrong terminal
-    assert L.check_trace(tree, good.replace("b\n", "c\n", 1))
-    assert any("not right after a wrong terminal" in e
-               for e in L.check_trace(tree, "a=1 (left 2)\n" + f"{REFLECT} {NOT_SURE} {RESTART}\n"))
-    assert any("malformed" in e for e in L.check_trace(tree, good.replace(NOT_SURE, "hmm")))
-
-
-def write_trees(path, trees):
-    path.write_text("".join(json.dumps(t) + "\n" for t in trees))
-
-
-def make_trees():
-    no_good = countdown_tree("p3")
-    no_good["nodes"][5].update(reward=0.0, answer="23")
-    return [countdown_tree("p1"), countdown_tree("p2"), no_good]
-
-
-def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_main_end_to_end_direct_matches_and_determinism(tmp_path):
-    write_trees(tmp_path / "trees.jsonl", make_trees())
-    kw = dict(trees=str(tmp_path / "trees.jsonl"), seed=3)
-    s = L.main(L.Config(out=str(tmp_path / "astro.jsonl"), **kw))
-    astro = read(tmp_path / "astro.jsonl")
-    assert s["trees"] == 3 and s["skipped_no_correct"] == 1 and s["traces"] == len(astro) > 2
-    assert json.loads((tmp_path / "astro.stats.json").read_text())["traces"] == len(astro)
-    for r in astro:
-        user, asst = r["messages"]
-        assert user["role"] == "user" and asst["role"] == "assistant" and r["meta"]["mode"] == "astro"
-        assert asst["content"].endswith(OK) and r["id"].split("#")[0] in ("p1", "p2")
-        assert r["meta"]["k"] == asst["content"].count(NOT_SURE)
-    assert {r["meta"]["k"] for r in astro} >= {0, 1}
-    for tid in ("p1", "p2"):  # dedup is per tree (p1 and p2 are the same tree, so they may share texts)
-        texts = [r["messages"][1]["content"] for r in astro if r["id"].startswith(tid + "#")]
-        assert len(set(texts)) == len(texts)
-    L.main(L.Config(out=str(tmp_path / "direct.jsonl"), mode="direct", **kw))
-    direct = read(tmp_path / "direct.jsonl")
-    count = lambda rs: Counter(r["id"].split("#")[0] for r in rs)
-    assert count(direct) == count(astro)
-    assert all(REFLECT not in r["messages"][1]["content"] and r["meta"]["k"] == 0 for r in direct)
-    # deterministic, and independent of tree order
-    L.main(L.Config(out=str(tmp_path / "again.jsonl"), **kw))
-    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "astro.jsonl").read_bytes()
-    write_trees(tmp_path / "rev.jsonl", make_trees()[::-1])
-    L.main(L.Config(out=str(tmp_path / "rev_out.jsonl"), trees=str(tmp_path / "rev.jsonl"), seed=3))
-    by_id = lambda rs: {r["id"]: r for r in rs}
-    assert by_id(read(tmp_path / "rev_out.jsonl")) == by_id(astro)
-
-
-def test_direct_repeats_when_too_few_correct_terminals(tmp_path):
-    tree = countdown_tree()  # one correct terminal, so every direct example is the same path
-    astro = L.astro_traces(tree, L.Config(), Counter())
-    direct = L.direct_traces(tree, L.Config(), len(astro))
-    assert len(direct) == len(astro) == 4 and len({t for t, _ in direct}) == 1
-
-
-def test_bad_input_errors(tmp_path):
-    path = tmp_path / "trees.jsonl"
-    cases = [("nodes", lambda t: t.pop("nodes"), "trees.jsonl:2: missing field 'nodes'"),
-             ("parent", lambda t: t["nodes"][3].update(parent=7), "trees.jsonl:2: nodes[3].parent"),
-             ("field", lambda t: t["nodes"][4].pop("Q"), "trees.jsonl:2: nodes[4].Q: missing"),
-             ("reward", lambda t: t["nodes"][5].update(reward=None), "trees.jsonl:2: nodes[5].reward"),
-             ("id", lambda t: t["nodes"][2].update(id=5), "trees.jsonl:2: nodes[2].id")]
-    for _, edit, msg in cases:
-        bad = countdown_tree("p2")
-        edit(bad)
-        write_trees(path, [countdown_tree("p1"), bad])
-        with pytest.raises(common.UserError, match=msg.replace("[", r"\[").replace("]", r"\]")):
-            L.main(L.Config(trees=str(path), out=str(tmp_path / "o.jsonl")))
-    with pytest.raises(common.UserError, match="mode"):
-        L.main(L.Config(mode="bogus"))
-
-
-def test_duplicates_dropped_and_math_delimiter():
-    tree = countdown_tree()
-    tree["nodes"] = tree["nodes"][:6]  # one wrong terminal, one correct: only 2 different traces exist
-    stats = Counter()
-    traces = L.astro_traces(tree, L.Config(), stats)
-    assert [m["k"] for _, m in traces] == [0, 1] and stats["duplicates"] == 2 and stats["k_capped"] == 1
-    # MATH-style record (no "numbers"): blank-line delimiter, also appended to a terminal that lacks it
-    math = {"id": "m", "problem": {"id": "m", "problem": "1+1?", "answer": "2"}, "stats": {},
-            "nodes": [node(0, None, ""), node(1, 0, "We add. It is easy.\n\n"),
-                      node(2, 1, "So \\boxed{3}", answer="3", reward=0),
-                      node(3, 1, "So \\boxed{2}", answer="2", reward=1)]}
-    text, _ = L.linearize(math, [2, 3], q_high=0.75)
-    assert text == ("We add. It is easy.\n\nSo \\boxed{3}\n\n" + BACK + "had we add.\n\n"
-                    + "So \\boxed{2}\n\n" + OK.replace("\n", "\n\n"))
-    assert L.check_trace(math, text) == []
-
-
-def random_tree(rng, tid, n=40):
-    """A random Countdown-style tree: every leaf is a terminal with one of a few answers."""
-    nodes = [node(0, None, "")]
-    for i in range(1, n):
-        p = rng.randrange(i)
-        while nodes[p]["terminal"]:
-            p = rng.randrange(i)
-        nodes.append(node(i, p, f"s{i} (left {rng.randrange(3)})\n", Q=rng.random(),
-                          source=rng.choice(["mcts", "rollout"])))
-    kids = L.children(nodes)
-    for nd in nodes[1:]:
-        if not kids[nd["id"]]:
-            a = rng.choice(["24", "1", "2", "3", None])
-            boxed = nd["text"].rstrip("\n") + f" \\boxed{{{a}}}"  # no delimiter: as if the model stopped
-            nd.update(terminal=True, answer=a, reward=float(a == "24"), text=boxed)
-    problem = {"id": tid, "problem": "p", "answer": "24", "numbers": [1, 2], "target": 24}
-    return {"id": tid, "problem": problem, "nodes": nodes, "stats": {}}
-
-
-def test_random_trees_replay_cleanly(tmp_path):
-    import random
-    rng = random.Random(0)
-    trees = [random_tree(rng, f"r{i}") for i in range(40)]
-    write_trees(tmp_path / "trees.jsonl", trees)
-    s = L.main(L.Config(trees=str(tmp_path / "trees.jsonl"), out=str(tmp_path / "a.jsonl"), ks=(0, 1, 2, 3)))
-    assert s["traces"] > 40 and s["backtracks_per_trace"] > 1 and s["restarts_per_trace"] > 0  # main replays each
-    for r in read(tmp_path / "a.jsonl"):
-        text = r["messages"][1]["content"]
-        answers = [t.split("\\boxed{")[1].split("}")[0] for t in text.split("\n") if "\\boxed{" in t]
-        assert answers[-1] == "24" and len(set(answers[:-1])) == len(answers) - 1 == r["meta"]["k"]
-    # identical step texts in different places (restatements and steps become ambiguous): still no false alarm
-    for tree in trees:
-        for nd in tree["nodes"][1:]:
-            nd["text"] = f"s{nd['id'] % 3}" + nd["text"][nd["text"].index(" "):]
-        if L.correct_terminals(tree["nodes"], 0.0):
-            for text, _ in L.astro_traces(tree, L.Config(ks=(0, 1, 2, 3)), Counter()):
-                assert L.check_trace(tree, text) == []
-
-
-def test_steps_verbatim_and_positive_reflection_only_at_line_ends():
-    tree = countdown_tree()
-    tree["nodes"][1].update(text="a=1 (left 2)\n(", Q=0.9)  # the delimiter inside a token: the line goes on
-    tree["nodes"][4].update(text="c)\n", Q=0.9)
-    text, meta = L.linearize(tree, [5], q_high=0.75)
-    assert text == "a=1 (left 2)\n(c)\n" + OK + "ok \\boxed{24}\n" + OK and meta["positive"] == 2
-    assert L.check_trace(tree, text) == []
-
-
-def test_token_lengths_and_max_tokens(tmp_path):
-    import base64
-    # a byte-level tokenizer (256 single-byte ranks): one token per byte of ASCII text
-    (tmp_path / "tok.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    write_trees(tmp_path / "trees.jsonl", make_trees())
-    kw = dict(trees=str(tmp_path / "trees.jsonl"), tokenizer=str(tmp_path / "tok.model"))
-    s = L.main(L.Config(out=str(tmp_path / "all.jsonl"), **kw))
-    assert s["mean_tokens"] == s["mean_chars"] and s["too_long"] == 0
-    cap = min(len(r["messages"][1]["content"]) for r in read(tmp_path / "all.jsonl") if r["meta"]["k"] == 1)
-    s = L.main(L.Config(out=str(tmp_path / "cut.jsonl"), max_tokens=cap, **kw))
-    kept = read(tmp_path / "cut.jsonl")
-    assert s["too_long"] > 0 and all(len(r["messages"][1]["content"]) <= cap for r in kept)
-    assert {r["meta"]["k"] for r in kept} == {0, 1}
-    L.main(L.Config(out=str(tmp_path / "d.jsonl"), max_tokens=cap, mode="direct", **kw))
-    assert len(read(tmp_path / "d.jsonl")) == len(kept)
-    with pytest.raises(common.UserError, match="max_tokens needs"):
-        L.main(L.Config(trees=kw["trees"], max_tokens=10))
-
-
-# ====================================================================================================
-# search.py: MCTS
-# ====================================================================================================
-
-def write_tokenizer(path):
-    """A tiny tiktoken ranks file: the 256 bytes, "\\n\\n", and "<char>\\n", "<char>\\n\\n" for printable chars
-    (so steps end on one token, and a random model ends steps often)."""
-    toks = [bytes([i]) for i in range(256)] + [b"\n\n"]
-    toks += [bytes([c]) + nl for nl in (b"\n", b"\n\n") for c in range(32, 127)]
+    return model.Llama(model.ModelConfig(**{**TINY, **overrides}))
+
+
+def tiny_tokenizer(path, step_tokens=False):
+    """A tokenizer from a tiny tiktoken ranks file written at path: the 256 bytes (one token per
+    byte of ASCII text); with step_tokens also "\\n\\n", and "<char>\\n", "<char>\\n\\n" for
+    printable chars (so steps end on one token, and a random model ends steps often)."""
+    ranks = [bytes([i]) for i in range(256)]
+    if step_tokens:
+        ranks += [b"\n\n"] + [bytes([c]) + nl for nl in (b"\n", b"\n\n") for c in range(32, 127)]
     with open(path, "w") as f:
-        f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(toks))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return Tokenizer(write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
-
-
-MATH = {"id": "m1", "problem": "What is (3+4)*2?", "answer": "14"}
-
-
-def make_tree(tok, rec=MATH, **kw):
-    cfg = Config(**kw)
-    return Tree(rec, tok, set(tok.ids_containing(search.step_delimiter(rec))), cfg)
-
-
-def put(t, parent, text, score, N, W, terminal=False, reward=None):
-    """Hand-made node."""
-    i = len(t.nodes)
-    t.nodes.append(Node(i, parent, t.nodes[parent].depth + 1, [], text, "mcts", terminal, None, reward, score, N, W))
-    t.nodes[parent].children[text] = i
-    return i
-
-
-def test_puct_selection_and_backup_exact(tok):
-    t = make_tree(tok)
-    root = t.nodes[0]
-    root.expanded, root.N, root.W = True, 10, 4.0
-    a = put(t, 0, "a\n\n", 0.1, 6, 3.0)  # Q = 0.5, prior 0.25
-    b = put(t, 0, "b\n\n", 0.3, 4, 1.0)  # Q = 0.25, prior 0.75
-    assert t.prior(t.nodes[a]) == pytest.approx(0.25) and t.prior(t.nodes[b]) == pytest.approx(0.75)
-    assert search.puct(t, root, t.nodes[a], 1.0) == pytest.approx(0.5 + 0.25 * math.sqrt(10) / 7)   # 0.6129
-    assert search.puct(t, root, t.nodes[b], 1.0) == pytest.approx(0.25 + 0.75 * math.sqrt(10) / 5)  # 0.7743
-    assert search.select(t, 1.0) == b       # exploration wins
-    assert search.select(t, 0.0) == a       # greedy on Q
-    # one level deeper: b expanded into a correct terminal c and a weak d
-    t.nodes[b].expanded = True
-    c = put(t, b, "c \\boxed{14}\n\n", 1.0, 1, 1.0, terminal=True, reward=1.0)
-    d = put(t, b, "d\n\n", 3.0, 3, 0.0)
-    # at b (N=4): c = 1 + 0.25*2/2 = 1.25; d = 0 + 0.75*2/4 = 0.375
-    assert search.select(t, 1.0) == c
-    t.backup(d, 1.0)
-    assert (t.nodes[d].N, t.nodes[d].Q) == (4, pytest.approx(0.25))
-    assert (t.nodes[b].N, t.nodes[b].Q) == (5, pytest.approx(2.0 / 5))
-    assert (root.N, root.Q) == (11, pytest.approx(5.0 / 11))
-    assert (t.nodes[a].N, t.nodes[c].N) == (6, 1)  # off-path nodes untouched
-
-
-def test_add_merges_duplicates_and_classifies_terminals(tok):
-    t = make_tree(tok, max_depth=3)
-    s1 = tok.encode("Add 3 and 4.\n\n")
-    s2 = tok.encode("Multiply.\n\n")
-    i = t.add(0, s1, [-1.0] * len(s1), "mcts")
-    assert t.add(0, s1, [-3.0] * len(s1), "rollout") == i  # same text: one child, scores add up
-    j = t.add(0, s2, [-2.0] * len(s2), "rollout")
-    assert t.nodes[i].source == "mcts" and t.nodes[j].source == "rollout"
-    total = math.exp(-1) + math.exp(-3) + math.exp(-2)
-    assert t.prior(t.nodes[i]) == pytest.approx((math.exp(-1) + math.exp(-3)) / total)
-    assert t.prior(t.nodes[j]) == pytest.approx(math.exp(-2) / total)
-    assert not t.nodes[i].terminal and t.nodes[i].text == "Add 3 and 4.\n\n"
-    # a boxed step is terminal and graded on the whole response
-    k = t.add(i, tok.encode("So \\boxed{14}.\n\n"), [0.0], "mcts")
-    assert (t.nodes[k].terminal, t.nodes[k].answer, t.nodes[k].reward) == (True, "14", 1.0)
-    # ended on eot: terminal, eot not in the text; no answer -> reward 0
-    e = t.add(i, tok.encode("I give up.") + [tok.eot_id], [0.0], "mcts")
-    assert (t.nodes[e].terminal, t.nodes[e].text, t.nodes[e].answer, t.nodes[e].reward) == \
-        (True, "I give up.", None, 0.0)
-    # cut at the token limit (no delimiter at the end): terminal
-    assert t.nodes[t.add(i, tok.encode("3 + 4 is"), [0.0], "mcts")].terminal
-    # the depth budget: depth 3 is terminal even on a delimiter
-    m = t.add(i, tok.encode("More.\n\n"), [0.0], "mcts")
-    assert not t.nodes[m].terminal and t.nodes[t.add(m, tok.encode("Even more.\n\n"), [0.0], "mcts")].terminal
-
-
-def test_rollout_is_cut_into_steps_up_to_the_boxed_step(tok):
-    t = make_tree(tok)
-    first = t.add(0, tok.encode("Add.\n\n"), [0.0], "mcts")
-    ids = tok.encode("7*2=14.\n\nSo \\boxed{14}.\n\nExtra chatter.\n\n") + [tok.eot_id]
-    end = t.add_rollout(first, G.Sample(ids, [-0.5] * len(ids), True))
-    assert t.response(end) == "Add.\n\n7*2=14.\n\nSo \\boxed{14}.\n\n"
-    assert [t.nodes[i].source for i in t.path(end)] == ["mcts", "mcts", "rollout", "rollout"]
-    assert t.nodes[end].reward == 1.0 and len(t.nodes) == 4
-    # a second rollout sharing the first step merges into it
-    ids2 = tok.encode("7*2=14.\n\nSo \\boxed{15}.\n\n")
-    end2 = t.add_rollout(first, G.Sample(ids2, [-0.5] * len(ids2), False))
-    assert t.nodes[end2].parent == t.nodes[end].parent and t.nodes[end2].reward == 0.0 and len(t.nodes) == 5
-    # an empty rollout (no room left) is one empty terminal step
-    assert t.nodes[t.add_rollout(first, G.Sample([], [], False))].terminal
-
-
-# ----------------------------------------------------------------------------- a scripted policy
-
-SCRIPT = {  # response so far -> [(next step, probability)]
-    "": [("First add: 3+4=7.\n\n", 0.5), ("First multiply: 4*2=8.\n\n", 0.3), ("Guess.\n\n", 0.2)],
-    "First add: 3+4=7.\n\n": [("Then 7*2=14, so \\boxed{14}.\n\n", 0.6), ("Then 7+2=9, so \\boxed{9}.\n\n", 0.4)],
-    "First multiply: 4*2=8.\n\n": [("Then 8+3=11, so \\boxed{11}.\n\n", 0.7), ("Then 8*3=24: \\boxed{24}.\n\n", 0.3)],
-    "Guess.\n\n": [("\\boxed{13}\n\n", 0.5), ("\\boxed{15}\n\n", 0.5)],
-}
-
-
-def scripted_policy(tok, prompts_by_id, calls=None):
-    """Samples steps from SCRIPT. Like generate.generate: stops on any stop id, so with the delimiter among the stop ids
-    it returns one step, otherwise a whole response ending in <|eot_id|>. Deterministic in (seed, prompt, sample)."""
-    delim_ids = set(tok.ids_containing("\n\n"))
-
-    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed):
-        if calls is not None:
-            calls.append(len(prompts))
-        out = []
-        for p, (prefix, n) in enumerate(zip(prompts, nums)):
-            prompt = next(q for q in prompts_by_id.values() if prefix[:len(q)] == q)
-            so_far = tok.decode(prefix[len(prompt):])
-            samples = []
-            for s in range(n):
-                rng, text, ids, lps = random.Random(f"{seed}/{p}/{s}"), so_far, [], []
-                while text in SCRIPT:
-                    steps, probs = zip(*SCRIPT[text])
-                    step = rng.choices(steps, probs)[0]
-                    ids += tok.encode(step)
-                    lps += [math.log(probs[steps.index(step)])] * len(tok.encode(step))
-                    text += step
-                    if delim_ids <= set(stop_ids):
-                        break
-                else:
-                    ids, lps = ids + [tok.eot_id], lps + [0.0]
-                samples.append(G.Sample(ids, lps, True))
-            out.append(samples)
-        return out
-    return policy
-
-
-def check_schema(tree, delim="\n\n"):
-    nodes = tree["nodes"]
-    assert nodes[0]["parent"] is None and nodes[0]["text"] == "" and nodes[0]["prior"] == 1.0
-    kids = {}
-    for i, n in enumerate(nodes):
-        assert n["id"] == i and n["source"] in ("mcts", "rollout")
-        if i:
-            assert n["parent"] < i and n["depth"] == nodes[n["parent"]]["depth"] + 1
-            assert not nodes[n["parent"]]["terminal"]
-            kids.setdefault(n["parent"], []).append(n)
-        if n["terminal"]:
-            assert n["reward"] in (0.0, 1.0) and n["Q"] == n["reward"]
-        else:
-            assert n["reward"] is None and n["answer"] is None and n["text"].endswith(delim) or i == 0
-    for p, ks in kids.items():
-        assert sum(k["prior"] for k in ks) == pytest.approx(1.0)
-        assert len({k["text"] for k in ks}) == len(ks)  # duplicates merged
-        if not nodes[p]["terminal"]:  # every evaluation through p went through one of its children
-            assert nodes[p]["N"] == sum(k["N"] for k in ks)
-            assert nodes[p]["Q"] * nodes[p]["N"] == pytest.approx(sum(k["Q"] * k["N"] for k in ks))
-
-
-def test_scripted_search_finds_the_answer_and_keeps_rollout_terminals(tok):
-    recs = [dict(MATH, id=f"m{i}") for i in range(3)]
-    prompts = {r["id"]: tok.render_prompt(search.prompt_messages(r)) for r in recs}
-    calls = []
-    cfg = Config(num_simulations=6, k=4, M=4, early_stop=False)
-    trees = search.search(recs, scripted_policy(tok, prompts, calls), tok, cfg, seed=1)
-    # per round ONE expansion call for all trees' leaves and ONE rollout call for all their new children
-    assert len(calls) <= 2 * cfg.num_simulations and calls[0] == 3 and calls[1] > 3
-    for t in trees:
-        js = t.to_json()
-        check_schema(js)
-        assert js["stats"]["solved"] and js["stats"]["simulations"] == 6
-        right = [n for n in js["nodes"] if n["reward"] == 1.0]
-        assert {n["answer"] for n in right} == {"14"}
-        assert t.response(right[0]["id"]) == "First add: 3+4=7.\n\nThen 7*2=14, so \\boxed{14}.\n\n"
-        q = {n["text"]: n["Q"] for n in js["nodes"] if n["parent"] == 0}
-        assert q["First add: 3+4=7.\n\n"] > q.get("First multiply: 4*2=8.\n\n", 0.0)
-        assert {n["source"] for n in js["nodes"] if n["terminal"]} >= {"rollout"}
-        assert js["stats"]["rollouts"] > 0
-    # same seed -> same trees; another seed -> other trees
-    again = search.search(recs, scripted_policy(tok, prompts), tok, cfg, seed=1)
-    assert [t.to_json() for t in again] == [t.to_json() for t in trees]
-    other = search.search(recs, scripted_policy(tok, prompts), tok, cfg, seed=2)
-    assert [t.to_json() for t in other] != [t.to_json() for t in trees]
-
-
-def test_early_stop_and_in_order_emit(tok):
-    recs = [dict(MATH, id=f"m{i}") for i in range(4)]
-    prompts = {r["id"]: tok.render_prompt(search.prompt_messages(r)) for r in recs}
-    got = []
-    cfg = Config(num_simulations=40, k=8, M=8, early_stop=True)
-    trees = search.search(recs, scripted_policy(tok, prompts), tok, cfg, seed=3, emit=lambda t: got.append(t))
-    assert [t.rec["id"] for t in got] == [r["id"] for r in recs]  # every tree once, in record order
-    for t in trees:
-        s = t.summary()
-        assert s["solved"] and s["wrong_answers"] >= 3 and s["simulations"] < 40
-
-
-# ----------------------------------------------------------------------------- main() on a tiny random model
-
-@pytest.fixture
-def one_thread():
-    """The tiny model is latency-bound: one thread is as fast and does not fight other jobs for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_setup(tmp_path, n=5):
-    if not hasattr(model, "save_checkpoint"):
-        pytest.skip("model.py not written yet")
-    tok = Tokenizer(write_tokenizer(tmp_path / "tokenizer.model"))
-    torch.manual_seed(0)
-    net = model.Llama(model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab,
-                                        max_seq_len=512))
-    checkpoint.save_checkpoint(str(tmp_path / "policy"), net, tok, {})
-    probs = tmp_path / "problems.jsonl"
-    rng = random.Random(0)
-    with open(probs, "w") as f:
-        for i in range(n):
-            nums = [rng.randint(1, 9) for _ in range(3)]
-            f.write(json.dumps({"id": f"cd{i}", "problem": f"Use {nums} to make {sum(nums)}.", "answer":
-                                str(sum(nums)), "numbers": nums, "target": sum(nums), "level": 3}) + "\n")
-    return dict(problems=str(probs), policy=str(tmp_path / "policy"), num_simulations=3, k=2, M=3,
-                max_step_tokens=6, max_rollout_tokens=16, problems_per_batch=2, seed=5, batch_size=64)
-
-
-def test_main_resume_is_byte_identical(tmp_path, one_thread):
-    kw = tiny_setup(tmp_path)
-    search.main(Config(out_dir=str(tmp_path / "a"), **kw))
-    full = open(tmp_path / "a" / "trees.jsonl", "rb").read()
-    lines = full.splitlines(keepends=True)
-    assert [json.loads(x)["id"] for x in lines] == [f"cd{i}" for i in range(5)]
-    for x in lines:
-        check_schema(json.loads(x), delim="\n")
-    stats = json.load(open(tmp_path / "a" / "stats.json"))
-    assert stats["trees"] == 5 and stats["decode_tokens"] > 0 and 0 < stats["prefill_per_decode"]
-    # killed after the first tree / in the middle of writing the third (a torn line, in a half-done chunk)
-    for name, cut in (("one", len(lines[0])), ("torn", len(lines[0]) + len(lines[1]) + len(lines[2]) // 2)):
-        os.makedirs(tmp_path / name)
-        with open(tmp_path / name / "trees.jsonl", "wb") as f:
-            f.write(full[:cut])
-        search.main(Config(out_dir=str(tmp_path / name), **kw))
-        assert open(tmp_path / name / "trees.jsonl", "rb").read() == full, name
-    # a finished file is left alone; changing a search setting on resume is refused
-    search.main(Config(out_dir=str(tmp_path / "a"), **kw))
-    assert open(tmp_path / "a" / "trees.jsonl", "rb").read() == full
-    with pytest.raises(search.common.UserError, match="c_puct"):
-        search.main(Config(out_dir=str(tmp_path / "a"), **dict(kw, c_puct=2.0)))
-
-
-def test_killed_process_resumes_to_the_same_file(tmp_path, one_thread):
-    """A real kill (SIGKILL) of a separate process right after its first tree is flushed; then resume here.
-    The trees written before the kill must equal this process's (same seed, same single thread)."""
-    import subprocess
-    import sys
-    import time
-    kw = dict(tiny_setup(tmp_path, n=4), problems_per_batch=1)
-    search.main(Config(out_dir=str(tmp_path / "a"), **kw))
-    full = open(tmp_path / "a" / "trees.jsonl", "rb").read()
-    out = tmp_path / "b" / "trees.jsonl"
-    here = os.path.dirname(os.path.abspath(__file__))
-    p = subprocess.Popen([sys.executable, os.path.join(here, "search.py"), f"--out_dir={tmp_path / 'b'}",
-                          *(f"--{k}={v}" for k, v in kw.items())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path)))
-    t0 = time.time()
-    while not (out.exists() and out.read_bytes().count(b"\n") >= 1) and p.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.01)
-    p.kill()
-    p.wait()
-    assert 1 <= out.read_bytes().count(b"\n") < full.count(b"\n"), "not killed between the first and last tree"
-    search.main(Config(out_dir=str(tmp_path / "b"), **kw))
-    assert out.read_bytes() == full
-
-
-def test_config_files_parse():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("search_countdown.py", "search_llama_math.py"):
-        cfg = search.common.parse_config(Config, [os.path.join(here, "config", name)])
-        assert cfg.k >= 1 and cfg.M >= 1 and cfg.num_simulations >= 1
-
-
-# ====================================================================================================
-# sft.py: the trainer
-# ====================================================================================================
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast on busy shared cores, and the same as the subprocesses (OMP_NUM_THREADS=1), which
-    the bitwise comparisons need."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def byte_ranks_file(path):
-    with open(path, "w") as f:
-        for i in range(256):
-            f.write(f"{base64.b64encode(bytes([i])).decode()} {i}\n")
-    return str(path)
-
-
-def conversations(n, seed=0):
-    rnd = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rnd.randint(1, 60), rnd.randint(1, 60)
-        out.append({"messages": [{"role": "user", "content": f"{a}+{b}?"},
-                                 {"role": "assistant", "content": f"{a}+{b}={a + b}\n" * rnd.randint(1, 3)}]})
-    return out
+        f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks))
+    return tokenizer.Tokenizer(str(path))
 
 
 def write_lines(path, lines):
@@ -1840,652 +96,31 @@ def write_lines(path, lines):
     return str(path)
 
 
-@pytest.fixture
-def setup(tmp_path):
-    """(data path, tokenizer path, make_config(**overrides)) for a tiny run."""
-    data = write_lines(tmp_path / "conv.jsonl", [json.dumps(c) for c in conversations(96)])
-    tok = byte_ranks_file(tmp_path / "bytes.model")
-
-    def make(**kw):
-        base = dict(data=data, tokenizer=tok, seq_len=128, batch_size=4, micro_batch=2, max_steps=6, lr=3e-3,
-                    dtype="float32", warmup_steps=2, eval_every=0, save_every=0, log_every=1, progress=False,
-                    out_dir=str(tmp_path / "out"), **TINY)
-        base.update(kw)
-        return sft.Config(**base)
-    return data, tok, make
+def write_jsonl(path, records):
+    """A JSONL file written as a person would (not with common.write_jsonl, which is under test)."""
+    return write_lines(path, [json.dumps(r) for r in records])
 
 
-def final_weights(out_dir):
-    return torch.load(os.path.join(out_dir, "model.pt"), map_location="cpu", weights_only=True)["model"]
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+def read_records(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
 
 
-# ----------------------------------------------------------------------------- helpers
+def load_script(name, path):
+    """A script that is no module on the import path (data/*/prepare.py), loaded as name."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-def test_get_lr_and_optimizer():
-    assert common.get_lr(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
-    assert common.get_lr(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
-    assert common.get_lr(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)  # cosine midpoint
-    assert common.get_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
-    assert common.get_lr(500, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
-    m = Llama(ModelConfig(vocab_size=300, max_seq_len=64, **TINY))
-    opt = common.make_optimizer(m, 1e-3, 0.1)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
 
+countdown_prepare = load_script("countdown_prepare", "data/countdown/prepare.py")
+math_prepare = load_script("math_prepare", "data/math/prepare.py")
 
-# ----------------------------------------------------------------------------- data
 
-def test_loss_masking(setup):
-    data, tok_path, make = setup
-    tok = Tokenizer(tok_path)
-    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "1+2?"},
-            {"role": "assistant", "content": "1+2=3"}]
-    convs = [("f:1", msgs, "1")]
-    ids, mask = tok.render_chat(msgs)
-    (ids_a, tgt_a), = sft.render(convs, tok, make(loss_on="assistant"))[0]
-    (ids_b, tgt_b), = sft.render(convs, tok, make(loss_on="all"))[0]
-    assert ids_a.tolist() == ids_b.tolist() == ids
-    # assistant: the targets are exactly the assistant content + its <|eot_id|>, each predicted from the token before
-    want = [ids[k + 1] if mask[k + 1] else -1 for k in range(len(ids) - 1)] + [-1]
-    assert tgt_a.tolist() == want
-    assert tok.decode([t for t in tgt_a.tolist() if t != -1][:-1]) == "1+2=3"
-    assert tgt_a.tolist()[-2] == tok.eot_id and tgt_a.tolist()[-1] == -1
-    # all: every next token of the conversation
-    assert tgt_b.tolist() == ids[1:] + [-1]
-    # a conversation with nothing to learn is an error (assistant mode only)
-    with pytest.raises(common.UserError, match="f:1: no assistant message"):
-        sft.render([("f:1", msgs[:2], "1")], tok, make(loss_on="assistant"))
-    assert len(sft.render([("f:1", msgs[:2], "1")], tok, make(loss_on="all"))[0]) == 1
-
-
-def test_packing_rows_and_padding():
-    rnd = random.Random(0)
-    lens = [rnd.randint(40, 300) for _ in range(2000)]
-    order = list(range(2000))
-    rnd.shuffle(order)
-    rows = sft.pack(lens, order, 1024)
-    assert sorted(i for r in rows for i in r) == list(range(2000))  # every document exactly once
-    assert all(sum(lens[i] for i in r) <= 1024 for r in rows)
-    assert 1 - sum(lens) / (len(rows) * 1024) < 0.02  # padding share
-    assert rows == sft.pack(lens, order, 1024)  # deterministic
-
-
-def test_packed_row_equals_separate_forwards(setup):
-    """The doc ids make a packed row compute exactly what each conversation computes alone."""
-    _, tok_path, make = setup
-    tok = Tokenizer(tok_path)
-    docs, _ = sft.render([(f"f:{i}", c["messages"], str(i)) for i, c in enumerate(conversations(3, seed=1))],
-                         tok, make(loss_on="all"))
-    x, y, d = sft.make_batch([[0, 1, 2]], docs, 160)
-    torch.manual_seed(0)
-    m = Llama(ModelConfig(vocab_size=tok.n_vocab, max_seq_len=160, **TINY))
-    with torch.no_grad():
-        packed = m(x, doc=d)[0]
-        p = 0
-        for ids, tgt in docs:
-            alone = m(ids.long()[None])[0]
-            torch.testing.assert_close(packed[p:p + len(ids)], alone, atol=1e-5, rtol=1e-5)
-            assert y[0, p:p + len(ids)].tolist() == tgt.tolist()
-            p += len(ids)
-    assert p < 160 and (y[0, p:] == -1).all() and (d[0, p:] == 3).all()  # padding: own doc id, no loss
-
-
-def test_too_long_is_reported(setup, tmp_path):
-    data, tok, make = setup
-    lines = [json.dumps(c) for c in conversations(5)]
-    lines.insert(3, json.dumps({"messages": [{"role": "user", "content": "x" * 300},
-                                             {"role": "assistant", "content": "y"}]}))
-    path = write_lines(tmp_path / "long.jsonl", lines)
-    with pytest.raises(common.UserError, match=r"1 conversation\(s\) longer than seq_len=128: .*long.jsonl:4 "):
-        sft.main(make(data=path))
-    assert not os.path.exists(tmp_path / "out" / "state.pt")
-    convs = sft.read_conversations(path)
-    docs, n_long = sft.render(convs, Tokenizer(tok), make(skip_long=True))
-    assert (len(docs), n_long) == (5, 1)
-
-
-BAD = {
-    "malformed": (['{"messages": [}'], r"bad.jsonl:1: not valid JSON"),
-    "no_messages": ([json.dumps(conversations(1)[0]), '{"msgs": []}'], r"bad.jsonl:2: missing field 'messages'"),
-    "unknown_role": ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})],
-                     r"bad.jsonl:1: messages\[0\].role must be one of .* got 'robot'"),
-    "bad_content": ([json.dumps({"messages": [{"role": "user", "content": 3}]})],
-                    r"bad.jsonl:1: messages\[0\].content must be a string"),
-    "empty": ([], r"bad.jsonl: no records"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_data_fails_before_training(setup, tmp_path, case):
-    _, _, make = setup
-    lines, pattern = BAD[case]
-    path = write_lines(tmp_path / "bad.jsonl", lines)
-    with pytest.raises(common.UserError, match=pattern):
-        sft.main(make(data=path))
-    with pytest.raises(common.UserError, match=pattern):  # a bad validation file too
-        sft.main(make(val_data=path))
-    assert not os.path.exists(tmp_path / "out")  # nothing was started
-
-
-def test_bad_config(tmp_path):
-    with pytest.raises(common.UserError, match="unknown config key 'lr_max'"):
-        common.parse_config(sft.Config, ["--lr_max=1"])
-    with pytest.raises(common.UserError, match="max_steps must be int, got str"):
-        common.parse_config(sft.Config, ["--max_steps=many"])
-    cfg_file = write_lines(tmp_path / "c.py", ["lr = 1e-3", "epochs = 'one'"])
-    with pytest.raises(common.UserError, match=r"c.py:2: epochs must be float"):
-        common.parse_config(sft.Config, [cfg_file])
-    with pytest.raises(common.UserError, match="loss_on must be"):
-        sft.main(sft.Config(loss_on="prompt"))
-    with pytest.raises(common.UserError, match="multiple of micro_batch"):
-        sft.main(sft.Config(batch_size=6, micro_batch=4))
-    for f in ("base_countdown", "sft_astro", "sft_direct", "sft_llama_math"):  # the shipped configs parse
-        common.parse_config(sft.Config, [os.path.join(ROOT, "config", f + ".py")])
-
-
-# ----------------------------------------------------------------------------- training
-
-def test_short_run_learns(setup, capsys):
-    _, _, make = setup
-    cfg = make(max_steps=30, eval_every=10, log_every=5, val_frac=0.1)
-    sft.main(cfg)
-    recs = [r for r in metrics(cfg.out_dir) if "loss" in r]
-    vals = [r["val_loss"] for r in metrics(cfg.out_dir) if "val_loss" in r]
-    assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30] and len(vals) == 4  # steps 0, 10, 20, 30
-    assert recs[-1]["loss"] < 0.7 * recs[0]["loss"] and vals[-1] < 0.7 * vals[0]
-    assert all(r["pad"] < 0.5 and r["tok_s"] > 0 for r in recs)
-    out = capsys.readouterr().out
-    assert "step 30/30 | loss" in out and "| pad " in out and "tok/s" in out
-    assert json.load(open(os.path.join(cfg.out_dir, "config.json")))["max_steps"] == 30
-    m, tok = load_model(cfg.out_dir)  # the final model loads like any checkpoint
-    assert tok.n_vocab == 512
-    # a finished run is not redone; the same out_dir with another recipe is refused
-    assert sft.main(make(max_steps=30, eval_every=10, log_every=5, val_frac=0.1))["step"] == 30
-    assert "already done" in capsys.readouterr().out
-    with pytest.raises(common.UserError, match="different lr"):
-        sft.main(make(max_steps=30, eval_every=10, log_every=5, val_frac=0.1, lr=1e-4))
-    # fine-tuning from it (init=<checkpoint>) starts where it ended
-    ft = make(init=cfg.out_dir, out_dir=cfg.out_dir + "_ft", max_steps=2, lr=1e-4, val_frac=0.1, eval_every=1)
-    sft.main(ft)
-    assert metrics(ft.out_dir)[0]["val_loss"] == pytest.approx(vals[-1], rel=1e-6)  # same weights, same split
-
-
-def test_grad_checkpoint_same_weights(setup):
-    _, _, make = setup
-    a, b = make(max_steps=2, out_dir=make().out_dir + "_a"), make(max_steps=2, out_dir=make().out_dir + "_b")
-    sft.main(a)
-    sft.main(dataclasses.replace(b, grad_checkpoint=True))
-    wa, wb = final_weights(a.out_dir), final_weights(b.out_dir)
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-6)
-
-
-def kill_after(cfg, step):
-    """Run `python sft.py --key=value ...` and SIGKILL it once metrics.jsonl shows `step`."""
-    args = [f"--{k}={v}" for k, v in common.config_dict(cfg).items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    with open(cfg.out_dir + ".log", "w") as log:
-        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sft.py"), *args], env=env, cwd=ROOT,
-                             stdout=log, stderr=subprocess.STDOUT)
-        path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        while p.poll() is None:
-            if os.path.exists(path) and any(f'"step": {step},' in line for line in open(path)):
-                p.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-    assert p.wait() == -signal.SIGKILL, open(cfg.out_dir + ".log").read()
-    assert not os.path.exists(os.path.join(cfg.out_dir, "model.pt"))
-
-
-@pytest.mark.parametrize("dtype,kills", [("float32", (2, 6)), ("bfloat16", (5,))])
-def test_resume_after_sigkill_is_bitwise(setup, dtype, kills):
-    _, _, make = setup
-    ref = make(dtype=dtype, max_steps=9, save_every=3, out_dir=make().out_dir + "_ref")
-    sft.main(ref)
-    cfg = make(dtype=dtype, max_steps=9, save_every=3)
-    for step in kills:  # killed before the first checkpoint (fp32), and after one
-        kill_after(cfg, step)
-    sft.main(cfg)  # resumed here, with the subprocesses' single thread (bitwise equality needs the same kernels)
-    a, b = final_weights(ref.out_dir), final_weights(cfg.out_dir)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in metrics(cfg.out_dir)] == list(range(10))  # no duplicates left by the kills
-
-
-# ----------------------------------------------------------------------------- multi-process
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, ports, cfgs):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    for port, cfg in zip(ports, cfgs):
-        os.environ["MASTER_PORT"] = str(port)
-        sft.main(cfg)  # joins the process group (gloo) and leaves it at the end
-
-
-def test_ddp_and_fsdp_match_one_process(setup):
-    """2 processes (DDP, then FSDP2) on gloo/CPU with the same global batch == 1 process, in fp32."""
-    _, _, make = setup
-    kw = dict(dtype="float32", max_steps=4, batch_size=8, micro_batch=2, val_frac=0.1, eval_every=2)
-    one = make(out_dir=make().out_dir + "_1", **kw)
-    sft.main(one)
-    ddp = make(out_dir=make().out_dir + "_ddp", **kw)
-    fsdp = make(out_dir=make().out_dir + "_fsdp", fsdp=True, **dict(kw, micro_batch=4))
-    mp.spawn(_worker, args=(2, [_free_port(), _free_port()], [ddp, fsdp]), nprocs=2)
-    a = final_weights(one.out_dir)
-    for run in (ddp, fsdp):
-        b = final_weights(run.out_dir)
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
-        for r1, r2 in zip(metrics(one.out_dir), metrics(run.out_dir)):
-            assert r1["step"] == r2["step"]
-            for key in ("loss", "val_loss"):
-                assert (key in r1) == (key in r2) and r1.get(key, 0) == pytest.approx(r2.get(key, 0), rel=1e-5)
-
-
-# ====================================================================================================
-# rl.py: GRPO
-# ====================================================================================================
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: other jobs share these 2 cores, and oversubscribed OpenMP threads crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ----------------------------------------------------------------------------- advantages
-
-def test_group_advantages_hand_made():
-    t = None  # marks a truncated completion (masked)
-    groups = [[1, -1, -1, -1],      # one right: mean -0.5
-              [1, 1, 1, 1],         # all equal: zero signal
-              [1, -1, t, -1],       # truncation dropped from the group: mean over 3 kept
-              [1, t, t, t],         # one kept: zero signal
-              [-1, -1, t, -1]]      # kept all equal: zero signal
-    rewards = torch.tensor([(-1.0 if r is None else float(r)) for g in groups for r in g])
-    keep = torch.tensor([r is not None for g in groups for r in g])
-    adv, signal = rl.group_advantages(rewards, keep, 4)
-    assert signal.tolist() == [True, False, True, False, False]
-    want = [1.5, -0.5, -0.5, -0.5] + [0] * 4 + [4 / 3, -2 / 3, 0, -2 / 3] + [0] * 8
-    assert torch.allclose(adv, torch.tensor(want), atol=1e-6)
-    # std scaling: group 0 has unbiased std sqrt((1.5^2 + 3 * 0.5^2) / 3) = 1; group 2 std of [1,-1,-1] = sqrt(4/3)
-    adv, _ = rl.group_advantages(rewards, keep, 4, std_adv=True)
-    assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]) / (1 + 1e-6), atol=1e-6)
-    assert torch.allclose(adv[8:12], torch.tensor([4 / 3, -2 / 3, 0, -2 / 3]) / (math.sqrt(4 / 3) + 1e-6), atol=1e-6)
-    assert adv[4:8].eq(0).all() and adv[12:].eq(0).all()
-    # non-dyadic equal rewards must still count as zero signal (no float noise from the mean)
-    _, signal = rl.group_advantages(torch.full((4,), 0.1), torch.ones(4, dtype=torch.bool), 4)
-    assert not signal.any()
-
-
-# ----------------------------------------------------------------------------- loss
-
-def test_loss_token_level_on_policy():
-    """ppo_epochs=1: old = logp.detach(), ρ ≡ 1, loss = -Σ A / T and every valid token gets gradient -A/T:
-    no length bias (a per-sequence mean would give the 1-token answer 3x the per-token weight)."""
-    logp = torch.log(torch.tensor([[0.5, 0.1, 0.2], [0.3, 0.9, 0.9]])).requires_grad_()
-    mask = torch.tensor([[True, True, True], [True, False, False]])  # lengths 3 and 1
-    adv = torch.tensor([1.0, -2.0])
-    loss, clipped, kl = rl.pg_loss(logp, logp.detach(), adv, mask, 0.2)
-    T = mask.sum()
-    (loss / T).backward()
-    assert loss.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0))
-    assert clipped == 0 and kl == 0
-    want = torch.tensor([[-1.0, -1.0, -1.0], [2.0, 0.0, 0.0]]) / T
-    assert torch.allclose(logp.grad, want)
-
-
-def test_loss_ratio_clip_by_hand():
-    eps = 0.2
-    old = torch.log(torch.tensor([[0.25, 0.5, 0.4, 0.5]]))
-    new = torch.log(torch.tensor([[0.5, 0.25, 0.44, 0.5]]))  # ratios 2, 0.5, 1.1, 1
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    for a, want_terms, want_clipped, want_grad in [
-        # A > 0: ratio 2 is clipped to 1.2 (no gradient); 0.5 stays (min picks it); 1.1 inside
-        (1.0, [-1.2, -0.5, -1.1, -1.0], [True, False, False, False], [0.0, -0.5, -1.1, -1.0]),
-        # A < 0: ratio 2 stays (min picks -2); 0.5 is clipped to 0.8 (no gradient)
-        (-1.0, [2.0, 0.8, 1.1, 1.0], [False, True, False, False], [2.0, 0.0, 1.1, 1.0])]:
-        logp = new.clone().requires_grad_()
-        loss, clipped, _ = rl.pg_loss(logp, old, torch.tensor([a]), mask, eps)
-        loss.backward()
-        assert loss.item() == pytest.approx(sum(want_terms), abs=1e-6)
-        assert clipped == sum(want_clipped)
-        # d(-ρA)/dℓ = -ρA on unclipped tokens, 0 on clipped ones
-        assert torch.allclose(logp.grad[0], torch.tensor(want_grad), atol=1e-6)
-
-
-def test_score_truncations():
-    comps = [dict(correct=c, stopped=s) for c, s in [(True, True), (False, True), (True, False), (False, False)]]
-    rewards, keep = rl.score(comps, rl.Config(truncation="wrong"))  # no answer in the budget is a wrong answer
-    assert rewards.tolist() == [1, -1, -1, -1] and keep.all()
-    rewards, keep = rl.score(comps, rl.Config(truncation="mask"))  # DAPO: truncations leave their group
-    assert rewards[:2].tolist() == [1, -1] and keep.tolist() == [True, True, False, False]
-
-
-def test_loss_masks_padding_and_truncations():
-    """Masked positions (padding, truncated completions) contribute nothing, even with extreme values there."""
-    logp = torch.tensor([[-0.5, -80.0], [-1.0, -0.2]], requires_grad=True)
-    old = torch.tensor([[-0.4, 0.0], [-0.9, 50.0]])
-    ref = torch.tensor([[-0.6, 90.0], [-1.1, -0.2]])
-    mask = torch.tensor([[True, False], [True, False]])
-    loss, clipped, kl = rl.pg_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, ref, beta=0.1)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and math.isfinite(kl)
-    assert logp.grad[:, 1].eq(0).all()
-    ref_only, _, kl_only = rl.pg_loss(logp[:, :1], old[:, :1], torch.tensor([1.0, -1.0]), mask[:, :1], 0.2,
-                                      ref[:, :1], beta=0.1)
-    assert loss.item() == pytest.approx(ref_only.item()) and kl == pytest.approx(kl_only)
-
-
-def test_kl_k3_sign_and_value():
-    logp = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))
-    mask = torch.ones(1, 3, dtype=torch.bool)
-    adv = torch.zeros(1)
-    _, _, kl = rl.pg_loss(logp, logp, adv, mask, 0.2, ref_logp=logp.clone(), beta=1.0)
-    assert kl == 0.0
-    ref = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
-    loss, _, kl = rl.pg_loss(logp, logp, adv, mask, 0.2, ref_logp=ref, beta=1.0)
-    d = ref - logp
-    assert kl > 0 and kl == pytest.approx((d.exp() - d - 1).sum().item())
-    assert loss.item() == pytest.approx(kl)  # A = 0: the loss is β·Σ k3
-    # the sign: E_{x~π}[k3(x)] = KL(π || ref) exactly, for a categorical π over 3 outcomes
-    p = torch.tensor([0.5, 0.2, 0.3])
-    q = torch.tensor([0.25, 0.4, 0.35])
-    k3 = (q / p) - torch.log(q / p) - 1
-    assert (p * k3).sum().item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
-    # and its gradient pulls the policy toward the reference: ∂k3/∂ℓθ = 1 - exp(ℓref - ℓθ) (< 0 where ref > π)
-    lp = logp.clone().requires_grad_()
-    loss, _, _ = rl.pg_loss(lp, lp.detach(), adv, mask, 0.2, ref_logp=ref, beta=1.0)
-    loss.backward()
-    assert torch.allclose(lp.grad, 1 - (ref - logp).exp())
-
-
-def test_second_epoch_clips():
-    """The ratio/clip path: two PPO updates on the same rollouts with a large step; the second update sees
-    ρ far from 1 and clips, the first (ρ = 1) never does."""
-    torch.manual_seed(0)
-    logits = torch.zeros(6, 5, requires_grad=True)  # a toy policy: 6 positions, 5 actions
-    actions = torch.randint(0, 5, (6,))
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    adv = torch.tensor([1.0, -1.0])
-    opt = torch.optim.SGD([logits], lr=20.0)
-    old = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).view(2, 3).detach()  # sampling logprobs
-    fracs = []
-    for epoch in range(2):
-        logp = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).view(2, 3)
-        loss, clipped, _ = rl.pg_loss(logp, old, adv, mask, 0.2)
-        opt.zero_grad()
-        (loss / mask.sum()).backward()
-        opt.step()
-        fracs.append(clipped / mask.sum().item())
-    assert fracs[0] == 0 and fracs[1] > 0
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def test_step_prompts_is_a_stream_of_permutations():
-    n, per = 7, 3
-    seq = [i for s in range(7) for i in rl.step_prompts(n, s, per, seed=5)]  # 21 = 3 epochs
-    for e in range(3):
-        assert sorted(seq[e * n:(e + 1) * n]) == list(range(n))
-    assert seq[:n] != seq[n:2 * n]
-    assert rl.step_prompts(n, 4, per, 5) == seq[12:15]  # stateless: any step on its own
-    assert rl.derive_seed(1, "rollout", 3, 0) != rl.derive_seed(1, "rollout", 4, 0)
-
-
-# ----------------------------------------------------------------------------- runs on the built-in task's pieces
-# The start policy must already solve the task sometimes. A random tiny model never writes a correct boxed
-# expression, and SFT-ing one in-test takes too long on 2 shared cores, so we build it by hand: a byte-level Llama
-# whose blocks are switched off (wo = w2 = 0) is a bigram model, logits = W_out · rmsnorm(E[last token]), and we set
-# E and W_out so that after the prompt it writes "\boxed{2" then "+" or "*" with probability P_ADD / 1 - P_ADD,
-# then "3}" and <|eot_id|>. On the easy problem "make 5 from 2 3" it is right with probability ~P_ADD; a second
-# problem, "make 7 from 2 3", has no solution and the difficulty filter must drop it. RL has to raise P(+ | 2)
-# through every real piece: render_prompt, generate, tasks.grade, advantages, the loss, AdamW on all weights.
-
-P_ADD = 0.4
-
-
-def write_jsonl(path, recs):
-    with open(path, "w") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def bigram_policy(tok, chain, branch, p_first, dim=32, sharp=12.0):
-    """Llama whose next-token distribution depends on the last token only: chain[a] = b makes b follow a
-    (almost surely); branch = (a, b1, b2): after a, b1 with probability p_first, else b2. The source tokens get
-    orthogonal ±1 embeddings (Hadamard rows: rms 1, so rmsnorm keeps them), so every weight carries the signal
-    and an optimizer step moves the logits as it would in a trained model."""
-    torch.manual_seed(0)
-    net = model.Llama(model.ModelConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_vocab,
-                                        max_seq_len=256))
-    h = torch.ones(1, 1)
-    while h.size(0) < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    with torch.no_grad():
-        for layer in net.layers:
-            layer.attention.wo.weight.zero_()
-            layer.feed_forward.w2.weight.zero_()
-        net.output.weight.zero_()
-        sources = list(chain) + [branch[0]]
-        assert len(sources) <= dim
-        for k, a in enumerate(sources):
-            net.tok_embeddings.weight[a] = h[k]
-            if a in chain:
-                net.output.weight[chain[a]] += h[k] * sharp / dim
-            else:
-                a, b1, b2 = branch
-                half = math.log(p_first / (1 - p_first)) / 2
-                net.output.weight[b1] += h[k] * (sharp + half) / dim
-                net.output.weight[b2] += h[k] * (sharp - half) / dim
-    return net
-
-
-@pytest.fixture(scope="module")
-def easy(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rl_easy")
-    with open(d / "bytes.model", "w") as f:
-        for i in range(256):
-            f.write(f"{base64.b64encode(bytes([i])).decode()} {i}\n")
-    tok = Tokenizer(str(d / "bytes.model"))
-    probs = [dict(id="add", numbers=[2, 3], target=5), dict(id="none", numbers=[2, 3], target=7)]
-    for p in probs:
-        p.update(problem=countdown.countdown_prompt(p["numbers"], p["target"]), answer=str(p["target"]))
-    assert tasks.grade(probs[0], "\\boxed{2+3}")[1] and not tasks.grade(probs[0], "\\boxed{2*3}")[1]
-    assert tok.render_prompt(tasks.prompt_messages(probs[0]))[-1] == ord("\n")
-    text = "\n\\boxed{2"
-    chain = {ord(a): ord(b) for a, b in zip(text, text[1:])}
-    chain.update({ord("+"): ord("3"), ord("*"): ord("3"), ord("3"): ord("}"), ord("}"): tok.eot_id})
-    net = bigram_policy(tok, chain, (ord("2"), ord("+"), ord("*")), P_ADD)
-    checkpoint.save_checkpoint(str(d / "init"), net, tok, {})
-    train = write_jsonl(d / "train.jsonl", probs)
-
-    def make(out, **kw):
-        base = dict(init=str(d / "init"), train=train, val=train, out_dir=str(d / out), prompts_per_step=4,
-                    group_size=8, max_new_tokens=16, max_steps=12, lr=1e-2, warmup_steps=1, micro_batch=16,
-                    filter_samples=8, eval_every=10, eval_limit=2, save_every=0, log_kl=False)
-        base.update(kw)
-        return rl.Config(**base)
-    return make
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    return [r for r in recs if "reward" in r], [r for r in recs if "val_acc" in r]
-
-
-def test_logprobs_match_the_sampler(easy):
-    """collate + token_logprobs (the training forward) give the log-probs generate sampled with: the masks, the
-    padding and the shift line up, for completions of different lengths and prompts of different lengths."""
-    cfg = easy("unused")
-    net, tok = checkpoint.load_model(cfg.init)
-    prompts = [tok.render_prompt([{"role": "user", "content": t}]) for t in ("make 5", "a longer prompt: make 5 now")]
-    groups = G.generate(net, prompts, 3, max_new_tokens=12, stop_ids=tok.stop_ids, seed=3)
-    assert all(len(s.tokens) == 12 for ss in groups for s in ss)  # then cut to different lengths below
-    samples = [(p, s) for p, ss in zip(prompts, groups) for s in ss]
-    rows = [(p, s.tokens[:k], s.logprobs[:k], 0.0, []) for k, (p, s) in zip((12, 3, 7, 1, 12, 5), samples)]
-    inputs, targets, old, mask, adv, start = rl.collate(rows, tok.bos_id, "cpu")
-    with torch.no_grad():
-        logp = rl.token_logprobs(net, inputs, targets, start)
-    assert mask.sum().item() == sum(len(r[1]) for r in rows)
-    m2 = rl.collate([r if k else r[:4] + ([0, 2],) for k, r in enumerate(rows)], tok.bos_id, "cpu")[3]
-    assert m2.sum().item() == mask.sum().item() - 2 and not m2[0, len(rows[0][0]) - 1 - start]  # tool ids: no loss
-    assert torch.allclose(logp[mask], old[mask], atol=1e-4)
-    assert torch.equal(targets[:, start:][mask], torch.tensor([t for r in rows for t in r[1]]))
-
-
-def test_reward_goes_up_and_filter(easy):
-    cfg = easy("run", max_steps=12, eval_every=6)
-    rl.main(cfg)
-    steps, evals = read_metrics(cfg.out_dir)
-    assert [r["step"] for r in steps] == list(range(12)) and [r["step"] for r in evals] == [0, 6, 12]
-    first, last = (sum(r["reward"] for r in rs) / len(rs) for rs in (steps[:3], steps[-3:]))
-    assert last > first + 0.3, (first, last)
-    # greedy decoding picks "*" (P_ADD < 0.5) at the start and "+" at the end; "none" stays unsolvable
-    assert evals[0]["val_acc"] == 0 and evals[-1]["val_acc"] == 0.5
-    assert all(r["clipfrac"] == 0 for r in steps)  # ppo_epochs = 1: ρ ≡ 1
-    assert all(0 <= r["zero"] <= 1 and 0 <= r["trunc"] <= 1 and r["kl"] is None for r in steps)
-    # the filter kept the solvable problem only, and a rerun reads its cache (no policy needed)
-    with open(os.path.join(cfg.out_dir, "prompts.jsonl")) as f:
-        rates = {r["id"]: r["pass_rate"] for r in map(json.loads, f)}
-    assert rates["none"] == 0 and 0 < rates["add"] < 1
-    kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1)
-    assert [r["id"] for r in kept] == ["add"]
-    # the final model is a regular checkpoint
-    net, _ = checkpoint.load_model(cfg.out_dir)
-    assert net.cfg.dim == 32
-
-
-def test_second_ppo_epoch_clips_in_a_run(easy):
-    """The ratio/clip path inside main: ppo_epochs=2 with a large step clips tokens in the second epoch."""
-    cfg = easy("ppo", ppo_epochs=2, lr=3e-2, max_steps=2, eval_every=0, filter_samples=0, log_kl=True)
-    rl.main(cfg)
-    steps, _ = read_metrics(cfg.out_dir)
-    assert any(r["clipfrac"] > 0 for r in steps if r["tokens"])
-    assert all(r["kl"] is not None and r["kl"] >= 0 for r in steps)
-
-
-def test_resume_after_a_crash_is_bitwise(easy, monkeypatch):
-    """A run that dies in the middle of step 3 (its last checkpoint is at step 2, and metrics.jsonl already holds
-    step 2) and is restarted ends with the same weights, optimizer state and metrics as a run that never stopped.
-    In-process (the crash is an exception thrown from generate) because a fresh interpreter costs more than this
-    whole test on 2 shared cores; sft's test covers a real SIGKILL of the same save/resume helpers.
-    KL penalty on, so the reference path is covered too."""
-    kw = dict(max_steps=6, save_every=2, eval_every=3, kl_beta=0.05, log_kl=True)
-    full, cut = easy("full", **kw), easy("cut", **kw)
-    rl.main(full)
-
-    class Crash(BaseException):
-        pass
-
-    real = rl.generate
-
-    def dying(*a, **k):
-        if k["seed"] == rl.derive_seed(cut.seed, "rollout", 3, 0):
-            raise Crash
-        return real(*a, **k)
-    monkeypatch.setattr(rl, "generate", dying)
-    with pytest.raises(Crash):
-        rl.main(cut)
-    monkeypatch.undo()
-    assert torch.load(os.path.join(cut.out_dir, "state.pt"), weights_only=False)["step"] == 2
-    assert '"step": 2, "lr"' in open(os.path.join(cut.out_dir, "metrics.jsonl")).read()  # to be redone
-    rl.main(cut)
-    a, b = (torch.load(os.path.join(c.out_dir, "state.pt"), weights_only=False) for c in (full, cut))
-    assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
-        for name, t in v.items():
-            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
-    ma, mb = (open(os.path.join(c.out_dir, "metrics.jsonl")).read().splitlines() for c in (full, cut))
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("dt", "tok_s")} for x in lines]
-    assert strip(ma) == strip(mb)
-    steps, _ = read_metrics(full.out_dir)
-    assert sum(r["tokens"] for r in steps) > 0 and any(r["kl"] > 0 for r in steps)  # updates and a live KL term
-    # a finished run is left alone; a changed run refuses to resume; a bad option is a UserError
-    rl.main(full)
-    assert open(os.path.join(full.out_dir, "metrics.jsonl")).read().splitlines() == ma
-    with pytest.raises(common.UserError, match="lr"):
-        rl.main(easy("full", **dict(kw, lr=1e-3)))
-    with pytest.raises(common.UserError, match="truncation"):
-        rl.main(easy("bad", truncation="drop"))
-
-
-def _ddp_worker(rank, world, port, init, rows, cfg, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    common.dist_setup()
-    net, tok = checkpoint.load_model(init)
-    ddp = torch.nn.parallel.DistributedDataParallel(net)
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: update() leaves the all-reduced gradients in .grad
-    res = rl.update(ddp, None, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id, contextlib.nullcontext())
-    out.put((rank, res[:3], {k: p.grad.numpy().copy() for k, p in net.named_parameters()}))  # numpy: no shm
-    torch.distributed.destroy_process_group()
-
-
-def test_ddp_update_equals_single_process(easy):
-    """2 ranks (gloo, forked) with half of the rows each, micro-batches of 2 (so the ranks run different numbers
-    of real micro-batches and one pads with a dummy): the gradient equals the 1-process gradient over all rows."""
-    cfg = easy("unused", micro_batch=2, ppo_epochs=1, grad_clip=0.0)  # clipping would hide a scale error
-    net, tok = checkpoint.load_model(cfg.init)
-    p1, p2 = (tok.render_prompt([{"role": "user", "content": t}]) for t in ("make 5", "a longer prompt: make 5"))
-    rnd = random.Random(0)
-    rows = [(p, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a, []) for p, n, a in
-            [(p1, 3, 1.0), (p2, 5, -0.5), (p1, 1, 0.7), (p2, 8, -1.2), (p1, 4, 2.0)]]  # ranks get 3 and 2 rows
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    n_tok, loss_sum, _ = rl.update(net, None, opt, rows, cfg, 1, "cpu", tok.bos_id, contextlib.nullcontext())[:3]
-    ctx = torch.multiprocessing.get_context("fork")  # no re-import: seconds instead of tens of seconds here
-    out, port = ctx.Queue(), random.Random().randrange(20000, 60000)
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg.init, rows, cfg, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert got[0][1][0] == got[1][1][0] == n_tok == 21
-    assert got[0][1][1] + got[1][1][1] == pytest.approx(loss_sum, rel=1e-5)  # Σ over ranks = the 1-process sum
-    for k, p in net.named_parameters():
-        for _, _, grads in got:
-            assert torch.allclose(torch.from_numpy(grads[k]), p.grad, atol=1e-6, rtol=1e-4), k
-
-
-def test_config_files():
-    root = os.path.dirname(os.path.abspath(__file__))
-    cfg = lambda *names: [os.path.join(root, "config", f"rl_{n}.py") for n in names]
-    astro, direct, math_ = (common.parse_config(rl.Config, cfg(*n)) for n in (["astro"], ["astro", "direct"],
-                                                                                ["llama_math"]))
-    assert dataclasses.asdict(astro) == dataclasses.asdict(rl.Config())  # the defaults are the built-in task
-    assert (direct.init, direct.out_dir) == ("out/sft_direct", "out/rl_direct")
-    assert {k for k, v in dataclasses.asdict(direct).items() if v != getattr(astro, k)} == {"init", "out_dir"}
-    assert math_.dtype == "bfloat16" and math_.train.startswith("data/math/")
-
-
-# ====================================================================================================
-# the main job (runs/countdown.sh)
-# ====================================================================================================
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
+# ==================================================================================================
+# common.py: configs, JSONL files, resume checks, learning rate and optimizer
+# ==================================================================================================
 
 @dataclasses.dataclass
 class _Cfg:
@@ -2499,8 +134,10 @@ class _Cfg:
 def test_parse_config_files_and_overrides(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text('"""doc"""\n# comment\nlr = 3e-4\nsteps = 5\nks = (1, 2)\n')
-    cfg = common.parse_config(_Cfg, [str(cfg_file), "--steps=7", "--name=123", "--flag=True", "--lr=1"])
-    assert cfg == _Cfg(lr=1.0, steps=7, name="123", flag=True, ks=(1, 2))  # later wins; int ok for float; str kept
+    argv = [str(cfg_file), "--steps=7", "--name=123", "--flag=True", "--lr=1"]
+    cfg = common.parse_config(_Cfg, argv)
+    # later wins; int ok for float; str kept
+    assert cfg == _Cfg(lr=1.0, steps=7, name="123", flag=True, ks=(1, 2))
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -2550,11 +187,12 @@ def test_bad_bytes_and_numbers_are_one_line_errors(tmp_path):
     c = tmp_path / "c.py"
     c.write_text("temperature = 0.5\nmax_new_tokens = 0\n")
     with pytest.raises(common.UserError, match=r"c.py:2: max_new_tokens must be >= 1, got 0"):
-        common.parse_config(E.Config, [str(c)])
-    assert common.parse_config(E.Config, [str(c), "--max_new_tokens=8"]).max_new_tokens == 8
+        common.parse_config(evaluate.Config, [str(c)])
+    assert common.parse_config(evaluate.Config, [str(c), "--max_new_tokens=8"]).max_new_tokens == 8
     with pytest.raises(common.UserError, match=r"override --top_p: top_p must be in 0.0..1.0"):
-        common.parse_config(E.Config, ["--top_p=1.5"])
-    for stage in (sft, rl, search, E, L, CD):  # every range names a field; the defaults lie within
+        common.parse_config(evaluate.Config, ["--top_p=1.5"])
+    # every range names a field; the defaults lie within
+    for stage in (sft, rl, search, evaluate, linearize, countdown_prepare):
         assert set(stage.Config.ranges) <= {f.name for f in dataclasses.fields(stage.Config)}
         common.check_ranges(stage.Config())
     with pytest.raises(common.UserError, match=r"s.json belongs to a run with other settings "
@@ -2564,7 +202,8 @@ def test_bad_bytes_and_numbers_are_one_line_errors(tmp_path):
     for argv in (["--max_new_tokens=-5"], [f"--data={p}"]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
-        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, \
+            r.stderr
     assert r.stderr == f"error: {p}:2: not UTF-8\n"
 
 
@@ -2575,21 +214,2601 @@ def test_resume_jsonl_cuts_a_torn_last_line(tmp_path):
         common.append_jsonl(f, {"id": "b"})
         f.write('{"id": "c", "tr')  # a run killed mid-write
     assert [r["id"] for r in common.resume_jsonl(str(p))] == ["a", "b"]
-    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # torn bytes removed, so appending continues cleanly
+    # torn bytes removed, so appending continues cleanly
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
 
 
+def test_get_lr_and_optimizer():
+    assert common.get_lr(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert common.get_lr(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert common.get_lr(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)  # cosine midpoint
+    assert common.get_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert common.get_lr(500, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    m = tiny_model(vocab_size=300, max_seq_len=64)
+    opt = common.make_optimizer(m, 1e-3, 0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+# ==================================================================================================
+# tokenizer.py: Llama 3's tokenizer and chat format
+# ==================================================================================================
+
+def llama_models_reference():
+    """llama-models' own Tokenizer / ChatFormat. Its chat_format imports PIL only for images: when
+    PIL is absent, a stub stands in during the import and is removed afterwards (so nothing else
+    sees a fake PIL)."""
+    stubbed = []
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        pil = types.ModuleType("PIL")
+        pil.Image = types.ModuleType("PIL.Image")
+        pil.Image.Image = object
+        sys.modules.update({"PIL": pil, "PIL.Image": pil.Image})
+        stubbed = ["PIL", "PIL.Image"]
+    try:
+        from llama_models.datatypes import RawMessage, StopReason
+        from llama_models.llama3 import tokenizer as llama_tokenizer
+        from llama_models.llama3.chat_format import ChatFormat
+    finally:
+        for name in stubbed:
+            sys.modules.pop(name, None)
+    path = os.path.join(os.path.dirname(llama_tokenizer.__file__), "tokenizer.model")
+    return path, llama_tokenizer.Tokenizer.get_instance(), ChatFormat, RawMessage, StopReason
+
+
+def test_real_llama3_tokenizer_golden_ids():
+    path, ref, ChatFormat, RawMessage, StopReason = llama_models_reference()
+    tok = tokenizer.Tokenizer(path)
+    assert tok.n_vocab == ref.n_words == 128256
+    assert tok.specials == ref.special_tokens
+    assert (tok.bos_id, tok.eos_id, tok.eom_id, tok.eot_id) == (128000, 128001, 128008, 128009)
+    assert tok.stop_ids == set(ref.stop_tokens)
+    texts = ["Hello, world!", "  spaces\n\nand\ttabs 12345 ünïcödé 日本語",
+             "x<|eot_id|>y <|begin_of_text|>", ""]
+    for t in texts:
+        assert tok.encode(t) == ref.encode(t, bos=False, eos=False)
+        assert tok.decode(tok.encode(t)) == t
+    assert 128009 not in tok.encode("<|eot_id|>")  # special-token text is never a control token
+    assert {271, 198} <= tok.ids_containing("\n") and 271 in tok.ids_containing("\n\n")
+    msgs = [{"role": "system", "content": "Be brief. "},
+            {"role": "user", "content": "What is 2+2?\n"},
+            {"role": "assistant", "content": "4\n"},
+            {"role": "user", "content": "<|eot_id|> and 3+3?"}]
+    fmt = ChatFormat(ref)
+    raw = [RawMessage(role=x["role"], content=x["content"], stop_reason=StopReason.end_of_turn)
+           for x in msgs]
+    assert tok.render_prompt(msgs) == fmt.encode_dialog_prompt(raw).tokens
+    ids, mask = tok.render_chat(msgs[:3])
+    want = [ref.bos_id] + sum((fmt.encode_message(r, None)[0] for r in raw[:3]), [])
+    assert ids == want
+    assert ids[:5] == [128000, 128006, 9125, 128007, 271]  # golden: system = 9125, "\n\n" = 271
+    assert tok.render_prompt(msgs[:1])[-4:] == [128006, 78191, 128007, 271]  # assistant = 78191
+    body = fmt.encode_message(raw[2], None)[0][4:]  # assistant content + <|eot_id|>
+    assert [i for i, k in zip(ids, mask) if k] == body and body[-1] == tok.eot_id
+
+
+def test_byte_tokenizer_chat_mask_and_specials(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    assert tok.n_vocab == 512 and tok.bos_id == 256 and tok.eot_id == 256 + 9
+    assert tok.special("<|start_header_id|>") == 262
+    assert tok.special("<|reserved_special_token_2|>") == 268
+    assert tok.special("<|reserved_special_token_245|>") == 511
+    assert tok.encode("ab") == [97, 98] and tok.decode([104, 105]) == "hi"
+    assert tok.ids_containing("\n") == {10}
+    ids, mask = tok.render_chat([{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "yo"}])
+    assert [i for i, k in zip(ids, mask) if k] == [ord("y"), ord("o"), tok.eot_id]
+    assert len(ids) == len(mask) and ids[0] == tok.bos_id
+    prompt = tok.render_prompt([{"role": "user", "content": "hi"}])
+    assert ids[: len(prompt)] == prompt
+    assert tok.decode(prompt).endswith("assistant<|end_header_id|>\n\n")
+    with pytest.raises(ValueError):
+        tok.render_prompt([{"role": "assistant", "content": "x"}])
+    bad = tmp_path / "bad.model"
+    bad.write_text("YQ== 0\nnot-base64!! 1\n")
+    with pytest.raises(common.UserError, match="bad.model:2"):
+        tokenizer.Tokenizer(bad)
+
+
+# ==================================================================================================
+# model.py: the Llama
+# ==================================================================================================
+
+SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=8192)
+# the model tests' Llama: vocab 512 = a byte-level ranks file (256) + 256 specials; head_dim 16 so
+# rope scaling hits all three bands
+LLAMA = dict(dim=64, vocab_size=512, multiple_of=16, max_seq_len=256)
+
+
+def random_model(seed=0, **overrides):
+    """tiny_model at LLAMA's size with rope scaling, its weights random and large enough that the
+    logits are far from uniform (so greedy has clear winners)."""
+    m = tiny_model(seed, **{**LLAMA, "rope_scaling": dict(SCALING), **overrides})
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 if p.dim() == 2 else 1 + 0.2 * torch.randn_like(p))
+    return m.eval()
+
+
+def hf_model(m):
+    """transformers' Llama (the reference implementation) with the weights of our model m."""
+    cfg = m.cfg
+    scaling = dict(cfg.rope_scaling, rope_type="llama3") if cfg.rope_scaling else None
+    hc = transformers.LlamaConfig(
+        hidden_size=cfg.dim, intermediate_size=model.ffn_hidden(cfg),
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, rope_scaling=scaling, max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(hc).eval()
+    weights = {checkpoint.hf_name(k): v
+               for k, v in checkpoint.split_qkv(m.state_dict(), cfg).items()}
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return hf
+
+
+def test_rope_convention_matches_meta_interleaved():
+    """Meta rotates interleaved pairs as complex numbers; our half-split rotary on permuted rows is
+    the same."""
+    m = random_model()
+    cfg = m.cfg
+    T, hd, nh = 10, 16, 4
+    x, w = torch.randn(T, cfg.dim), torch.randn(nh * hd, cfg.dim)
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), model.rope_freqs(cfg))
+    xq = (x @ w.T).view(T, nh, hd // 2, 2)  # Meta: interleaved pairs times e^{i t f}
+    rotation = torch.polar(torch.ones_like(freqs), freqs)[:, None]
+    meta = torch.view_as_real(torch.view_as_complex(xq) * rotation)
+    cos, sin = m.rope_table(x.device)
+    xq_ours = (x @ checkpoint._meta_perm(w, nh).T).view(1, T, nh, hd)
+    ours = model.rope(xq_ours, cos[None, :T, None], sin[None, :T, None])[0]
+    # row order after the permutation
+    perm = checkpoint._meta_perm(torch.arange(nh * hd).float()[:, None], nh)[:, 0].long()
+    assert torch.allclose(ours.reshape(T, -1), meta.reshape(T, -1)[:, perm], atol=1e-5)
+
+
+def test_doc_mask_equals_separate_forwards():
+    m = random_model(seed=4)
+    a, b, c = (torch.randint(0, 512, (1, n)) for n in (7, 12, 5))
+    packed = torch.cat([a, b, c], 1)
+    # ids may repeat: a run of equal ids is one document
+    doc = torch.tensor([[3] * 7 + [1] * 12 + [3] * 5])
+    got = m(packed, doc=doc)
+    want = torch.cat([m(a), m(b), m(c)], 1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(m(packed, doc=torch.zeros_like(doc)), m(packed), atol=1e-5)
+
+
+# ==================================================================================================
+# checkpoint.py: weights in and out (ours, Meta, Hugging Face)
+# ==================================================================================================
+
+def meta_state_dict(m):
+    """Our (half-split rotary) weights in Meta's layout: names as they are, wq/wk rows
+    un-permuted."""
+    cfg = m.cfg
+    # inverse of checkpoint._meta_perm
+    unperm = lambda w, n: w.view(n, 2, -1, w.size(1)).transpose(1, 2).reshape(w.shape)
+    sd = {}
+    for k, v in checkpoint.split_qkv(m.state_dict(), cfg).items():
+        if k.endswith("attention.wq.weight"):
+            v = unperm(v, cfg.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = unperm(v, cfg.n_kv_heads)
+        sd[k] = v.clone()
+    # old Meta checkpoints carry this; ignored
+    sd["rope.freqs"] = torch.zeros(cfg.dim // cfg.n_heads // 2)
+    if cfg.tie_embeddings:
+        del sd["output.weight"]  # no output matrix: loads as tied
+    return sd
+
+
+def write_meta(m, tok, d, shards=1):
+    """A Meta original directory, optionally split like fairscale model parallelism (rows, or
+    columns of wo/w2)."""
+    d.mkdir()
+    cfg = m.cfg
+    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                  n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, multiple_of=cfg.multiple_of,
+                  ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps,
+                  rope_theta=cfg.rope_theta, use_scaled_rope=True)
+    (d / "params.json").write_text(json.dumps(params))
+    sd = meta_state_dict(m)
+    for r in range(shards):
+        part = {}
+        for k, v in sd.items():
+            if v.dim() == 1:
+                part[k] = v  # replicated
+            else:
+                dim = 1 if k.endswith(("wo.weight", "w2.weight")) else 0
+                part[k] = v.chunk(shards, dim=dim)[r].clone()
+        torch.save(part, d / f"consolidated.{r:02d}.pth")
+    (d / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_match_transformers_hf_and_meta_layouts(tmp_path, tied):
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    ref = random_model(tie_embeddings=tied, ffn_dim_multiplier=1.3)
+    hf = hf_model(ref)
+    idx = torch.randint(0, ref.cfg.vocab_size, (2, 40))
+    want = hf(idx).logits
+    # Hugging Face layout, sharded with an index (written by transformers itself)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    os.makedirs(tmp_path / "hf" / "original")
+    (tmp_path / "hf" / "original" / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
+    m_hf, _ = checkpoint.load_model(tmp_path / "hf")
+    # Meta layout, two model-parallel shards
+    write_meta(ref, tok, tmp_path / "meta", shards=2)
+    m_meta, _ = checkpoint.load_model(tmp_path / "meta")
+    assert m_meta.cfg.tie_embeddings == tied and m_hf.cfg.tie_embeddings == tied
+    for m in (ref, m_hf, m_meta):
+        assert (m(idx) - want).abs().max().item() <= 1e-4
+    if tied:
+        assert m_hf.output.weight is m_hf.tok_embeddings.weight
+
+
+def test_meta_single_shard_and_hf_single_file(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    ref = random_model(seed=1)
+    write_meta(ref, tok, tmp_path / "meta", shards=1)
+    hf_model(ref).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
+    idx = torch.randint(0, 512, (1, 30))
+    for d in ("meta", "hf"):
+        m, t = checkpoint.load_model(tmp_path / d)
+        assert t.n_vocab == 512 and torch.allclose(m(idx), ref(idx), atol=1e-5)
+
+
+def test_export_hf_round_trip(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    for tied in (False, True):
+        m = random_model(seed=3, tie_embeddings=tied)
+        out = tmp_path / f"export{tied}"
+        checkpoint.export_hf(m, tok, out)
+        hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+        idx = torch.randint(0, 512, (2, 33))
+        assert (hf(idx).logits - m(idx)).abs().max().item() <= 1e-4
+        back, _ = checkpoint.load_model(out)
+        assert torch.equal(back(idx), m(idx))
+
+
+def test_save_checkpoint_round_trip_and_errors(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    m = random_model(seed=11, tie_embeddings=True)
+    out = tmp_path / "ck"
+    checkpoint.save_checkpoint(out, m, tok, {"lr": 1e-3})
+    back, tok2 = checkpoint.load_model(out)
+    idx = torch.randint(0, 512, (1, 20))
+    assert torch.equal(back(idx), m(idx)) and tok2.n_vocab == tok.n_vocab
+    assert back.output.weight is back.tok_embeddings.weight
+    assert torch.load(out / "model.pt", weights_only=True)["config"] == {"lr": 1e-3}
+    assert sorted(os.listdir(out)) == ["model.pt", "tokenizer.model"]
+    # vocab mismatch names the tokenizer file
+    (tmp_path / "ck2").mkdir()
+    checkpoint.save_checkpoint(tmp_path / "ck2", random_model(vocab_size=600), tok, {})
+    with pytest.raises(common.UserError, match="tokenizer.model.*vocab_size 600"):
+        checkpoint.load_model(tmp_path / "ck2")
+    # corrupted model.pt
+    data = (out / "model.pt").read_bytes()
+    (out / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(common.UserError, match="model.pt"):
+        checkpoint.load_model(out)
+    with pytest.raises(common.UserError, match="no model.pt"):
+        checkpoint.load_model(tmp_path / "nowhere")
+
+
+def test_broken_hf_and_meta_checkpoints(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    m = random_model(seed=12)
+    checkpoint.export_hf(m, tok, tmp_path / "hf")
+    st = tmp_path / "hf" / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[:-100])  # truncated
+    with pytest.raises(common.UserError, match="model.safetensors"):
+        checkpoint.load_model(tmp_path / "hf")
+    st.write_bytes(data)
+    index = {"weight_map": {"a": "gone.safetensors"}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(common.UserError, match="gone.safetensors"):
+        checkpoint.load_model(tmp_path / "hf")
+    os.remove(tmp_path / "hf" / "model.safetensors.index.json")
+    os.remove(tmp_path / "hf" / "tokenizer.model")
+    with pytest.raises(common.UserError, match="tokenizer.model"):
+        checkpoint.load_model(tmp_path / "hf")
+    write_meta(m, tok, tmp_path / "meta")
+    (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"garbage")
+    with pytest.raises(common.UserError, match="consolidated.00.pth"):
+        checkpoint.load_model(tmp_path / "meta")
+    write_meta(random_model(n_layers=1), tok, tmp_path / "meta1")
+    params = json.loads((tmp_path / "meta1" / "params.json").read_text())
+    (tmp_path / "meta1" / "params.json").write_text(json.dumps({**params, "n_layers": 2}))
+    with pytest.raises(common.UserError, match="missing tensor layers.1"):
+        checkpoint.load_model(tmp_path / "meta1")
+
+
+def test_safetensors_writer_reads_back_and_ffn_rule(tmp_path):
+    ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
+          "e": torch.zeros(0, 2)}
+    checkpoint.write_safetensors(tmp_path / "x.safetensors", ts)
+    back = checkpoint.read_safetensors(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in ts.items())
+    # Meta's SwiGLU sizes: Llama 3 8B, Llama 3.2 1B; and HF sizes map back onto the rule
+    hidden = lambda **kw: model.ffn_hidden(model.ModelConfig(**kw))
+    assert hidden(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3) == 14336
+    assert hidden(dim=2048, multiple_of=256, ffn_dim_multiplier=1.5) == 8192
+    for dim, want in [(2048, 8192), (4096, 14336), (64, 171), (256, 704), (3072, 8192)]:
+        mo, mult = checkpoint._ffn_fields(dim, want)
+        assert hidden(dim=dim, multiple_of=mo, ffn_dim_multiplier=mult) == want
+
+
+# ==================================================================================================
+# generate.py: batched sampling with a KV cache
+# ==================================================================================================
+
+def test_greedy_generation_matches_transformers():
+    m = random_model(seed=2)
+    hf = hf_model(m)
+    prompts = [[5, 9, 200, 31], [7], list(range(100, 123))]
+    res = generate.generate(m, prompts, max_new_tokens=24, temperature=0)
+    for p, [s] in zip(prompts, res):
+        want = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):]
+        assert s.tokens == want.tolist() and not s.stopped
+
+
+def full_logprobs(m, prompt, tokens):
+    lp = m(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1].log_softmax(-1)
+    return lp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def same(a, b):
+    """Samples (nested lists) with equal tokens and stop flags and logprobs equal up to float
+    noise."""
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a.tokens == b.tokens and a.stopped == b.stopped and \
+        torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_cache_equals_full_forward_ragged_fanout():
+    """KV-cached logprobs (ragged prompts, fan-out, refilled slots, compaction) == full forward
+    log_softmax."""
+    m = random_model(seed=5)
+    prompts = [[1, 2, 3], list(range(40, 81)), [9], list(range(200, 217))]
+    res = generate.generate(m, prompts, [3, 1, 2, 4], max_new_tokens=20, temperature=0.8, top_k=50,
+                            top_p=0.9, seed=1, batch_size=4)
+    assert [len(r) for r in res] == [3, 1, 2, 4]
+    for p, samples in zip(prompts, res):
+        for s in samples:
+            assert len(s.tokens) == 20 and len(s.logprobs) == 20
+            want = full_logprobs(m, p, s.tokens)
+            assert torch.allclose(torch.tensor(s.logprobs), want, atol=1e-4)
+
+
+def test_finished_rows_wait_in_the_batch_without_stretching_the_cache():
+    """Rows that finish with nothing left to start wait in the batch (idle) until an eighth of it is
+    idle. Here a long prompt's row ends at its limit and idles while rows admitted later run on for
+    many steps: the keys they attend to must follow them, not the idle row."""
+    m = random_model(seed=6)
+    a, b, c = list(range(100, 160)), [1, 2, 3], [7, 8]
+    fa, fb, fc = (generate.generate(m, [p], max_new_tokens=60, temperature=0)[0][0].tokens
+                  for p in (a, b, c))
+    # a token of c that a and b never write
+    j = next(j for j in range(2, 60) if fc[j] not in fa + fb + fc[:j])
+    # c's rows stop after j + 1 tokens and hand their slots on; b's rows come last
+    waves = 40 // (j + 1)
+    kw = dict(max_new_tokens=60, temperature=0, stop_ids={fc[j]})
+    res = generate.generate(m, [a, c, b], [1, 9 * waves, 9], batch_size=10, **kw)
+    assert [len(r[0].tokens) for r in res] == [60, j + 1, 60]
+    for p, r in zip([a, c, b], res):
+        assert same(r, generate.generate(m, [p], len(r), **kw)[0])
+
+
+def test_batching_does_not_change_greedy_outputs():
+    m = random_model(seed=6)
+    prompts = [list(range(i, i + 3 * i + 1)) for i in range(1, 8)]
+    free = generate.generate(m, prompts, max_new_tokens=15, temperature=0)
+    stop = {free[0][0].tokens[4], free[3][0].tokens[9]}  # rows stop at different steps
+    kw = dict(max_new_tokens=15, temperature=0, stop_ids=stop)
+    ref = generate.generate(m, prompts, 2, batch_size=256, **kw)
+    assert any(s.stopped for r in ref for s in r) and not all(s.stopped for r in ref for s in r)
+    for bs in (1, 3):  # (the logprobs' last bits depend on the batch shape)
+        assert same(generate.generate(m, prompts, 2, batch_size=bs, **kw), ref)
+    for p, r in zip(prompts, ref):  # and each equals the prompt alone
+        assert same([r[0], r[0]], r) and same(generate.generate(m, [p], **kw)[0], r[:1])
+
+
+def test_fanout_rows_sample_independently_and_seed_reproduces():
+    m = random_model(seed=7)
+    with torch.no_grad():
+        m.output.weight.mul_(0.05)  # flatten the distribution so samples differ
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    a = generate.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0]
+    assert len({s.tokens[0] for s in a}) > 4  # first tokens drawn per row, not broadcast
+    assert len({tuple(s.tokens) for s in a}) == 16
+    assert generate.generate(m, [[1, 2, 3]], 16, seed=3, **kw)[0] == a
+    assert generate.generate(m, [[1, 2, 3]], 16, seed=4, **kw)[0] != a
+
+
+def test_tool_writes_after_its_trigger():
+    """A tool's ids replace the samples after a trigger, in every row (fan-out, refill and
+    compaction included), are marked forced, and the model then continues from them as from its own
+    tokens."""
+    m = random_model(seed=8)
+    with torch.no_grad():
+        m.output.weight.mul_(0.05)  # flat: triggers get sampled
+    trig = set(range(0, 512, 7))
+    # 1-3 ids, chosen from the trigger
+    tool = (trig, lambda prompt, ids: [500, 501, 502][: 1 + ids[-1] % 3])
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    kw = dict(max_new_tokens=20, temperature=1.0, seed=5, stop_ids={3})
+    for bs in (256, 3):
+        res = generate.generate(m, prompts, [5, 3], batch_size=bs, tool=tool, **kw)
+        hits = 0
+        for s in (s for ss in res for s in ss):
+            k, want = 0, []
+            while k < len(s.tokens):
+                if s.tokens[k] in trig and not (s.stopped and k == len(s.tokens) - 1):
+                    n = 1 + s.tokens[k] % 3
+                    want += list(range(k + 1, min(k + 1 + n, len(s.tokens))))
+                    assert s.tokens[k + 1:k + 1 + n] == [500, 501, 502][:n][:len(s.tokens) - k - 1]
+                    hits, k = hits + 1, k + 1 + n
+                else:
+                    k += 1
+            assert s.forced == want and len(s.logprobs) == len(s.tokens)
+        assert hits > 5
+    # a forced id is fed back like a sampled one: the greedy run with a tool equals the greedy run
+    # without one continued from the same prefix
+    first = generate.generate(m, [[9, 9]], max_new_tokens=1, temperature=0)[0][0].tokens[0]
+    tool = ({first}, lambda prompt, ids: [42] if len(ids) == 1 and prompt == [9, 9] else [])
+    [[g]] = generate.generate(m, [[9, 9]], max_new_tokens=12, temperature=0, tool=tool)
+    [[h]] = generate.generate(m, [[9, 9, g.tokens[0], 42]], max_new_tokens=10, temperature=0)
+    assert g.tokens[1] == 42 and g.forced == [1] and g.tokens[2:] == h.tokens
+
+
+def test_stop_ids_and_max_new_tokens():
+    m = random_model(seed=8)
+    prompt = [4, 5, 6]
+    [[free]] = generate.generate(m, [prompt], max_new_tokens=12, temperature=0)
+    assert len(free.tokens) == 12 and not free.stopped
+    stop = free.tokens[5]
+    k = free.tokens.index(stop)
+    [[s]] = generate.generate(m, [prompt], max_new_tokens=12, temperature=0, stop_ids=[stop, 9999])
+    assert s.tokens == free.tokens[: k + 1] and s.stopped and len(s.logprobs) == k + 1
+    [[s]] = generate.generate(m, [prompt], max_new_tokens=3, temperature=0)
+    assert s.tokens == free.tokens[:3]
+    # the context ends generation too: max_seq_len 256
+    [[s]] = generate.generate(m, [list(range(250))], max_new_tokens=50, temperature=0)
+    assert len(s.tokens) == 6 and not s.stopped
+    s = generate.generate(m, [list(range(256))], max_new_tokens=5)[0][0]
+    assert s == generate.Sample([], [], False)
+
+
+def test_sampler_temperature_top_k_top_p():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])).expand(20000, 5).contiguous()
+    freq = lambda ids: torch.bincount(ids, minlength=5).float() / len(ids)
+    f = freq(generate.sample_next(logits, 1.0, 0, 1.0, gen))
+    assert torch.allclose(f, logits[0].exp(), atol=0.015)
+    greedy = generate.sample_next(logits, 0, 0, 1.0, gen)
+    assert torch.equal(greedy, torch.zeros(20000, dtype=torch.long))
+    f = freq(generate.sample_next(logits, 1.0, 2, 1.0, gen))  # top-k renormalizes over the two best
+    assert torch.allclose(f, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015)
+    # top-p keeps 0.5, 0.3 (the mass before 0.15 is 0.8 > 0.7)
+    f = freq(generate.sample_next(logits, 1.0, 0, 0.7, gen))
+    assert torch.allclose(f, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015)
+    f = freq(generate.sample_next(logits, 2.0, 0, 1.0, gen))  # temperature 2 flattens: p ~ sqrt(p)
+    want = logits[0].div(2).softmax(-1)
+    assert torch.allclose(f, want, atol=0.015)
+
+
+def test_top_p_shortcut_draws_what_the_full_sort_draws():
+    # the plain recipe: sort the whole vocabulary, same inverse-CDF draw
+    def full_sort(logits, top_p, gen):
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        cdf = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0).cumsum(-1)
+        u = torch.rand(cdf.size(0), 1, generator=gen) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+        return order.gather(-1, pick)[:, 0]
+
+    # peaked: the top 64 hold > 0.9, so the shortcut; flat: they do not, so the full sort
+    peaked = torch.randn(512, 1000, generator=torch.Generator().manual_seed(1)) * 8
+    flat = torch.randn(512, 1000, generator=torch.Generator().manual_seed(2)) * 0.1
+    assert (peaked.softmax(-1).topk(generate.TOP_P_FIRST).values.sum(-1) > 0.9).all()
+    # one flat row sends all rows to the sort
+    for logits in (peaked, flat, torch.cat([peaked[:-1], flat[:1]])):
+        got = generate.sample_next(logits, 1.0, 0, 0.9, torch.Generator().manual_seed(3))
+        assert torch.equal(got, full_sort(logits, 0.9, torch.Generator().manual_seed(3)))
+
+
+def test_generate_stats_count_each_prompt_once():
+    m = random_model(seed=9)
+    generate.reset_generate_stats()
+    res = generate.generate(m, [[1, 2, 3, 4], [5, 6]], [8, 2], max_new_tokens=5, temperature=1.0,
+                            stop_ids=range(0, 512, 3))
+    st = generate.generate_stats()
+    assert st["prefill_tokens"] == 3 + 1  # all but the last token of each distinct prompt, once
+    # finished rows cost nothing
+    assert st["decode_tokens"] == sum(len(s.tokens) for r in res for s in r) < 10 * 5
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager():
+    # imported here, not at the top: dynamo is slow to load, and the spawned DDP workers import
+    # this file too
+    from torch._dynamo.utils import counters
+    m = random_model(seed=10, n_layers=1, dim=32)
+    # the first batch has as many rows as kv heads: no graph may specialize on it
+    assert m.cfg.n_kv_heads == 2
+    prompts = [[1, 2, 3], list(range(10, 30)), [7] * 9]
+    graphs = counters["stats"]["unique_graphs"]
+    # 2 rows, then 6: other batch sizes and lengths, one compilation
+    for n, new in ((1, 10), (2, 13)):
+        kw = dict(max_new_tokens=new, temperature=1.0, seed=5)
+        eager = generate.generate(m, prompts[: 2 * n], n, **kw)
+        compiled = generate.generate(m, prompts[: 2 * n], n, compile=True, **kw)
+        for e, c in zip(sum(eager, []), sum(compiled, [])):
+            assert e.tokens == c.tokens
+            assert torch.allclose(torch.tensor(e.logprobs), torch.tensor(c.logprobs), atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
+# ==================================================================================================
+# tasks/__init__.py: problem files, prompts, boxed answers (what both tasks share)
+# ==================================================================================================
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"id": "a", "problem": "p"', "not valid JSON"),
+    ('{"id": "a", "problem": "p"}', "missing field 'answer'"),
+    ('{"id": 3, "problem": "p", "answer": "1"}', "id: must be a non-empty string"),
+    ('{"id": "a", "problem": "p", "answer": 27.0}', "answer: must be a string"),
+    ('{"id": "a", "problem": "p", "answer": "1", "level": "2"}', "level: must be an int"),
+    ('{"id": "a", "problem": "p", "answer": "5", "numbers": [1, "2"], "target": 5}',
+     "numbers: must be a list"),
+    ('{"id": "a", "problem": "p", "answer": "6", "numbers": [1, 2], "target": 5}',
+     "answer: must be str"),
+    ('{"id": "a", "problem": "p", "answer": "3", "numbers": [1, 2], "target": 3, "level": 3}',
+     "level: a Countdown"),
+    ('{"id": "ok", "problem": "p", "answer": "1"}', "id: duplicate id 'ok'"),
+])
+def test_read_problems_reports_file_line_field(tmp_path, line, msg):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "ok", "problem": "p", "answer": "1"}\n\n' + line + "\n")
+    with pytest.raises(common.UserError, match=f"{p}:3: .*{msg}"):
+        tasks.read_problems(str(p))
+
+
+def test_prompts_and_reflections():
+    cd = {"id": "c", "problem": "", "answer": "24", "numbers": [4, 6, 1, 5], "target": 24}
+    m = {"id": "m", "problem": "What is 1+1?", "answer": "2"}
+    assert "4 6 1 5" in tasks.prompt_messages(cd)[0]["content"]
+    assert tasks.prompt_messages(m)[0]["content"].startswith("What is")
+    assert tasks.step_delimiter(cd) == "\n" and tasks.step_delimiter(m) == "\n\n"
+    text = (f"1+2=3\n{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had 1+2=3.\n"
+            f"4\n{common.REFLECT} {common.NOT_SURE} {common.RESTART}\n"
+            f"5\n{common.REFLECT} {common.SEEMS_RIGHT}\n")
+    assert tasks.count_reflections(text) == (2, 3) and tasks.count_reflections("plain") == (0, 0)
+
+
+def test_extract_boxed():
+    assert tasks.extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert tasks.extract_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"  # escaped braces are content
+    assert tasks.extract_boxed("so \\boxed 5$.") == "5"
+    assert tasks.extract_boxed("\\fbox{7}") == "7"
+    # the last box is unclosed: no answer
+    assert tasks.extract_boxed("\\boxed{1} then \\boxed{2") is None
+    assert tasks.extract_boxed("no box") is None and tasks.extract_boxed("\\boxed") is None
+    assert tasks.extract_boxed("\\boxed{ {a}{b} }") == "{a}{b}"
+
+
+# ==================================================================================================
+# tasks/countdown.py and data/countdown/prepare.py: grader, solver, calculator, data
+# ==================================================================================================
+
+# ------------------------------------------------------------ grader and solver
+
+CD_REC = {"id": "c", "problem": "", "answer": "24", "numbers": [1, 2, 3, 4], "target": 24,
+          "level": 4}
+
+
+@pytest.mark.parametrize("expr,ok", [
+    ("1*2*3*4", True), ("(1+2+3)*4", True), ("4*3*2*1", True), ("(4+2)*(3+1)", True),
+    ("((1+2)+3)*4", True), ("(2+1+3)*4 = 24", True), ("4\\times 3\\times 2\\times 1", True),
+    ("(3-1)*4*(2+1)-0", False),
+    ("4*3*2", False),              # 1 unused
+    ("4*3*2*1*1", False),          # 1 used twice
+    ("(1+3)*2*4", False),          # 32
+    ("4*3*(2-1)", False),          # 12
+    ("6*4", False),                # numbers not given
+    ("24", False), ("1*2*3*4=25", False), ("(1+2+3)*4=24=25", False),
+    ("-1+2+3*4+11", False), ("4/(1-1)+2*3", False), ("(1+2+3*4", False), ("1 2 3 4", False),
+    ("", False), ("1*2*3*4" + "*1" * 100, False), ("1.0*2*3*4", False), ("(1+2+3)\\cdot 4", True),
+    ("4*(3+2+1)/1*1", False),
+])
+def test_countdown_grader(expr, ok):
+    assert tasks.grade(CD_REC, f"1+2=3 left 3 3 4\n\\boxed{{{expr}}}\n")[1] is ok
+
+
+def test_countdown_grader_rules():
+    rec = {"id": "c", "problem": "", "answer": "10", "numbers": [2, 3, 4], "target": 10, "level": 3}
+    assert tasks.grade(rec, "\\boxed{2*3+4}") == ("2*3+4", True)
+    assert tasks.grade(rec, "\\boxed{4+3*2}")[1] and tasks.grade(rec, "\\boxed{(4+(3*2))}")[1]
+    assert tasks.grade(rec, "\\boxed{2*3+4=10}")[1] and not tasks.grade(rec, "\\boxed{2*3+4=11}")[1]
+    assert not tasks.grade(rec, "\\boxed{2*3+4+0}")[1]    # a number not given
+    assert not tasks.grade(rec, "\\boxed{2*3+4*1}")[1]
+    assert not tasks.grade(rec, "\\boxed{(2*3+4)}\\boxed{2+3+4}")[1]  # the last box counts
+    assert not tasks.grade(rec, "\\boxed{2*3+4")[1] and tasks.grade(rec, "2*3+4") == (None, False)
+    rec2 = dict(rec, numbers=[3, 3, 2], answer="3", target=3)
+    assert tasks.grade(rec2, "\\boxed{3/(3/2)+1}")[1] is False
+    rec3 = dict(rec2, numbers=[4, 2, 1], answer="3", target=3)
+    assert tasks.grade(rec3, "\\boxed{(4+2)*(1/2)}")[1] is False
+    # fractions exact
+    assert tasks.grade(dict(rec, numbers=[6, 4, 3], answer="8", target=8), "\\boxed{6/3*4}")[1]
+    assert tasks.grade(dict(rec, numbers=[7, 2, 2], answer="7", target=7), "\\boxed{7/2*2}")[1]
+    assert countdown.countdown_eval("1/(2-2)") is None and countdown.countdown_eval("-1+2") is None
+    assert countdown.countdown_eval("((((((((((1))))))))))") == (1, [1])
+    assert countdown.countdown_eval("(" * 100 + "1" + ")" * 100) is None  # too deep
+
+
+def brute_count(nums, target):
+    """Independent, slow reference solver: number of operation sequences (over positions) reaching
+    target."""
+    if len(nums) == 1:
+        return int(nums[0] == target)
+    total = 0
+    for i in range(len(nums)):
+        for j in range(i + 1, len(nums)):
+            a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
+            rest = [n for k, n in enumerate(nums) if k not in (i, j)]
+            for c in (a + b, a - b, a * b, a // b if b and a % b == 0 else None):
+                if c is not None:
+                    total += brute_count(rest + [c], target)
+    return total
+
+
+def test_countdown_solver_and_grader_agree():
+    rng = np.random.default_rng(0)
+    for k in (3, 4):
+        nums, tgt = rng.integers(1, 26, (400, k)), rng.integers(10, 101, 400)
+        count, paths = countdown.solve(nums, tgt, rng)
+        for i in range(0, 400, 8):  # the vectorized counts match an independent brute force
+            assert count[i] == brute_count(nums[i].tolist(), int(tgt[i]))
+        assert (count > 0).sum() > 10
+        for i in np.flatnonzero(count):
+            rec = {"id": "x", "problem": "", "numbers": nums[i].tolist(), "target": int(tgt[i]),
+                   "answer": str(tgt[i])}
+            lines = countdown.steps(rec["numbers"], paths[i], rec["target"])
+            assert len(lines) == k - 1 and all(" left " in s for s in lines[:-1])
+            box = tasks.extract_boxed(lines[-1])
+            assert tasks.grade(rec, "\n".join(lines) + "\n") == (box, True)
+            first = re.search(r"[0-9]+", box)
+            # a mutated number
+            bad = box[:first.start()] + str(int(first.group()) + 1) + box[first.end():]
+            assert tasks.grade(rec, f"\\boxed{{{bad}}}")[1] is False
+            # the arithmetic ends at the target
+            assert lines[-1].endswith(f"={rec['target']} == {rec['target']}")
+        assert all(p is None for p in np.array(paths, dtype=object)[count == 0])
+
+
+def test_countdown_steps_format():
+    lines = countdown.steps([7, 3, 12, 25], [(1, 2, "*"), (1, 2, "+"), (0, 1, "-")], 54)
+    assert lines == ["12*3=36 left 7 25 36", "(12*3)+25=36+25=61 left 7 61",
+                     "\\boxed{((12*3)+25)-7}=61-7=54 == 54"]
+    assert countdown.steps([5, 20], [(0, 1, "/")], 3) == ["\\boxed{20/5}=20/5=4 != 3"]
+
+
+# ------------------------------------------------------------ data, tokenizer and calculator
+
+def small_prepare(out_dir, **kw):
+    cfg = countdown_prepare.Config(out_dir=str(out_dir), train=140, warmup=250, level_mix=(2, 3),
+                                   val=20, test=30, bpe_docs=250, **kw)
+    return countdown_prepare.main(cfg)
+
+
+@pytest.fixture(scope="module")
+def cd_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cd")
+    small_prepare(d)
+    return d
+
+
+def test_countdown_prepare(cd_data, tmp_path):
+    d = cd_data
+    small_prepare(tmp_path / "again")
+    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model"):
+        assert (d / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f  # deterministic
+    cfg2 = countdown_prepare.Config(out_dir=str(tmp_path / "big"), train=180, warmup=110, val=20,
+                                    test=30, bpe_docs=100)
+    countdown_prepare.main(cfg2)
+    # test ignores train size
+    assert (d / "test.jsonl").read_bytes() == (tmp_path / "big" / "test.jsonl").read_bytes()
+    # a confirmatory split: new problems, every other file unchanged
+    small_prepare(tmp_path / "confirm", confirm=7)
+    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model"):
+        assert (d / f).read_bytes() == (tmp_path / "confirm" / f).read_bytes(), f
+    confirm = tasks.read_problems(str(tmp_path / "confirm" / "confirm.jsonl"))
+    assert [r["level"] for r in confirm] == [3] * 7 + [4] * 7 and not (d / "confirm.jsonl").exists()
+    assert all(r["id"].startswith(f"cd{r['level']}-confirm-") for r in confirm)
+    # a second round: the first round's file unchanged, then new ones
+    small_prepare(tmp_path / "round2", confirm=7, confirm_round=2)
+    for f in ("train.jsonl", "val.jsonl", "test.jsonl", "warmup.jsonl", "tokenizer.model",
+              "confirm.jsonl"):
+        assert (tmp_path / "confirm" / f).read_bytes() == (tmp_path / "round2" / f).read_bytes(), f
+    confirm2 = tasks.read_problems(str(tmp_path / "round2" / "confirm2.jsonl"))
+    assert [r["level"] for r in confirm2] == [3] * 7 + [4] * 7
+    assert all(r["id"].startswith(f"cd{r['level']}-confirm2-") for r in confirm2)
+    with pytest.raises(common.UserError, match="confirm_round"):
+        small_prepare(tmp_path / "bad", confirm_round=0)
+    with pytest.raises(common.UserError, match="min_solutions must give a count >= 1 per level"):
+        small_prepare(tmp_path / "bad", min_solutions=(1,))
+    splits = {s: tasks.read_problems(str(d / f"{s}.jsonl")) for s in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [140, 40, 60]
+    assert sum(r["level"] == 3 for r in splits["train"]) == 56  # level_mix 2:3
+    stats = json.loads((d / "prepare.json").read_text())
+    held = set(stats["held_out_targets"])
+    assert len(held) == 9 and not any(r["target"] in held for r in splits["train"])
+    assert any(r["new_target"] for r in splits["test"] + splits["val"])
+    keys = [(tuple(sorted(r["numbers"])), r["target"])
+            for s in [*splits.values(), confirm, confirm2] for r in s]
+    assert len(keys) == len(set(keys))  # no problem in two splits
+    least = dict(zip(countdown_prepare.Config.levels, countdown_prepare.Config.min_solutions))
+    for r in splits["test"]:
+        assert r["level"] == len(r["numbers"]) and r["answer"] == str(r["target"])
+        assert r["solutions"] >= least[r["level"]]
+        assert r["problem"] == tasks.prompt_messages(r)[0]["content"]
+        assert r["id"].startswith(f"cd{r['level']}-test-")
+    convs = common.read_jsonl(str(d / "warmup.jsonl"))
+    assert len(convs) == 250
+    for c in convs:
+        user, asst = c["messages"]
+        nums = user["content"].split(" from ")[1].split(" with")[0].split()
+        rec = {"id": "w", "problem": "", "answer": "", "numbers": list(map(int, nums)),
+               "target": int(user["content"].split()[1])}
+        assert user == tasks.prompt_messages(rec)[0] and asst["role"] == "assistant"
+        assert tasks.grade(rec, asst["content"])[1] and asst["content"].endswith("\n")
+        assert asst["content"].count("\n") == len(rec["numbers"]) - 1
+        assert c["meta"]["backtracks"] == 0
+        # as tasks.tool writes it
+        assert asst["content"].endswith(f"={rec['target']} == {rec['target']}\n")
+    with pytest.raises(common.UserError, match="only .* new solvable 3-number"):
+        countdown_prepare.main(countdown_prepare.Config(out_dir=str(tmp_path / "x"), hi=3,
+                                                        train=600, warmup=10, level_mix=(1, 0),
+                                                        val=5, test=5))
+
+
+def test_countdown_tokenizer(cd_data):
+    counts = countdown_prepare.bpe_corpus(common.read_jsonl(str(cd_data / "warmup.jsonl"))[:100])
+    vocab, seg = countdown_prepare.train_bpe(counts, 200)
+    assert len(vocab) == 256 + 200 and len(set(vocab)) == len(vocab)
+    assert vocab[:256] == [bytes([b]) for b in range(256)]
+    enc = tiktoken.Encoding("t", pat_str=tokenizer.PAT_STR,
+                            mergeable_ranks={t: i for i, t in enumerate(vocab)}, special_tokens={})
+    for word, toks in seg.items():  # tiktoken applies the ranks exactly as training merged
+        got = [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary(word.decode())]
+        assert got == toks, word
+    tok = tokenizer.Tokenizer(str(cd_data / "tokenizer.model"))
+    ranks = (cd_data / "tokenizer.model").read_text().splitlines()
+    assert tok.n_vocab == len(ranks) + 256 and base64.b64decode(ranks[65].split()[0]) == b"A"
+    conv = common.read_jsonl(str(cd_data / "warmup.jsonl"))[0]
+    trace = conv["messages"][1]["content"]
+    line = f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} had {trace.splitlines()[0]}.\n"
+    for text in (trace, line, conv["messages"][0]["content"]):
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(trace)) <= 20 * trace.count("\n")  # short steps
+    assert len(tok.encode(" " + common.REFLECT)) <= 16  # the reflection words are whole tokens
+    ids, mask = tok.render_chat(conv["messages"])
+    assert tok.decode([i for i, m in zip(ids, mask) if m][:-1]) == trace
+
+
+def test_countdown_calculator(cd_data):
+    tok = tokenizer.Tokenizer(str(cd_data / "tokenizer.model"))
+    rec = {"numbers": [7, 3, 12, 25], "target": 54}
+    triggers, calc = tasks.tool(rec, tok)
+    assert tasks.tool({"problem": "x", "answer": "1"}, tok) is None  # math: no tool
+    prompt = tok.render_prompt(tasks.prompt_messages(rec))
+    for text, want in [("12*3=", "36 left 7 25 36\n"), ("(12*3)+25=36+25=", "61"),
+                       ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
+                       ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"),
+                       ("7 left 3\n\\boxed{3}=3\n61-7=", "54"),
+                       ("7 left 3 25 36\n600*25=", "15000"), ("20/5=", "4"), ("(12*3)+25=", None),
+                       ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None),
+                       ("1.5+2=", None),
+                       # the answer's line shows the box's own value and the grader's verdict,
+                       # whatever was copied
+                       ("\\boxed{((12*3)+25)-7}=61-9=", "54 == 54\n"),
+                       ("\\boxed{((12*3)+7)+3}=61-7=", "46 != 54\n"),
+                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7 != 54\n"),
+                       ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid != 54\n"),
+                       ("\\boxed{(12*3)+(25-7=", "invalid != 54\n"),
+                       ("\\boxed{(12*3)+(25-7)}=36+18=", "54 == 54\n"),
+                       ("\\boxed{(25+25)+(7-3)}=50+4=", "54 == 54 but the numbers are wrong\n")]:
+        ids = tok.encode(text)
+        assert ids[-1] in triggers, text  # every "...=" ends in a trigger id
+        assert calc(prompt, ids) == (tok.encode(want) if want else []), text
+    # each row: its own target
+    other = tok.render_prompt(tasks.prompt_messages({"numbers": [7, 3, 12, 25], "target": 68}))
+    assert calc(other, tok.encode("\\boxed{((12*3)+25)+7}=61+7=")) == tok.encode("68 == 68\n")
+    for text in ("\\boxed{((12*3)+25)-7}=61-7=", "\\boxed{((12*3)+7)+3}=61-7=",
+                 "\\boxed{(25+25)+(7-3)}=50+4="):
+        # "==" exactly when the grader accepts the box
+        verdict = tok.decode(calc(prompt, tok.encode(text)))
+        accepted = tasks.grade(rec, text + verdict)[1]
+        assert (" == " in verdict and "wrong" not in verdict) == accepted, text
+    assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))
+    # the numbers left: from the line before, the start numbers after a restart, the restated step
+    # after a go-back
+    restart = f"{common.REFLECT} {common.NOT_SURE} {common.RESTART}"
+    back = f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK}"
+    for text, want in [("12*3=36 left 7 25 36\n(12*3)+25=36+25=", "61 left 7 61\n"),
+                       # 12 is not left: the model writes the rest itself
+                       ("12*3=36 left 7 25 36\n12*3=", "36"),
+                       (f"12*3=36 left 7 25 36\n\\boxed{{12*3}}=36 != 54\n{restart}\n25-7=",
+                        "18 left 3 12 18\n"),
+                       (f"7+3=10 left 12 25 10\n{back} had 12*3=36 left 7 25 36.\n25+7=",
+                        "32 left 36 32\n"),
+                       # inside a go-back: the result only
+                       (f"{back} had 12*3=", "36")]:
+        assert tok.decode(calc(prompt, tok.encode(text))) == want, text
+    assert countdown.numbers_left([7, 3, 12, 25], "") == [7, 3, 12, 25]
+    # search's prompts end in a node's path: the numbers left come from there
+    path_so_far = tok.encode("12*3=36 left 7 25 36\n")
+    assert tok.decode(calc(prompt + path_so_far, tok.encode("25-7="))) == "18 left 36 18\n"
+    # it writes what the warm-up traces say (the one freedom: which of two equal numbers goes first)
+    written = same = 0
+    for conv in common.read_jsonl(str(cd_data / "warmup.jsonl"))[:100]:
+        m = countdown.TARGET.search(conv["messages"][0]["content"])
+        row = {"target": int(m[1]), "numbers": [int(n) for n in m[2].split()]}
+        trig, calc_row = tasks.tool(row, tok)
+        p, ids, i = (tok.render_prompt(tasks.prompt_messages(row)),
+                     tok.encode(conv["messages"][1]["content"]), 0)
+        while i < len(ids):
+            out = calc_row(p, ids[: i + 1]) if ids[i] in trig else []
+            if out:
+                written += 1
+                said, wrote = tok.decode(ids[i + 1 : i + 1 + len(out)]), tok.decode(out)
+                # equal numbers: any order
+                same += said == wrote or (len(set(row["numbers"])) < len(row["numbers"])
+                                          and sorted(said.split()) == sorted(wrote.split()))
+            i += 1 + len(out)
+    assert written > 150 and same == written
+
+
+# ==================================================================================================
+# tasks/math.py and data/math/prepare.py: the MATH grader and data
+# ==================================================================================================
+
+# ------------------------------------------------------------ grader
+
+# (reference answer, prediction, equivalent?) — the agreement set: MATH-500-style answers in many
+# surface forms and near misses. The grader must match every label; math-verify's agreement with the
+# labels is measured below.
+PAIRS = [
+    # --- equivalent: numbers
+    ("27.0", "27", True), ("27", "27.0", True), ("025", "25", True), ("073", "73", True),
+    ("-1.0", "-1", True), ("1000", "1,000", True), ("10,\\!080", "10080", True),
+    ("11,\\! 111,\\! 111,\\! 100", "11111111100", True), ("\\$32,\\!348", "32348", True),
+    ("\\$18.90", "18.9", True), ("\\$36", "36", True), ("58,500", "58500", True),
+    ("0.15", ".15", True), (".0000672", "0.0000672", True), ("1.25", "\\frac{5}{4}", True),
+    ("1.25", "5/4", True), ("3.21", "3.210", True), ("4.5", "\\frac92", True),
+    ("326.5", "\\frac{653}{2}", True), ("5", "5.", True), ("5", "\\text{5}", True),
+    ("5", "$5$", True), ("-50", "-50.0", True), ("0", "0.0", True), ("2000", "2000.00", True),
+    # --- fractions
+    ("\\frac{14}{3}", "14/3", True), ("\\frac{14}{3}", "\\dfrac{14}{3}", True),
+    ("\\frac{14}{3}", "\\tfrac{14}{3}", True), ("\\frac43", "\\frac{4}{3}", True),
+    ("\\frac 59", "\\frac{5}{9}", True), ("\\frac9{19}", "9/19", True),
+    ("\\frac{3}{56}", "\\frac{6}{112}", True), ("\\frac{1}{2}", "0.5", True),
+    ("-\\frac{35}{9}", "\\frac{-35}{9}", True), ("-\\frac{24}{25}", "-0.96", True),
+    ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True),
+    ("1\\frac{4}{5}", "\\frac{9}{5}", True), ("137 \\frac{1}{2}", "137.5", True),
+    ("\\frac{11+9a}{20}", "\\frac{9a+11}{20}", True),
+    ("\\frac{3\\sqrt{3}}{4}", "\\frac{3}{4}\\sqrt{3}", True),
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True),
+    ("\\frac{\\sqrt{21}}{5}", "\\sqrt{21}/5", True), ("\\frac{20000}{\\pi}", "20000/\\pi", True),
+    # --- roots, pi
+    ("3\\sqrt{13}", "\\sqrt{117}", True), ("11\\sqrt2", "11\\sqrt{2}", True),
+    ("70 \\sqrt{2}", "70\\sqrt{2}", True), ("\\sqrt{51}", "\\sqrt{51}", True),
+    ("2\\sqrt{5}", "\\sqrt{20}", True), ("6\\sqrt{2}", "\\sqrt{72}", True),
+    ("-\\sqrt{3}", "-1\\cdot\\sqrt{3}", True), ("\\sqrt[3]{8}", "2", True),
+    ("288 \\pi", "288\\pi", True), ("7\\pi", "\\pi\\cdot 7", True), ("18+2\\pi", "2\\pi+18", True),
+    ("-\\frac{\\pi}{6}", "-\\pi/6", True), ("\\pi", "\\pi", True),
+    ("11 \\sqrt{5} + 11", "11(\\sqrt{5}+1)", True), ("1+2\\sqrt{3}", "2\\sqrt3+1", True),
+    # --- degrees, percent, units, text
+    ("90^\\circ", "90", True), ("145^\\circ", "145^{\\circ}", True),
+    ("30^\\circ", "30 degrees", True), ("120^\\circ", "120°", True), ("50\\%", "50", True),
+    ("50\\%", "0.5", True), ("25\\%", "25%", True), ("864 \\mbox{ inches}^2", "864", True),
+    ("15\\mbox{ cm}^2", "15", True), ("5.4 \\text{ cents}", "5.4", True),
+    ("12 \\text{ units}", "12", True), ("\\text{Evelyn}", "Evelyn", True),
+    ("\\text{east}", "East", True), ("\\text{(C)}", "C", True), ("\\text{(E)}", "(E)", True),
+    ("\\textbf{(B)}", "B", True), ("\\text{ellipse}", "ellipse", True),
+    # --- variables and equations
+    ("x=5", "5", True), ("5", "x = 5", True), ("y = 2x + 3", "2x+3", True),
+    ("y = -2x", "y=-2x", True), ("x \\in [-2,7]", "[-2,7]", True), ("p - q", "-q+p", True),
+    ("2k+2", "2(k+1)", True), ("2k", "k+k", True), ("(a+5)(b+2)", "ab+2a+5b+10", True),
+    ("x^3+3x-6", "3x+x^3-6", True), ("-13x+3", "3-13x", True),
+    ("6r^2-4r-24", "2(3r^2-2r-12)", True), ("5r^5", "5 r^5", True), ("3R^2", "3R^{2}", True),
+    ("x^5 - x^4 + x^3 - x^2 + x - 1", "x^5-x^4+x^3-x^2+x-1", True),
+    ("8n^2 + 4n + 1", "1+4n+8n^2", True), ("15x - 80", "5(3x-16)", True),
+    ("\\cot x", "\\frac{\\cos x}{\\sin x}", True), ("x^{2}", "x^2", True),
+    # --- complex numbers
+    ("6 - 5i", "-5i+6", True), ("-2 + 7i", "7i-2", True), ("1+274i", "1 + 274 i", True),
+    ("1 - 12i", "1-12i", True),
+    # --- tuples, intervals, sets, lists
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)", True),
+    ("(6,31,-1)", "(6, 31, -1)", True), ("(-2,1)", "\\left(-2,1\\right)", True),
+    ("(15,-29)", "(15, -29)", True), ("\\left( \\frac{3}{2}, -13 \\right)", "(1.5,-13)", True),
+    ("(3,4]", "(3, 4]", True), ("(2,\\infty)", "(2, \\infty)", True),
+    ("(-\\infty, 0]", "(-\\infty,0]", True), ("(0,9) \\cup (9,36)", "(0,9)\\cup(9,36)", True),
+    ("(-\\infty, 2) \\cup (3, \\infty)", "(3,\\infty)\\cup(-\\infty,2)", True),
+    ("\\left[ \\frac{\\pi^2}{8}, \\frac{5 \\pi^2}{4} \\right]", "[\\pi^2/8, 5\\pi^2/4]", True),
+    ("1,-2", "-2, 1", True), ("3, 5, 7", "7,5,3", True), ("-2,1", "1, -2", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True), ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}", True),
+    ("3 \\pm 2 \\sqrt{2}", "3-2\\sqrt{2},3+2\\sqrt{2}", True),
+    ("\\{1\\pm\\sqrt{5},-2\\}", "-2, 1-\\sqrt5, 1+\\sqrt5", True),
+    ("(1,-16,-4,43)", "(1, -16, -4, 43)", True),
+    # --- matrices
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+     "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}", True),
+    ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
+     "\\begin{bmatrix} -1 & 0 \\\\ 0 & -1 \\end{bmatrix}", True),
+    ("\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}",
+     "\\begin{pmatrix}-2\\\\-14\\\\-7\\end{pmatrix}", True),
+    # --- misc
+    ("52_8", "52_{8}", True), ("4210_{5}", "4210_5", True),
+    ("6.72\\times10^{-5}", ".0000672", True), ("2^{10}", "1024", True), ("10!", "3628800", True),
+    ("\\frac{448}{15625}", "0.028672", True), ("\\frac{1}{3}", "\\frac{2}{6}", True),
+    ("\\frac{2}{21}", "2/21", True), ("9901", "9901", True),
+    # --- near misses
+    ("27.0", "28", False), ("025", "52", False), ("5", "-5", False),
+    ("\\frac{14}{3}", "\\frac{3}{14}", False), ("\\frac{1}{2}", "0.51", False),
+    ("\\frac{1}{3}", "0.333", False), ("\\frac{3}{56}", "\\frac{3}{65}", False),
+    ("1000", "100", False), ("10,\\!080", "1008", False), ("1.25", "1.2", False),
+    ("0.15", "0.015", False), ("3\\sqrt{13}", "3\\sqrt{11}", False),
+    ("3\\sqrt{13}", "\\sqrt{39}", False), ("11\\sqrt2", "11\\sqrt3", False),
+    ("\\pi", "3.14", False), ("7\\pi", "7", False), ("18+2\\pi", "18+\\pi", False),
+    ("-\\frac{\\pi}{6}", "\\frac{\\pi}{6}", False), ("90^\\circ", "80", False),
+    ("50\\%", "5", False), ("\\text{Evelyn}", "Navin", False), ("\\text{(C)}", "D", False),
+    ("x=5", "6", False), ("p - q", "q - p", False), ("2k+2", "2k+1", False),
+    ("(a+5)(b+2)", "(a+2)(b+5)", False), ("x^3+3x-6", "x^3+3x+6", False), ("x^2", "x^3", False),
+    ("6r^2-4r-24", "6r^2-4r+24", False), ("6 - 5i", "6 + 5i", False), ("-2 + 7i", "2 - 7i", False),
+    ("1+274i", "274+i", False), ("(6,31,-1)", "(6,-1,31)", False), ("(-2,1)", "(1,-2)", False),
+    ("(3,4]", "(3,4)", False), ("(3,4]", "[3,4]", False), ("(2,\\infty)", "[2,\\infty)", False),
+    ("(0,9) \\cup (9,36)", "(0,36)", False), ("1,-2", "1, 2", False), ("3, 5, 7", "3, 5", False),
+    ("3, 5, 7", "3,5,7,9", False), ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}", False),
+    ("(15,-29)", "(-29,15)", False), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi)", False),
+    ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
+     "\\begin{pmatrix} 1 & 0 \\\\ 0 & 1 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}",
+     "\\begin{pmatrix}-2\\\\-14\\\\7\\end{pmatrix}", False),
+    ("52_8", "52", False), ("4210_{5}", "4210_6", False), ("2^{10}", "1023", False),
+    ("10!", "362880", False), ("\\frac{448}{15625}", "0.0287", False), ("9901", "9910", False),
+    ("-50", "50", False), ("0", "1", False), ("\\sqrt{51}", "51", False),
+    ("2\\sqrt{5}", "\\sqrt{10}", False), ("\\frac{\\sqrt{3}}{3}", "\\sqrt{3}", False),
+    ("y = 2x + 3", "2x - 3", False), ("5r^5", "5r^4", False), ("3R^2", "3R", False),
+    ("\\cot x", "\\tan x", False), ("8n^2 + 4n + 1", "8n^2 + 4n", False),
+    ("15x - 80", "15x-8", False), ("-13x+3", "13x+3", False),
+    ("\\frac{11+9a}{20}", "\\frac{11+9a}{2}", False), ("137 \\frac{1}{2}", "137", False),
+    ("1\\frac{4}{5}", "\\frac{4}{5}", False), ("\\$32,\\!348", "32,384", False),
+    ("58,500", "585", False), ("12 \\text{ units}", "13", False), ("\\text{east}", "west", False),
+    ("\\text{ellipse}", "parabola", False), ("-\\sqrt{3}", "\\sqrt{3}", False),
+    ("288 \\pi", "288", False), ("-\\frac{24}{25}", "\\frac{24}{25}", False), ("4.5", "45", False),
+    ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2]\\cup(3,\\infty)", False),
+    ("\\{1,2\\}", "\\{1,2,3\\}", False), ("6.72\\times10^{-5}", "6.72\\times10^{-4}", False),
+    ("x \\in [-2,7]", "[-2,7)", False), ("2k", "k", False),
+    ("11 \\sqrt{5} + 11", "11\\sqrt{5}", False), ("\\frac{20000}{\\pi}", "20000\\pi", False),
+    ("9", "9^{9^{9^{9}}}", False),
+]
+
+
+def test_math_pairs(monkeypatch):
+    # Equivalence logic only: generous time limits, so a busy machine cannot turn a slow sympy call
+    # into "not equal" (the limits themselves are tested with the adversarial inputs below).
+    monkeypatch.setattr(math_task, "SYMPY_TIMEOUT", 60.0)
+    monkeypatch.setattr(math_task, "MATH_TIME_LIMIT", 120.0)
+    assert len(PAIRS) >= 150 and 60 <= sum(not p[2] for p in PAIRS)
+    math_task._sympy_cache.clear()
+    wrong = [(g, p, want) for g, p, want in PAIRS if math_task.math_equal(g, p) != want]
+    assert not wrong, wrong
+
+
+def test_math_verify_agreement():
+    agree, differ = 0, []
+    for g, p, want in PAIRS:
+        try:
+            parse = lambda x: math_verify.parse(f"\\boxed{{{x}}}", parsing_timeout=1)
+            got = math_verify.verify(parse(g), parse(p), timeout_seconds=1)
+        except Exception:
+            got = None
+        agree += got == want
+        if got != want:
+            differ.append((g, p, want, got))
+    rate = agree / len(PAIRS)
+    print(f"\nmath-verify agrees with the labels (= our grader) on {agree}/{len(PAIRS)} = "
+          f"{rate:.1%}; differs on {differ}")
+    assert rate >= 0.9
+
+
+ADVERSARIAL = [
+    "\\boxed{9^{9^{9^{9}}}}", "\\boxed{10!!!!!!}", "\\boxed{(10!)!}", "\\boxed{2^{100000}}",
+    "\\boxed{x^{99999999}}", "x" * 100_000 + "\\boxed{5}", "\\boxed{" + "1+" * 50_000 + "1}",
+    "\\boxed{" + "{" * 50_000 + "5" + "}" * 50_000 + "}",
+    "\\boxed{" + "(" * 5000 + "5" + ")" * 5000 + "}",
+    "\\boxed{" + "\\frac{" * 2000 + "1" + "}{2}" * 2000 + "}", "\\boxed{" * 30_000,
+    "\\boxed{\\sqrt{\\sqrt{\\sqrt{" * 300 + "}", "}" * 100_000 + "\\boxed{}",
+    "\\boxed{1e999999999}", "\\boxed{__import__('os').system('echo pwned')}",
+    "\\boxed{().__class__}",
+]
+
+
+@pytest.mark.parametrize("response", ADVERSARIAL, ids=[f"adv{i}" for i in range(len(ADVERSARIAL))])
+def test_adversarial_inputs_finish_fast(response):
+    math_task.math_equal("1", "2")  # warm the worker so its start is not timed
+    for rec in ({"id": "m", "problem": "", "answer": "5"},
+                {"id": "c", "problem": "", "answer": "24", "numbers": [1, 2, 3, 4], "target": 24}):
+        t = time.time()
+        pred, ok = tasks.grade(rec, response)
+        # no hang: bounded by the grader's own limits (a hang would take minutes), not a speed
+        # target
+        limit = math_task.MATH_TIME_LIMIT + math_task.SYMPY_TIMEOUT + 5
+        assert time.time() - t < limit and ok in (True, False)
+    assert math_task.to_sympy_str("9^{9^{9}}") is None and math_task.to_sympy_str("10!!") is None
+    assert math_task.to_sympy_str("__import__") is None and math_task.to_sympy_str("a.b") is None
+
+
+def test_sympy_timeout_from_a_thread(monkeypatch):
+    monkeypatch.setattr(math_task, "SYMPY_TIMEOUT", 0.5)
+    math_task._sympy_cache.clear()
+    # passes every guard, simplify takes seconds
+    slow = ("(a+b+c)^{30}(a-b)^{30}", "(a^2-b^2+ac-bc)^{30}+a")
+    out = {}
+    th = threading.Thread(target=lambda: out.update(r=math_task.math_equal(*slow)))
+    th.start()
+    th.join(10)
+    # the worker was killed at its limit, not waited for
+    assert not th.is_alive() and out["r"] is False
+    assert math_task.math_equal("2k+2", "2(k+1)")  # a fresh worker replaced the killed one
+    assert math_task.sympy_equal("x", "x+1") is False
+
+
+def test_math_normalize_and_percent():
+    normal, _ = math_task.normalize_math("\\left( 3, \\dfrac{\\pi}{2} \\right)")
+    assert normal == "(3,\\frac{\\pi}{2})"
+    assert math_task.normalize_math("10\\%") == ("10", True)
+    assert tasks.grade({"id": "x", "problem": "", "answer": "0.5"}, "so \\boxed{50\\%}")[1]
+    # no percent sign: no rescaling
+    assert not tasks.grade({"id": "x", "problem": "", "answer": "0.5"}, "\\boxed{50}")[1]
+    rec = {"id": "x", "problem": "", "answer": "27.0"}
+    assert tasks.grade(rec, "The answer is $\\boxed{27}$.") == ("27", True)
+
+
+# ------------------------------------------------------------ data
+
+def make_sources(tmp_path):
+    """Small files in each source's own format (not the real data)."""
+    math = [{"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "answer": "2",
+             "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"},
+            {"problem": "Half?", "solution": "$\\boxed{\\frac12}$", "answer": "\\frac{1}{2}",
+             "subject": "Prealgebra", "level": 2, "unique_id": "test/prealgebra/7.json"}]
+    url = "https://artofproblemsolving.com/wiki/index.php/2024_AIME_{}_Problems/Problem_{}"
+    aime = [{"id": 61, "problem": "p10", "solution": "s", "answer": "025",
+             "url": url.format("I", 10), "question": "p10"},
+            {"id": 75, "problem": "q2", "solution": "s", "answer": "204",
+             "url": url.format("II", 2), "question": "q2"},
+            {"id": 60, "problem": "p1", "solution": "s", "answer": "073",
+             "url": url.format("I", 1), "question": "p1"}]
+    amc_url = "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12{}_Problems/Problem_{}"
+    amc = [{"id": 3, "problem": "b", "answer": 27.0, "url": amc_url.format("B", 4),
+            "question": "b"},
+           {"id": 0, "problem": "a", "answer": -1.0, "url": amc_url.format("A", 12),
+            "question": "a"}]
+    to_bytes = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return {"math500": to_bytes(math), "aime24": to_bytes(aime), "amc23": to_bytes(amc),
+            "math_train": to_bytes(math)}
+
+
+def serve(monkeypatch, files, broken=()):
+    """Point every source at fixture bytes; `broken` names get corrupted bytes."""
+    sources, served = {}, {}
+    for name, (urls, sha, conv) in math_prepare.SOURCES.items():
+        sources[name] = (urls, hashlib.sha256(files[name]).hexdigest(), conv)
+        for u in urls:
+            served[u] = files[name] + (b" " if name in broken else b"")
+    monkeypatch.setattr(math_prepare, "SOURCES", sources)
+
+    def download(url, timeout=60.0):
+        if url not in served:
+            raise OSError(f"offline: {url}")
+        return served[url]
+    monkeypatch.setattr(math_prepare, "download", download)
+
+
+def test_math_prepare_on_fixtures(tmp_path, monkeypatch):
+    files = make_sources(tmp_path)
+    monkeypatch.setattr(math_prepare.urllib.request, "urlopen",
+                        lambda *a, **k: pytest.fail("network access in a test"))
+    serve(monkeypatch, files)
+    out = tmp_path / "out"
+    assert math_prepare.main(math_prepare.Config(out_dir=str(out), train=True, val=1)) == \
+        {"math500": 2, "aime24": 3, "amc23": 2, "math_train": 1, "math_val": 1}
+    split = [r["id"] for name in ("math_train", "math_val")
+             for r in tasks.read_problems(str(out / f"{name}.jsonl"))]
+    # the same fixture
+    assert sorted(split) == sorted(r["id"] for r in tasks.read_problems(str(out / "math500.jsonl")))
+    with pytest.raises(common.UserError, match="val must be in 1..1"):
+        math_prepare.main(math_prepare.Config(out_dir=str(out), train=True, val=2))
+    aime = tasks.read_problems(str(out / "aime24.jsonl"))
+    assert [(r["id"], r["answer"]) for r in aime] == [("aime24/2024_AIME_I/1", "073"),
+                                                      ("aime24/2024_AIME_I/10", "025"),
+                                                      ("aime24/2024_AIME_II/2", "204")]
+    assert set(aime[0]) == {"id", "problem", "answer", "solution", "_line"}
+    amc = tasks.read_problems(str(out / "amc23.jsonl"))
+    assert [(r["id"], r["answer"]) for r in amc] == [("amc23/2023_AMC_12A/12", "-1.0"),
+                                                     ("amc23/2023_AMC_12B/4", "27.0")]
+    m = tasks.read_problems(str(out / "math500.jsonl"))
+    assert m[1]["id"] == "test/prealgebra/7.json"
+    assert m[1]["level"] == 2 and m[1]["subject"] == "Prealgebra"
+    assert list(json.loads((out / "math500.jsonl").read_text().splitlines()[0])) == \
+        ["id", "problem", "answer", "level", "subject", "solution"]
+    assert all(tasks.grade(r, r["solution"])[1] for r in m)
+    assert tasks.grade(amc[1], "\\boxed{27}")[1] and tasks.grade(aime[1], "\\boxed{25}")[1]
+
+
+def test_math_prepare_errors(tmp_path, monkeypatch):
+    files = make_sources(tmp_path)
+    serve(monkeypatch, files, broken={"aime24"})
+    with pytest.raises(common.UserError, match=r"(?s)aime24: .*checksum mismatch"):
+        math_prepare.main(math_prepare.Config(out_dir=str(tmp_path / "o")))
+    files["amc23"] = b'{"problem": "x", "answer": 1.0, "url": "nowhere"}\n'
+    serve(monkeypatch, files)
+    with pytest.raises(common.UserError, match=r"amc23:1: url"):
+        math_prepare.main(math_prepare.Config(out_dir=str(tmp_path / "o")))
+    files["amc23"] = b'{"problem": "x", \n'
+    serve(monkeypatch, files)
+    with pytest.raises(common.UserError, match=r"amc23:1: not valid JSON"):
+        math_prepare.main(math_prepare.Config(out_dir=str(tmp_path / "o")))
+    offline = lambda url, timeout=60.0: (_ for _ in ()).throw(OSError("no network"))
+    monkeypatch.setattr(math_prepare, "download", offline)
+    with pytest.raises(common.UserError, match=r"(?s)math500: could not get .*no network"):
+        math_prepare.main(math_prepare.Config(out_dir=str(tmp_path / "o")))
+
+
+# ==================================================================================================
+# search.py: MCTS
+# ==================================================================================================
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model", step_tokens=True)
+
+
+MATH_REC = {"id": "m1", "problem": "What is (3+4)*2?", "answer": "14"}
+
+
+def make_tree(tok, rec=MATH_REC, **kw):
+    cfg = search.Config(**kw)
+    return search.Tree(rec, tok, set(tok.ids_containing(search.step_delimiter(rec))), cfg)
+
+
+def put(t, parent, text, score, N, W, terminal=False, reward=None):
+    """Hand-made node."""
+    i = len(t.nodes)
+    t.nodes.append(search.Node(i, parent, t.nodes[parent].depth + 1, [], text, "mcts", terminal,
+                               None, reward, score, N, W))
+    t.nodes[parent].children[text] = i
+    return i
+
+
+def test_puct_selection_and_backup_exact(tok):
+    t = make_tree(tok)
+    root = t.nodes[0]
+    root.expanded, root.N, root.W = True, 10, 4.0
+    a = put(t, 0, "a\n\n", 0.1, 6, 3.0)  # Q = 0.5, prior 0.25
+    b = put(t, 0, "b\n\n", 0.3, 4, 1.0)  # Q = 0.25, prior 0.75
+    assert t.prior(t.nodes[a]) == pytest.approx(0.25) and t.prior(t.nodes[b]) == pytest.approx(0.75)
+    # PUCT = Q + c * prior * sqrt(N of the parent) / (1 + N): a 0.6129, b 0.7743
+    assert search.puct(t, root, t.nodes[a], 1.0) == pytest.approx(0.5 + 0.25 * math.sqrt(10) / 7)
+    assert search.puct(t, root, t.nodes[b], 1.0) == pytest.approx(0.25 + 0.75 * math.sqrt(10) / 5)
+    assert search.select(t, 1.0) == b       # exploration wins
+    assert search.select(t, 0.0) == a       # greedy on Q
+    # one level deeper: b expanded into a correct terminal c and a weak d
+    t.nodes[b].expanded = True
+    c = put(t, b, "c \\boxed{14}\n\n", 1.0, 1, 1.0, terminal=True, reward=1.0)
+    d = put(t, b, "d\n\n", 3.0, 3, 0.0)
+    # at b (N=4): c = 1 + 0.25*2/2 = 1.25; d = 0 + 0.75*2/4 = 0.375
+    assert search.select(t, 1.0) == c
+    t.backup(d, 1.0)
+    assert (t.nodes[d].N, t.nodes[d].Q) == (4, pytest.approx(0.25))
+    assert (t.nodes[b].N, t.nodes[b].Q) == (5, pytest.approx(2.0 / 5))
+    assert (root.N, root.Q) == (11, pytest.approx(5.0 / 11))
+    assert (t.nodes[a].N, t.nodes[c].N) == (6, 1)  # off-path nodes untouched
+
+
+def test_add_merges_duplicates_and_classifies_terminals(tok):
+    t = make_tree(tok, max_depth=3)
+    s1 = tok.encode("Add 3 and 4.\n\n")
+    s2 = tok.encode("Multiply.\n\n")
+    i = t.add(0, s1, [-1.0] * len(s1), "mcts")
+    assert t.add(0, s1, [-3.0] * len(s1), "rollout") == i  # same text: one child, scores add up
+    j = t.add(0, s2, [-2.0] * len(s2), "rollout")
+    assert t.nodes[i].source == "mcts" and t.nodes[j].source == "rollout"
+    total = math.exp(-1) + math.exp(-3) + math.exp(-2)
+    assert t.prior(t.nodes[i]) == pytest.approx((math.exp(-1) + math.exp(-3)) / total)
+    assert t.prior(t.nodes[j]) == pytest.approx(math.exp(-2) / total)
+    assert not t.nodes[i].terminal and t.nodes[i].text == "Add 3 and 4.\n\n"
+    # a boxed step is terminal and graded on the whole response
+    k = t.add(i, tok.encode("So \\boxed{14}.\n\n"), [0.0], "mcts")
+    assert (t.nodes[k].terminal, t.nodes[k].answer, t.nodes[k].reward) == (True, "14", 1.0)
+    # ended on eot: terminal, eot not in the text; no answer -> reward 0
+    e = t.add(i, tok.encode("I give up.") + [tok.eot_id], [0.0], "mcts")
+    assert (t.nodes[e].terminal, t.nodes[e].text, t.nodes[e].answer, t.nodes[e].reward) == \
+        (True, "I give up.", None, 0.0)
+    # cut at the token limit (no delimiter at the end): terminal
+    assert t.nodes[t.add(i, tok.encode("3 + 4 is"), [0.0], "mcts")].terminal
+    # the depth budget: depth 3 is terminal even on a delimiter
+    m = t.add(i, tok.encode("More.\n\n"), [0.0], "mcts")
+    assert not t.nodes[m].terminal
+    assert t.nodes[t.add(m, tok.encode("Even more.\n\n"), [0.0], "mcts")].terminal
+
+
+def test_rollout_is_cut_into_steps_up_to_the_boxed_step(tok):
+    t = make_tree(tok)
+    first = t.add(0, tok.encode("Add.\n\n"), [0.0], "mcts")
+    ids = tok.encode("7*2=14.\n\nSo \\boxed{14}.\n\nExtra chatter.\n\n") + [tok.eot_id]
+    end = t.add_rollout(first, generate.Sample(ids, [-0.5] * len(ids), True))
+    assert t.response(end) == "Add.\n\n7*2=14.\n\nSo \\boxed{14}.\n\n"
+    assert [t.nodes[i].source for i in t.path(end)] == ["mcts", "mcts", "rollout", "rollout"]
+    assert t.nodes[end].reward == 1.0 and len(t.nodes) == 4
+    # a second rollout sharing the first step merges into it
+    ids2 = tok.encode("7*2=14.\n\nSo \\boxed{15}.\n\n")
+    end2 = t.add_rollout(first, generate.Sample(ids2, [-0.5] * len(ids2), False))
+    assert t.nodes[end2].parent == t.nodes[end].parent
+    assert t.nodes[end2].reward == 0.0 and len(t.nodes) == 5
+    # an empty rollout (no room left) is one empty terminal step
+    assert t.nodes[t.add_rollout(first, generate.Sample([], [], False))].terminal
+
+
+# ------------------------------------------------------------ a scripted policy
+
+SCRIPT = {  # response so far -> [(next step, probability)]
+    "": [("First add: 3+4=7.\n\n", 0.5), ("First multiply: 4*2=8.\n\n", 0.3), ("Guess.\n\n", 0.2)],
+    "First add: 3+4=7.\n\n": [("Then 7*2=14, so \\boxed{14}.\n\n", 0.6),
+                              ("Then 7+2=9, so \\boxed{9}.\n\n", 0.4)],
+    "First multiply: 4*2=8.\n\n": [("Then 8+3=11, so \\boxed{11}.\n\n", 0.7),
+                                   ("Then 8*3=24: \\boxed{24}.\n\n", 0.3)],
+    "Guess.\n\n": [("\\boxed{13}\n\n", 0.5), ("\\boxed{15}\n\n", 0.5)],
+}
+
+
+def scripted_policy(tok, prompts_by_id, calls=None):
+    """Samples steps from SCRIPT. Like generate.generate: stops on any stop id, so with the
+    delimiter among the stop ids it returns one step, otherwise a whole response ending in
+    <|eot_id|>. Deterministic in (seed, prompt, sample)."""
+    delim_ids = set(tok.ids_containing("\n\n"))
+
+    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed):
+        if calls is not None:
+            calls.append(len(prompts))
+        out = []
+        for p, (prefix, n) in enumerate(zip(prompts, nums)):
+            prompt = next(q for q in prompts_by_id.values() if prefix[:len(q)] == q)
+            so_far = tok.decode(prefix[len(prompt):])
+            samples = []
+            for s in range(n):
+                rng, text, ids, lps = random.Random(f"{seed}/{p}/{s}"), so_far, [], []
+                while text in SCRIPT:
+                    steps, probs = zip(*SCRIPT[text])
+                    step = rng.choices(steps, probs)[0]
+                    ids += tok.encode(step)
+                    lps += [math.log(probs[steps.index(step)])] * len(tok.encode(step))
+                    text += step
+                    if delim_ids <= set(stop_ids):
+                        break
+                else:
+                    ids, lps = ids + [tok.eot_id], lps + [0.0]
+                samples.append(generate.Sample(ids, lps, True))
+            out.append(samples)
+        return out
+    return policy
+
+
+def check_schema(tree, delim="\n\n"):
+    nodes = tree["nodes"]
+    assert nodes[0]["parent"] is None and nodes[0]["text"] == "" and nodes[0]["prior"] == 1.0
+    kids = {}
+    for i, n in enumerate(nodes):
+        assert n["id"] == i and n["source"] in ("mcts", "rollout")
+        if i:
+            assert n["parent"] < i and n["depth"] == nodes[n["parent"]]["depth"] + 1
+            assert not nodes[n["parent"]]["terminal"]
+            kids.setdefault(n["parent"], []).append(n)
+        if n["terminal"]:
+            assert n["reward"] in (0.0, 1.0) and n["Q"] == n["reward"]
+        else:
+            assert (n["reward"] is None and n["answer"] is None and n["text"].endswith(delim)
+                    or i == 0)
+    for p, ks in kids.items():
+        assert sum(k["prior"] for k in ks) == pytest.approx(1.0)
+        assert len({k["text"] for k in ks}) == len(ks)  # duplicates merged
+        if not nodes[p]["terminal"]:  # every evaluation through p went through one of its children
+            assert nodes[p]["N"] == sum(k["N"] for k in ks)
+            assert nodes[p]["Q"] * nodes[p]["N"] == pytest.approx(sum(k["Q"] * k["N"] for k in ks))
+
+
+def test_scripted_search_finds_the_answer_and_keeps_rollout_terminals(tok):
+    recs = [dict(MATH_REC, id=f"m{i}") for i in range(3)]
+    prompts = {r["id"]: tok.render_prompt(search.prompt_messages(r)) for r in recs}
+    calls = []
+    cfg = search.Config(num_simulations=6, k=4, M=4, early_stop=False)
+    trees = search.search(recs, scripted_policy(tok, prompts, calls), tok, cfg, seed=1)
+    # per round ONE expansion call for all trees' leaves and ONE rollout call for all their new
+    # children
+    assert len(calls) <= 2 * cfg.num_simulations and calls[0] == 3 and calls[1] > 3
+    for t in trees:
+        js = t.to_json()
+        check_schema(js)
+        assert js["stats"]["solved"] and js["stats"]["simulations"] == 6
+        right = [n for n in js["nodes"] if n["reward"] == 1.0]
+        assert {n["answer"] for n in right} == {"14"}
+        assert t.response(right[0]["id"]) == "First add: 3+4=7.\n\nThen 7*2=14, so \\boxed{14}.\n\n"
+        q = {n["text"]: n["Q"] for n in js["nodes"] if n["parent"] == 0}
+        assert q["First add: 3+4=7.\n\n"] > q.get("First multiply: 4*2=8.\n\n", 0.0)
+        assert {n["source"] for n in js["nodes"] if n["terminal"]} >= {"rollout"}
+        assert js["stats"]["rollouts"] > 0
+    # same seed -> same trees; another seed -> other trees
+    again = search.search(recs, scripted_policy(tok, prompts), tok, cfg, seed=1)
+    assert [t.to_json() for t in again] == [t.to_json() for t in trees]
+    other = search.search(recs, scripted_policy(tok, prompts), tok, cfg, seed=2)
+    assert [t.to_json() for t in other] != [t.to_json() for t in trees]
+
+
+def test_early_stop_and_in_order_emit(tok):
+    recs = [dict(MATH_REC, id=f"m{i}") for i in range(4)]
+    prompts = {r["id"]: tok.render_prompt(search.prompt_messages(r)) for r in recs}
+    got = []
+    cfg = search.Config(num_simulations=40, k=8, M=8, early_stop=True)
+    trees = search.search(recs, scripted_policy(tok, prompts), tok, cfg, seed=3,
+                          emit=lambda t: got.append(t))
+    assert [t.rec["id"] for t in got] == [r["id"] for r in recs]  # every tree once, in record order
+    for t in trees:
+        s = t.summary()
+        assert s["solved"] and s["wrong_answers"] >= 3 and s["simulations"] < 40
+
+
+# ------------------------------------------------------------ main() on a tiny random model
+
+def tiny_setup(tmp_path, n=5):
+    tok = tiny_tokenizer(tmp_path / "tokenizer.model", step_tokens=True)
+    net = tiny_model(vocab_size=tok.n_vocab, max_seq_len=512)
+    checkpoint.save_checkpoint(str(tmp_path / "policy"), net, tok, {})
+    rng = random.Random(0)
+    recs = []
+    for i in range(n):
+        nums = [rng.randint(1, 9) for _ in range(3)]
+        recs.append({"id": f"cd{i}", "problem": f"Use {nums} to make {sum(nums)}.",
+                     "answer": str(sum(nums)), "numbers": nums, "target": sum(nums), "level": 3})
+    probs = write_jsonl(tmp_path / "problems.jsonl", recs)
+    return dict(problems=probs, policy=str(tmp_path / "policy"), num_simulations=3, k=2, M=3,
+                max_step_tokens=6, max_rollout_tokens=16, problems_per_batch=2, seed=5,
+                batch_size=64)
+
+
+def test_main_resume_is_byte_identical(tmp_path):
+    kw = tiny_setup(tmp_path)
+    search.main(search.Config(out_dir=str(tmp_path / "a"), **kw))
+    full = open(tmp_path / "a" / "trees.jsonl", "rb").read()
+    lines = full.splitlines(keepends=True)
+    assert [json.loads(x)["id"] for x in lines] == [f"cd{i}" for i in range(5)]
+    for x in lines:
+        check_schema(json.loads(x), delim="\n")
+    stats = json.load(open(tmp_path / "a" / "stats.json"))
+    assert stats["trees"] == 5 and stats["decode_tokens"] > 0 and 0 < stats["prefill_per_decode"]
+    # killed after the first tree / in the middle of writing the third (a torn line, in a half-done
+    # chunk)
+    for name, cut in (("one", len(lines[0])),
+                      ("torn", len(lines[0]) + len(lines[1]) + len(lines[2]) // 2)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "trees.jsonl", "wb") as f:
+            f.write(full[:cut])
+        search.main(search.Config(out_dir=str(tmp_path / name), **kw))
+        assert open(tmp_path / name / "trees.jsonl", "rb").read() == full, name
+    # a finished file is left alone; changing a search setting on resume is refused
+    search.main(search.Config(out_dir=str(tmp_path / "a"), **kw))
+    assert open(tmp_path / "a" / "trees.jsonl", "rb").read() == full
+    with pytest.raises(common.UserError, match="c_puct"):
+        search.main(search.Config(out_dir=str(tmp_path / "a"), **dict(kw, c_puct=2.0)))
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_file(tmp_path):
+    """A real kill (SIGKILL) of a separate process right after its first tree is flushed; then
+    resume here. The trees written before the kill must equal this process's (same seed, same single
+    thread)."""
+    kw = dict(tiny_setup(tmp_path, n=4), problems_per_batch=1)
+    search.main(search.Config(out_dir=str(tmp_path / "a"), **kw))
+    full = open(tmp_path / "a" / "trees.jsonl", "rb").read()
+    out = tmp_path / "b" / "trees.jsonl"
+    argv = [sys.executable, os.path.join(ROOT, "search.py"), f"--out_dir={tmp_path / 'b'}",
+            *(f"--{k}={v}" for k, v in kw.items())]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    t0 = time.time()
+    while (not (out.exists() and out.read_bytes().count(b"\n") >= 1) and p.poll() is None
+           and time.time() - t0 < 120):
+        time.sleep(0.01)
+    p.kill()
+    p.wait()
+    assert 1 <= out.read_bytes().count(b"\n") < full.count(b"\n"), \
+        "not killed between the first and last tree"
+    search.main(search.Config(out_dir=str(tmp_path / "b"), **kw))
+    assert out.read_bytes() == full
+
+
+def test_search_config_files_parse():
+    for name in ("search_countdown.py", "search_llama_math.py"):
+        cfg = common.parse_config(search.Config, [os.path.join(ROOT, "config", name)])
+        assert cfg.k >= 1 and cfg.M >= 1 and cfg.num_simulations >= 1
+
+
+# ==================================================================================================
+# linearize.py: Algorithm 1 and procedure cloning
+# ==================================================================================================
+
+BACK = f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK} "
+OK = f"{common.REFLECT} {common.SEEMS_RIGHT}\n"
+
+
+def node(i, parent, text, Q=0.5, answer=None, reward=None, source="mcts"):
+    return {"id": i, "parent": parent, "depth": 0, "text": text, "prior": 1.0, "N": 1, "Q": Q,
+            "terminal": reward is not None, "answer": answer, "reward": reward, "source": source}
+
+
+def countdown_tree(tid="p1"):
+    """Countdown-style tree (delimiter "\\n"):
+        0 root ── 1 a ── 2 b ── 3 wrong "1"
+              │      └─ 4 c ── 5 correct "24"
+              └─ 6 d ── 7 wrong "2"
+                   └─ 8 wrong "1"   (same wrong answer as 3)
+    """
+    nodes = [node(0, None, ""), node(1, 0, "a=1 (left 2)\n"), node(2, 1, "b\n"),
+             node(3, 2, "w \\boxed{1}\n", answer="1", reward=0.0), node(4, 1, "c\n"),
+             node(5, 4, "ok \\boxed{24}\n", answer="24", reward=1.0), node(6, 0, "d\n"),
+             node(7, 6, "x \\boxed{2}\n", answer="2", reward=0.0),
+             node(8, 6, "y \\boxed{1}\n", answer="1", reward=0.0)]
+    problem = {"id": tid, "problem": "Use 1 2 to make 24", "answer": "24", "numbers": [1, 2],
+               "target": 24}
+    return {"id": tid, "problem": problem, "nodes": nodes, "stats": {}}
+
+
+def test_backtrack_to_lca_exact_text():
+    tree = countdown_tree()
+    text, meta = linearize.linearize(tree, [3, 5], q_high=0.75)
+    assert text == ("a=1 (left 2)\nb\nw \\boxed{1}\n" + BACK + "had a=1 (left 2).\n"
+                    + "c\nok \\boxed{24}\n" + OK)
+    assert meta == {"k": 1, "backtracks": 1, "restarts": 0, "positive": 1}
+    # the paper's phrases, spelled out here once more, independently of common.py's constants
+    assert ("\nBut wait, are we solving the problem correctly so far? Hmm... I'm not sure if "
+            "we're solving the problem correctly so far. Let's go back to where we had a=1 "
+            "(left 2).\n") in text
+    assert text.endswith("\nBut wait, are we solving the problem correctly so far? Hmm... Our "
+                         "solution seems to be correct so far.\n")
+    assert linearize.check_trace(tree, text) == []
+
+
+def test_restart_when_shared_node_is_root():
+    tree = countdown_tree()
+    text, meta = linearize.linearize(tree, [7, 5], q_high=0.75)
+    assert text == ("d\nx \\boxed{2}\n" + f"{common.REFLECT} {common.NOT_SURE} {common.RESTART}\n"
+                    + "a=1 (left 2)\nc\nok \\boxed{24}\n" + OK)
+    assert meta["restarts"] == 1 and meta["backtracks"] == 1
+    # the jump after 3 lands on node 1, which is not an ancestor of the previous terminal 7: still
+    # valid
+    text, meta = linearize.linearize(tree, [7, 3, 5], q_high=0.75)
+    assert text.count(common.RESTART) == 1 and text.count(common.GO_BACK) == 1
+    assert linearize.check_trace(tree, text) == []
+
+
+def test_positive_reflection_only_on_final_path_high_q_mcts_steps():
+    tree = countdown_tree()
+    tree["nodes"][4]["Q"] = 0.9   # on n*'s path -> reflection
+    tree["nodes"][2]["Q"] = 0.9   # on a wrong branch -> none
+    text, meta = linearize.linearize(tree, [3, 5], q_high=0.75)
+    assert "b\nw" in text and "c\n" + OK + "ok" in text and meta["positive"] == 2
+    tree["nodes"][4]["source"] = "rollout"  # a rollout node's Q is one sample, not an MCTS estimate
+    assert linearize.linearize(tree, [3, 5], q_high=0.75)[1]["positive"] == 1
+    plain, _ = linearize.linearize(tree, [5], q_high=0.75, reflect=False)
+    assert plain == "a=1 (left 2)\nc\nok \\boxed{24}\n"
+
+
+def test_restate():
+    assert linearize.restate({"text": "25+50=75 (left 3 7 75)\n"}) == "had 25+50=75 (left 3 7 75)"
+    restated = linearize.restate({"text": "We get $x = 2.5$. Then we add.\n\n"})
+    assert restated == "had we get $x = 2.5$"
+    assert linearize.restate({"text": "\n"}) == "had that step"
+
+
+def test_distinct_wrong_answers_and_k_cap():
+    tree = countdown_tree()
+    cfg = linearize.Config(ks=(0, 1, 1, 2, 3, 3))
+    for seed in range(20):
+        cfg.seed, stats = seed, Counter()
+        for text, meta in linearize.astro_traces(tree, cfg, stats):
+            assert linearize.check_trace(tree, text) == []
+            assert meta["k"] <= 2  # only 2 distinct wrong answers ("1", "2")
+            answers = [a for a in ("\\boxed{1}", "\\boxed{2}") if a in text]
+            assert len(answers) == meta["k"] and text.count("\\boxed{1}") <= 1
+        assert stats["k_capped"] == 2  # the two k=3 slots
+    # no wrong terminal at all: only the direct trace
+    only_good = countdown_tree()
+    only_good["nodes"] = [node(0, None, ""), node(1, 0, "c\n"),
+                          node(2, 1, "ok \\boxed{24}\n", answer="24", reward=1)]
+    stats = Counter()
+    traces = linearize.astro_traces(only_good, linearize.Config(), stats)
+    assert [m["k"] for _, m in traces] == [0] and stats["slots_no_wrong"] == 3
+
+
+def test_none_answer_is_one_distinct_value():
+    tree = countdown_tree()
+    for i in (3, 8):
+        tree["nodes"][i]["answer"] = None
+    seen = set()
+    for seed in range(30):
+        cfg = linearize.Config(seed=seed, ks=(2,))
+        for text, meta in linearize.astro_traces(tree, cfg, Counter()):
+            # both answer None: never together
+            assert not ("w \\boxed" in text and "y \\boxed" in text)
+            seen.add(meta["k"])
+    assert seen == {2}
+
+
+def test_checker_rejects_broken_traces():
+    tree = countdown_tree()
+    good, _ = linearize.linearize(tree, [3, 5], q_high=0.75)
+    # wrong final answer
+    errs = linearize.check_trace(tree, "a=1 (left 2)\nb\nw \\boxed{1}\n")
+    assert any("not at a correct terminal" in e for e in errs)
+    # backtrack to a node never written (node 6 "d" was not written)
+    broken = "a=1 (left 2)\nb\nw \\boxed{1}\n" + BACK + "had d.\n" + "x \\boxed{2}\n"
+    assert any("never written" in e for e in linearize.check_trace(tree, broken))
+    # the same wrong answer twice (3 and 8 both answer "1")
+    repeated, _ = linearize.linearize(tree, [3, 8, 5], q_high=0.75)
+    assert any("repeated" in e for e in linearize.check_trace(tree, repeated))
+    # a step that is not a child of the current node, and a backtrack not after a wrong terminal
+    assert linearize.check_trace(tree, good.replace("b\n", "c\n", 1))
+    restart_first = "a=1 (left 2)\n" + f"{common.REFLECT} {common.NOT_SURE} {common.RESTART}\n"
+    assert any("not right after a wrong terminal" in e
+               for e in linearize.check_trace(tree, restart_first))
+    malformed = good.replace(common.NOT_SURE, "hmm")
+    assert any("malformed" in e for e in linearize.check_trace(tree, malformed))
+
+
+def make_trees():
+    no_good = countdown_tree("p3")
+    no_good["nodes"][5].update(reward=0.0, answer="23")
+    return [countdown_tree("p1"), countdown_tree("p2"), no_good]
+
+
+def test_main_end_to_end_direct_matches_and_determinism(tmp_path):
+    write_jsonl(tmp_path / "trees.jsonl", make_trees())
+    kw = dict(trees=str(tmp_path / "trees.jsonl"), seed=3)
+    s = linearize.main(linearize.Config(out=str(tmp_path / "astro.jsonl"), **kw))
+    astro = read_records(tmp_path / "astro.jsonl")
+    assert s["trees"] == 3 and s["skipped_no_correct"] == 1 and s["traces"] == len(astro) > 2
+    assert json.loads((tmp_path / "astro.stats.json").read_text())["traces"] == len(astro)
+    for r in astro:
+        user, asst = r["messages"]
+        assert user["role"] == "user" and asst["role"] == "assistant"
+        assert r["meta"]["mode"] == "astro"
+        assert asst["content"].endswith(OK) and r["id"].split("#")[0] in ("p1", "p2")
+        assert r["meta"]["k"] == asst["content"].count(common.NOT_SURE)
+    assert {r["meta"]["k"] for r in astro} >= {0, 1}
+    # dedup is per tree (p1 and p2 are the same tree, so they may share texts)
+    for tid in ("p1", "p2"):
+        texts = [r["messages"][1]["content"] for r in astro if r["id"].startswith(tid + "#")]
+        assert len(set(texts)) == len(texts)
+    linearize.main(linearize.Config(out=str(tmp_path / "direct.jsonl"), mode="direct", **kw))
+    direct = read_records(tmp_path / "direct.jsonl")
+    count = lambda rs: Counter(r["id"].split("#")[0] for r in rs)
+    assert count(direct) == count(astro)
+    assert all(common.REFLECT not in r["messages"][1]["content"] and r["meta"]["k"] == 0
+               for r in direct)
+    # deterministic, and independent of tree order
+    linearize.main(linearize.Config(out=str(tmp_path / "again.jsonl"), **kw))
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "astro.jsonl").read_bytes()
+    write_jsonl(tmp_path / "rev.jsonl", make_trees()[::-1])
+    linearize.main(linearize.Config(out=str(tmp_path / "rev_out.jsonl"),
+                                    trees=str(tmp_path / "rev.jsonl"), seed=3))
+    by_id = lambda rs: {r["id"]: r for r in rs}
+    assert by_id(read_records(tmp_path / "rev_out.jsonl")) == by_id(astro)
+
+
+def test_direct_repeats_when_too_few_correct_terminals(tmp_path):
+    tree = countdown_tree()  # one correct terminal, so every direct example is the same path
+    astro = linearize.astro_traces(tree, linearize.Config(), Counter())
+    direct = linearize.direct_traces(tree, linearize.Config(), len(astro))
+    assert len(direct) == len(astro) == 4 and len({t for t, _ in direct}) == 1
+
+
+def test_bad_input_errors(tmp_path):
+    path = tmp_path / "trees.jsonl"
+    cases = [("nodes", lambda t: t.pop("nodes"), "trees.jsonl:2: missing field 'nodes'"),
+             ("parent", lambda t: t["nodes"][3].update(parent=7), "trees.jsonl:2: nodes[3].parent"),
+             ("field", lambda t: t["nodes"][4].pop("Q"), "trees.jsonl:2: nodes[4].Q: missing"),
+             ("reward", lambda t: t["nodes"][5].update(reward=None),
+              "trees.jsonl:2: nodes[5].reward"),
+             ("id", lambda t: t["nodes"][2].update(id=5), "trees.jsonl:2: nodes[2].id")]
+    for _, edit, msg in cases:
+        bad = countdown_tree("p2")
+        edit(bad)
+        write_jsonl(path, [countdown_tree("p1"), bad])
+        with pytest.raises(common.UserError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            linearize.main(linearize.Config(trees=str(path), out=str(tmp_path / "o.jsonl")))
+    with pytest.raises(common.UserError, match="mode"):
+        linearize.main(linearize.Config(mode="bogus"))
+
+
+def test_duplicates_dropped_and_math_delimiter():
+    tree = countdown_tree()
+    # one wrong terminal, one correct: only 2 different traces exist
+    tree["nodes"] = tree["nodes"][:6]
+    stats = Counter()
+    traces = linearize.astro_traces(tree, linearize.Config(), stats)
+    assert [m["k"] for _, m in traces] == [0, 1]
+    assert stats["duplicates"] == 2 and stats["k_capped"] == 1
+    # MATH-style record (no "numbers"): blank-line delimiter, also appended to a terminal that lacks
+    # it
+    math = {"id": "m", "problem": {"id": "m", "problem": "1+1?", "answer": "2"}, "stats": {},
+            "nodes": [node(0, None, ""), node(1, 0, "We add. It is easy.\n\n"),
+                      node(2, 1, "So \\boxed{3}", answer="3", reward=0),
+                      node(3, 1, "So \\boxed{2}", answer="2", reward=1)]}
+    text, _ = linearize.linearize(math, [2, 3], q_high=0.75)
+    assert text == ("We add. It is easy.\n\nSo \\boxed{3}\n\n" + BACK + "had we add.\n\n"
+                    + "So \\boxed{2}\n\n" + OK.replace("\n", "\n\n"))
+    assert linearize.check_trace(math, text) == []
+
+
+def random_tree(rng, tid, n=40):
+    """A random Countdown-style tree: every leaf is a terminal with one of a few answers."""
+    nodes = [node(0, None, "")]
+    for i in range(1, n):
+        p = rng.randrange(i)
+        while nodes[p]["terminal"]:
+            p = rng.randrange(i)
+        nodes.append(node(i, p, f"s{i} (left {rng.randrange(3)})\n", Q=rng.random(),
+                          source=rng.choice(["mcts", "rollout"])))
+    kids = linearize.children(nodes)
+    for nd in nodes[1:]:
+        if not kids[nd["id"]]:
+            a = rng.choice(["24", "1", "2", "3", None])
+            # no delimiter: as if the model stopped
+            boxed = nd["text"].rstrip("\n") + f" \\boxed{{{a}}}"
+            nd.update(terminal=True, answer=a, reward=float(a == "24"), text=boxed)
+    problem = {"id": tid, "problem": "p", "answer": "24", "numbers": [1, 2], "target": 24}
+    return {"id": tid, "problem": problem, "nodes": nodes, "stats": {}}
+
+
+def test_random_trees_replay_cleanly(tmp_path):
+    rng = random.Random(0)
+    trees = [random_tree(rng, f"r{i}") for i in range(40)]
+    write_jsonl(tmp_path / "trees.jsonl", trees)
+    s = linearize.main(linearize.Config(trees=str(tmp_path / "trees.jsonl"),
+                                        out=str(tmp_path / "a.jsonl"), ks=(0, 1, 2, 3)))
+    # main replays each
+    assert s["traces"] > 40 and s["backtracks_per_trace"] > 1 and s["restarts_per_trace"] > 0
+    for r in read_records(tmp_path / "a.jsonl"):
+        text = r["messages"][1]["content"]
+        answers = [t.split("\\boxed{")[1].split("}")[0] for t in text.split("\n")
+                   if "\\boxed{" in t]
+        assert answers[-1] == "24" and len(set(answers[:-1])) == len(answers) - 1 == r["meta"]["k"]
+    # identical step texts in different places (restatements and steps become ambiguous): still no
+    # false alarm
+    for tree in trees:
+        for nd in tree["nodes"][1:]:
+            nd["text"] = f"s{nd['id'] % 3}" + nd["text"][nd["text"].index(" "):]
+        if linearize.correct_terminals(tree["nodes"], 0.0):
+            cfg = linearize.Config(ks=(0, 1, 2, 3))
+            for text, _ in linearize.astro_traces(tree, cfg, Counter()):
+                assert linearize.check_trace(tree, text) == []
+
+
+def test_steps_verbatim_and_positive_reflection_only_at_line_ends():
+    tree = countdown_tree()
+    # the delimiter inside a token: the line goes on
+    tree["nodes"][1].update(text="a=1 (left 2)\n(", Q=0.9)
+    tree["nodes"][4].update(text="c)\n", Q=0.9)
+    text, meta = linearize.linearize(tree, [5], q_high=0.75)
+    assert text == "a=1 (left 2)\n(c)\n" + OK + "ok \\boxed{24}\n" + OK and meta["positive"] == 2
+    assert linearize.check_trace(tree, text) == []
+
+
+def test_token_lengths_and_max_tokens(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "tok.model")  # byte-level: one token per byte of ASCII text
+    write_jsonl(tmp_path / "trees.jsonl", make_trees())
+    kw = dict(trees=str(tmp_path / "trees.jsonl"), tokenizer=tok.path)
+    s = linearize.main(linearize.Config(out=str(tmp_path / "all.jsonl"), **kw))
+    assert s["mean_tokens"] == s["mean_chars"] and s["too_long"] == 0
+    cap = min(len(r["messages"][1]["content"]) for r in read_records(tmp_path / "all.jsonl")
+              if r["meta"]["k"] == 1)
+    s = linearize.main(linearize.Config(out=str(tmp_path / "cut.jsonl"), max_tokens=cap, **kw))
+    kept = read_records(tmp_path / "cut.jsonl")
+    assert s["too_long"] > 0 and all(len(r["messages"][1]["content"]) <= cap for r in kept)
+    assert {r["meta"]["k"] for r in kept} == {0, 1}
+    linearize.main(linearize.Config(out=str(tmp_path / "d.jsonl"), max_tokens=cap, mode="direct",
+                                    **kw))
+    assert len(read_records(tmp_path / "d.jsonl")) == len(kept)
+    with pytest.raises(common.UserError, match="max_tokens needs"):
+        linearize.main(linearize.Config(trees=kw["trees"], max_tokens=10))
+
+
+# ==================================================================================================
+# sft.py: the trainer
+# ==================================================================================================
+
+def conversations(n, seed=0):
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rnd.randint(1, 60), rnd.randint(1, 60)
+        answer = f"{a}+{b}={a + b}\n" * rnd.randint(1, 3)
+        out.append({"messages": [{"role": "user", "content": f"{a}+{b}?"},
+                                 {"role": "assistant", "content": answer}]})
+    return out
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """(data path, tokenizer path, make_config(**overrides)) for a tiny run."""
+    data = write_lines(tmp_path / "conv.jsonl", [json.dumps(c) for c in conversations(96)])
+    tok = tiny_tokenizer(tmp_path / "bytes.model").path
+
+    def make(**kw):
+        base = dict(data=data, tokenizer=tok, seq_len=128, batch_size=4, micro_batch=2, max_steps=6,
+                    lr=3e-3, dtype="float32", warmup_steps=2, eval_every=0, save_every=0,
+                    log_every=1, progress=False, out_dir=str(tmp_path / "out"), **TINY)
+        base.update(kw)
+        return sft.Config(**base)
+    return data, tok, make
+
+
+def final_weights(out_dir):
+    path = os.path.join(out_dir, "model.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def metrics(out_dir):
+    return read_records(os.path.join(out_dir, "metrics.jsonl"))
+
+
+# ------------------------------------------------------------ data
+
+def test_loss_masking(setup):
+    data, tok_path, make = setup
+    tok = tokenizer.Tokenizer(tok_path)
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "1+2?"},
+            {"role": "assistant", "content": "1+2=3"}]
+    convs = [("f:1", msgs, "1")]
+    ids, mask = tok.render_chat(msgs)
+    (ids_a, tgt_a), = sft.render(convs, tok, make(loss_on="assistant"))[0]
+    (ids_b, tgt_b), = sft.render(convs, tok, make(loss_on="all"))[0]
+    assert ids_a.tolist() == ids_b.tolist() == ids
+    # assistant: the targets are exactly the assistant content + its <|eot_id|>, each predicted from
+    # the token before
+    want = [ids[k + 1] if mask[k + 1] else -1 for k in range(len(ids) - 1)] + [-1]
+    assert tgt_a.tolist() == want
+    assert tok.decode([t for t in tgt_a.tolist() if t != -1][:-1]) == "1+2=3"
+    assert tgt_a.tolist()[-2] == tok.eot_id and tgt_a.tolist()[-1] == -1
+    # all: every next token of the conversation
+    assert tgt_b.tolist() == ids[1:] + [-1]
+    # a conversation with nothing to learn is an error (assistant mode only)
+    with pytest.raises(common.UserError, match="f:1: no assistant message"):
+        sft.render([("f:1", msgs[:2], "1")], tok, make(loss_on="assistant"))
+    assert len(sft.render([("f:1", msgs[:2], "1")], tok, make(loss_on="all"))[0]) == 1
+
+
+def test_packing_rows_and_padding():
+    rnd = random.Random(0)
+    lens = [rnd.randint(40, 300) for _ in range(2000)]
+    order = list(range(2000))
+    rnd.shuffle(order)
+    rows = sft.pack(lens, order, 1024)
+    assert sorted(i for r in rows for i in r) == list(range(2000))  # every document exactly once
+    assert all(sum(lens[i] for i in r) <= 1024 for r in rows)
+    assert 1 - sum(lens) / (len(rows) * 1024) < 0.02  # padding share
+    assert rows == sft.pack(lens, order, 1024)  # deterministic
+
+
+def test_packed_row_equals_separate_forwards(setup):
+    """The doc ids make a packed row compute exactly what each conversation computes alone."""
+    _, tok_path, make = setup
+    tok = tokenizer.Tokenizer(tok_path)
+    convs = [(f"f:{i}", c["messages"], str(i)) for i, c in enumerate(conversations(3, seed=1))]
+    docs, _ = sft.render(convs, tok, make(loss_on="all"))
+    x, y, d = sft.make_batch([[0, 1, 2]], docs, 160)
+    m = tiny_model(vocab_size=tok.n_vocab, max_seq_len=160)
+    with torch.no_grad():
+        packed = m(x, doc=d)[0]
+        p = 0
+        for ids, tgt in docs:
+            alone = m(ids.long()[None])[0]
+            torch.testing.assert_close(packed[p:p + len(ids)], alone, atol=1e-5, rtol=1e-5)
+            assert y[0, p:p + len(ids)].tolist() == tgt.tolist()
+            p += len(ids)
+    # padding: own doc id, no loss
+    assert p < 160 and (y[0, p:] == -1).all() and (d[0, p:] == 3).all()
+
+
+def test_too_long_is_reported(setup, tmp_path):
+    data, tok, make = setup
+    lines = [json.dumps(c) for c in conversations(5)]
+    lines.insert(3, json.dumps({"messages": [{"role": "user", "content": "x" * 300},
+                                             {"role": "assistant", "content": "y"}]}))
+    path = write_lines(tmp_path / "long.jsonl", lines)
+    msg = r"1 conversation\(s\) longer than seq_len=128: .*long.jsonl:4 "
+    with pytest.raises(common.UserError, match=msg):
+        sft.main(make(data=path))
+    assert not os.path.exists(tmp_path / "out" / "state.pt")
+    convs = sft.read_conversations(path)
+    docs, n_long = sft.render(convs, tokenizer.Tokenizer(tok), make(skip_long=True))
+    assert (len(docs), n_long) == (5, 1)
+
+
+BAD = {
+    "malformed": (['{"messages": [}'], r"bad.jsonl:1: not valid JSON"),
+    "no_messages": ([json.dumps(conversations(1)[0]), '{"msgs": []}'],
+                    r"bad.jsonl:2: missing field 'messages'"),
+    "unknown_role": ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})],
+                     r"bad.jsonl:1: messages\[0\].role must be one of .* got 'robot'"),
+    "bad_content": ([json.dumps({"messages": [{"role": "user", "content": 3}]})],
+                    r"bad.jsonl:1: messages\[0\].content must be a string"),
+    "empty": ([], r"bad.jsonl: no records"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_data_fails_before_training(setup, tmp_path, case):
+    _, _, make = setup
+    lines, pattern = BAD[case]
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(common.UserError, match=pattern):
+        sft.main(make(data=path))
+    with pytest.raises(common.UserError, match=pattern):  # a bad validation file too
+        sft.main(make(val_data=path))
+    assert not os.path.exists(tmp_path / "out")  # nothing was started
+
+
+def test_bad_config(tmp_path):
+    with pytest.raises(common.UserError, match="unknown config key 'lr_max'"):
+        common.parse_config(sft.Config, ["--lr_max=1"])
+    with pytest.raises(common.UserError, match="max_steps must be int, got str"):
+        common.parse_config(sft.Config, ["--max_steps=many"])
+    cfg_file = write_lines(tmp_path / "c.py", ["lr = 1e-3", "epochs = 'one'"])
+    with pytest.raises(common.UserError, match=r"c.py:2: epochs must be float"):
+        common.parse_config(sft.Config, [cfg_file])
+    with pytest.raises(common.UserError, match="loss_on must be"):
+        sft.main(sft.Config(loss_on="prompt"))
+    with pytest.raises(common.UserError, match="multiple of micro_batch"):
+        sft.main(sft.Config(batch_size=6, micro_batch=4))
+    # the shipped configs parse
+    for f in ("base_countdown", "sft_astro", "sft_direct", "sft_llama_math"):
+        common.parse_config(sft.Config, [os.path.join(ROOT, "config", f + ".py")])
+
+
+# ------------------------------------------------------------ training
+
+def test_short_run_learns(setup, capsys):
+    _, _, make = setup
+    cfg = make(max_steps=30, eval_every=10, log_every=5, val_frac=0.1)
+    sft.main(cfg)
+    recs = [r for r in metrics(cfg.out_dir) if "loss" in r]
+    vals = [r["val_loss"] for r in metrics(cfg.out_dir) if "val_loss" in r]
+    # steps 0, 10, 20, 30
+    assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30] and len(vals) == 4
+    assert recs[-1]["loss"] < 0.7 * recs[0]["loss"] and vals[-1] < 0.7 * vals[0]
+    assert all(r["pad"] < 0.5 and r["tok_s"] > 0 for r in recs)
+    out = capsys.readouterr().out
+    assert "step 30/30 | loss" in out and "| pad " in out and "tok/s" in out
+    assert json.load(open(os.path.join(cfg.out_dir, "config.json")))["max_steps"] == 30
+    m, tok = checkpoint.load_model(cfg.out_dir)  # the final model loads like any checkpoint
+    assert tok.n_vocab == 512
+    # a finished run is not redone; the same out_dir with another recipe is refused
+    assert sft.main(make(max_steps=30, eval_every=10, log_every=5, val_frac=0.1))["step"] == 30
+    assert "already done" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="different lr"):
+        sft.main(make(max_steps=30, eval_every=10, log_every=5, val_frac=0.1, lr=1e-4))
+    # fine-tuning from it (init=<checkpoint>) starts where it ended
+    ft = make(init=cfg.out_dir, out_dir=cfg.out_dir + "_ft", max_steps=2, lr=1e-4, val_frac=0.1,
+              eval_every=1)
+    sft.main(ft)
+    # same weights, same split
+    assert metrics(ft.out_dir)[0]["val_loss"] == pytest.approx(vals[-1], rel=1e-6)
+
+
+def test_grad_checkpoint_same_weights(setup):
+    _, _, make = setup
+    a = make(max_steps=2, out_dir=make().out_dir + "_a")
+    b = make(max_steps=2, out_dir=make().out_dir + "_b")
+    sft.main(a)
+    sft.main(dataclasses.replace(b, grad_checkpoint=True))
+    wa, wb = final_weights(a.out_dir), final_weights(b.out_dir)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-6)
+
+
+def kill_after(cfg, step):
+    """Run `python sft.py --key=value ...` and SIGKILL it once metrics.jsonl shows `step`."""
+    args = [f"--{k}={v}" for k, v in common.config_dict(cfg).items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    with open(cfg.out_dir + ".log", "w") as log:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sft.py"), *args], env=env,
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        while p.poll() is None:
+            if os.path.exists(path) and any(f'"step": {step},' in line for line in open(path)):
+                p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    assert p.wait() == -signal.SIGKILL, open(cfg.out_dir + ".log").read()
+    assert not os.path.exists(os.path.join(cfg.out_dir, "model.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,kills", [("float32", (2, 6)), ("bfloat16", (5,))])
+def test_resume_after_sigkill_is_bitwise(setup, dtype, kills):
+    _, _, make = setup
+    ref = make(dtype=dtype, max_steps=9, save_every=3, out_dir=make().out_dir + "_ref")
+    sft.main(ref)
+    cfg = make(dtype=dtype, max_steps=9, save_every=3)
+    for step in kills:  # killed before the first checkpoint (fp32), and after one
+        kill_after(cfg, step)
+    # resumed here, with the subprocesses' single thread (bitwise equality needs the same kernels)
+    sft.main(cfg)
+    a, b = final_weights(ref.out_dir), final_weights(cfg.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # no duplicates left by the kills
+    assert [r["step"] for r in metrics(cfg.out_dir)] == list(range(10))
+
+
+# ------------------------------------------------------------ multi-process
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, ports, cfgs):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    for port, cfg in zip(ports, cfgs):
+        os.environ["MASTER_PORT"] = str(port)
+        sft.main(cfg)  # joins the process group (gloo) and leaves it at the end
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_match_one_process(setup):
+    """2 processes (DDP, then FSDP2) on gloo/CPU with the same global batch == 1 process, in
+    fp32."""
+    _, _, make = setup
+    kw = dict(dtype="float32", max_steps=4, batch_size=8, micro_batch=2, val_frac=0.1, eval_every=2)
+    one = make(out_dir=make().out_dir + "_1", **kw)
+    sft.main(one)
+    ddp = make(out_dir=make().out_dir + "_ddp", **kw)
+    fsdp = make(out_dir=make().out_dir + "_fsdp", fsdp=True, **dict(kw, micro_batch=4))
+    mp.spawn(_worker, args=(2, [_free_port(), _free_port()], [ddp, fsdp]), nprocs=2)
+    a = final_weights(one.out_dir)
+    for run in (ddp, fsdp):
+        b = final_weights(run.out_dir)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+        for r1, r2 in zip(metrics(one.out_dir), metrics(run.out_dir)):
+            assert r1["step"] == r2["step"]
+            for key in ("loss", "val_loss"):
+                assert (key in r1) == (key in r2)
+                assert r1.get(key, 0) == pytest.approx(r2.get(key, 0), rel=1e-5)
+
+
+# ==================================================================================================
+# rl.py: GRPO
+# ==================================================================================================
+
+# ------------------------------------------------------------ advantages
+
+def test_group_advantages_hand_made():
+    t = None  # marks a truncated completion (masked)
+    groups = [[1, -1, -1, -1],      # one right: mean -0.5
+              [1, 1, 1, 1],         # all equal: zero signal
+              [1, -1, t, -1],       # truncation dropped from the group: mean over 3 kept
+              [1, t, t, t],         # one kept: zero signal
+              [-1, -1, t, -1]]      # kept all equal: zero signal
+    rewards = torch.tensor([(-1.0 if r is None else float(r)) for g in groups for r in g])
+    keep = torch.tensor([r is not None for g in groups for r in g])
+    adv, signal = rl.group_advantages(rewards, keep, 4)
+    assert signal.tolist() == [True, False, True, False, False]
+    want = [1.5, -0.5, -0.5, -0.5] + [0] * 4 + [4 / 3, -2 / 3, 0, -2 / 3] + [0] * 8
+    assert torch.allclose(adv, torch.tensor(want), atol=1e-6)
+    # std scaling: group 0 has unbiased std sqrt((1.5^2 + 3 * 0.5^2) / 3) = 1; group 2 std of
+    # [1,-1,-1] = sqrt(4/3)
+    adv, _ = rl.group_advantages(rewards, keep, 4, std_adv=True)
+    assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]) / (1 + 1e-6), atol=1e-6)
+    want = torch.tensor([4 / 3, -2 / 3, 0, -2 / 3]) / (math.sqrt(4 / 3) + 1e-6)
+    assert torch.allclose(adv[8:12], want, atol=1e-6)
+    assert adv[4:8].eq(0).all() and adv[12:].eq(0).all()
+    # non-dyadic equal rewards must still count as zero signal (no float noise from the mean)
+    _, signal = rl.group_advantages(torch.full((4,), 0.1), torch.ones(4, dtype=torch.bool), 4)
+    assert not signal.any()
+
+
+# ------------------------------------------------------------ loss
+
+def test_loss_token_level_on_policy():
+    """ppo_epochs=1: old = logp.detach(), ρ ≡ 1, loss = -Σ A / T and every valid token gets gradient
+    -A/T: no length bias (a per-sequence mean would give the 1-token answer 3x the per-token
+    weight)."""
+    logp = torch.log(torch.tensor([[0.5, 0.1, 0.2], [0.3, 0.9, 0.9]])).requires_grad_()
+    mask = torch.tensor([[True, True, True], [True, False, False]])  # lengths 3 and 1
+    adv = torch.tensor([1.0, -2.0])
+    loss, clipped, kl = rl.pg_loss(logp, logp.detach(), adv, mask, 0.2)
+    T = mask.sum()
+    (loss / T).backward()
+    assert loss.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0))
+    assert clipped == 0 and kl == 0
+    want = torch.tensor([[-1.0, -1.0, -1.0], [2.0, 0.0, 0.0]]) / T
+    assert torch.allclose(logp.grad, want)
+
+
+def test_loss_ratio_clip_by_hand():
+    eps = 0.2
+    old = torch.log(torch.tensor([[0.25, 0.5, 0.4, 0.5]]))
+    new = torch.log(torch.tensor([[0.5, 0.25, 0.44, 0.5]]))  # ratios 2, 0.5, 1.1, 1
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    for a, want_terms, want_clipped, want_grad in [
+        # A > 0: ratio 2 is clipped to 1.2 (no gradient); 0.5 stays (min picks it); 1.1 inside
+        (1.0, [-1.2, -0.5, -1.1, -1.0], [True, False, False, False], [0.0, -0.5, -1.1, -1.0]),
+        # A < 0: ratio 2 stays (min picks -2); 0.5 is clipped to 0.8 (no gradient)
+        (-1.0, [2.0, 0.8, 1.1, 1.0], [False, True, False, False], [2.0, 0.0, 1.1, 1.0])]:
+        logp = new.clone().requires_grad_()
+        loss, clipped, _ = rl.pg_loss(logp, old, torch.tensor([a]), mask, eps)
+        loss.backward()
+        assert loss.item() == pytest.approx(sum(want_terms), abs=1e-6)
+        assert clipped == sum(want_clipped)
+        # d(-ρA)/dℓ = -ρA on unclipped tokens, 0 on clipped ones
+        assert torch.allclose(logp.grad[0], torch.tensor(want_grad), atol=1e-6)
+
+
+def test_score_truncations():
+    comps = [dict(correct=c, stopped=s)
+             for c, s in [(True, True), (False, True), (True, False), (False, False)]]
+    # no answer in the budget is a wrong answer
+    rewards, keep = rl.score(comps, rl.Config(truncation="wrong"))
+    assert rewards.tolist() == [1, -1, -1, -1] and keep.all()
+    # DAPO: truncations leave their group
+    rewards, keep = rl.score(comps, rl.Config(truncation="mask"))
+    assert rewards[:2].tolist() == [1, -1] and keep.tolist() == [True, True, False, False]
+
+
+def test_loss_masks_padding_and_truncations():
+    """Masked positions (padding, truncated completions) contribute nothing, even with extreme
+    values there."""
+    logp = torch.tensor([[-0.5, -80.0], [-1.0, -0.2]], requires_grad=True)
+    old = torch.tensor([[-0.4, 0.0], [-0.9, 50.0]])
+    ref = torch.tensor([[-0.6, 90.0], [-1.1, -0.2]])
+    mask = torch.tensor([[True, False], [True, False]])
+    loss, clipped, kl = rl.pg_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, ref, beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and math.isfinite(kl)
+    assert logp.grad[:, 1].eq(0).all()
+    ref_only, _, kl_only = rl.pg_loss(logp[:, :1], old[:, :1], torch.tensor([1.0, -1.0]),
+                                      mask[:, :1], 0.2, ref[:, :1], beta=0.1)
+    assert loss.item() == pytest.approx(ref_only.item()) and kl == pytest.approx(kl_only)
+
+
+def test_kl_k3_sign_and_value():
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    adv = torch.zeros(1)
+    _, _, kl = rl.pg_loss(logp, logp, adv, mask, 0.2, ref_logp=logp.clone(), beta=1.0)
+    assert kl == 0.0
+    ref = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
+    loss, _, kl = rl.pg_loss(logp, logp, adv, mask, 0.2, ref_logp=ref, beta=1.0)
+    d = ref - logp
+    assert kl > 0 and kl == pytest.approx((d.exp() - d - 1).sum().item())
+    assert loss.item() == pytest.approx(kl)  # A = 0: the loss is β·Σ k3
+    # the sign: E_{x~π}[k3(x)] = KL(π || ref) exactly, for a categorical π over 3 outcomes
+    p = torch.tensor([0.5, 0.2, 0.3])
+    q = torch.tensor([0.25, 0.4, 0.35])
+    k3 = (q / p) - torch.log(q / p) - 1
+    assert (p * k3).sum().item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+    # and its gradient pulls the policy toward the reference: ∂k3/∂ℓθ = 1 - exp(ℓref - ℓθ) (< 0
+    # where ref > π)
+    lp = logp.clone().requires_grad_()
+    loss, _, _ = rl.pg_loss(lp, lp.detach(), adv, mask, 0.2, ref_logp=ref, beta=1.0)
+    loss.backward()
+    assert torch.allclose(lp.grad, 1 - (ref - logp).exp())
+
+
+def test_second_epoch_clips():
+    """The ratio/clip path: two PPO updates on the same rollouts with a large step; the second
+    update sees ρ far from 1 and clips, the first (ρ = 1) never does."""
+    torch.manual_seed(0)
+    logits = torch.zeros(6, 5, requires_grad=True)  # a toy policy: 6 positions, 5 actions
+    actions = torch.randint(0, 5, (6,))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    opt = torch.optim.SGD([logits], lr=20.0)
+    # sampling logprobs
+    old = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).view(2, 3).detach()
+    fracs = []
+    for epoch in range(2):
+        logp = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).view(2, 3)
+        loss, clipped, _ = rl.pg_loss(logp, old, adv, mask, 0.2)
+        opt.zero_grad()
+        (loss / mask.sum()).backward()
+        opt.step()
+        fracs.append(clipped / mask.sum().item())
+    assert fracs[0] == 0 and fracs[1] > 0
+
+
+# ------------------------------------------------------------ helpers
+
+def test_step_prompts_is_a_stream_of_permutations():
+    n, per = 7, 3
+    seq = [i for s in range(7) for i in rl.step_prompts(n, s, per, seed=5)]  # 21 = 3 epochs
+    for e in range(3):
+        assert sorted(seq[e * n:(e + 1) * n]) == list(range(n))
+    assert seq[:n] != seq[n:2 * n]
+    assert rl.step_prompts(n, 4, per, 5) == seq[12:15]  # stateless: any step on its own
+    assert rl.derive_seed(1, "rollout", 3, 0) != rl.derive_seed(1, "rollout", 4, 0)
+
+
+# ------------------------------------------------------------ runs on the built-in task's pieces
+# The start policy must already solve the task sometimes. A random tiny model never writes a correct
+# boxed expression, and SFT-ing one in-test takes too long, so we build it by hand: a byte-level
+# Llama whose blocks are switched off (wo = w2 = 0) is a bigram model, logits = W_out ·
+# rmsnorm(E[last token]), and we set E and W_out so that after the prompt it writes "\boxed{2" then
+# "+" or "*" with probability P_ADD / 1 - P_ADD, then "3}" and <|eot_id|>. On the easy problem "make
+# 5 from 2 3" it is right with probability ~P_ADD; a second problem, "make 7 from 2 3", has no
+# solution and the difficulty filter must drop it. RL has to raise P(+ | 2) through every real
+# piece: render_prompt, generate, tasks.grade, advantages, the loss, AdamW on all weights.
+
+P_ADD = 0.4
+
+
+def bigram_policy(tok, chain, branch, p_first, dim=32, sharp=12.0):
+    """Llama whose next-token distribution depends on the last token only: chain[a] = b makes b
+    follow a (almost surely); branch = (a, b1, b2): after a, b1 with probability p_first, else b2.
+    The source tokens get orthogonal ±1 embeddings (Hadamard rows: rms 1, so rmsnorm keeps them), so
+    every weight carries the signal and an optimizer step moves the logits as it would in a trained
+    model."""
+    net = tiny_model(dim=dim, vocab_size=tok.n_vocab, max_seq_len=256)
+    h = torch.ones(1, 1)
+    while h.size(0) < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        net.output.weight.zero_()
+        sources = list(chain) + [branch[0]]
+        assert len(sources) <= dim
+        for k, a in enumerate(sources):
+            net.tok_embeddings.weight[a] = h[k]
+            if a in chain:
+                net.output.weight[chain[a]] += h[k] * sharp / dim
+            else:
+                a, b1, b2 = branch
+                half = math.log(p_first / (1 - p_first)) / 2
+                net.output.weight[b1] += h[k] * (sharp + half) / dim
+                net.output.weight[b2] += h[k] * (sharp - half) / dim
+    return net
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rl_easy")
+    tok = tiny_tokenizer(d / "bytes.model")
+    probs = [dict(id="add", numbers=[2, 3], target=5), dict(id="none", numbers=[2, 3], target=7)]
+    for p in probs:
+        p.update(problem=countdown.countdown_prompt(p["numbers"], p["target"]),
+                 answer=str(p["target"]))
+    assert tasks.grade(probs[0], "\\boxed{2+3}")[1] and not tasks.grade(probs[0], "\\boxed{2*3}")[1]
+    assert tok.render_prompt(tasks.prompt_messages(probs[0]))[-1] == ord("\n")
+    text = "\n\\boxed{2"
+    chain = {ord(a): ord(b) for a, b in zip(text, text[1:])}
+    chain.update({ord("+"): ord("3"), ord("*"): ord("3"), ord("3"): ord("}"), ord("}"): tok.eot_id})
+    net = bigram_policy(tok, chain, (ord("2"), ord("+"), ord("*")), P_ADD)
+    checkpoint.save_checkpoint(str(d / "init"), net, tok, {})
+    train = write_jsonl(d / "train.jsonl", probs)
+
+    def make(out, **kw):
+        base = dict(init=str(d / "init"), train=train, val=train, out_dir=str(d / out),
+                    prompts_per_step=4, group_size=8, max_new_tokens=16, max_steps=12, lr=1e-2,
+                    warmup_steps=1, micro_batch=16, filter_samples=8, eval_every=10, eval_limit=2,
+                    save_every=0, log_kl=False)
+        base.update(kw)
+        return rl.Config(**base)
+    return make
+
+
+def read_metrics(out_dir):
+    recs = metrics(out_dir)
+    return [r for r in recs if "reward" in r], [r for r in recs if "val_acc" in r]
+
+
+def test_logprobs_match_the_sampler(easy):
+    """collate + token_logprobs (the training forward) give the log-probs generate sampled with: the
+    masks, the padding and the shift line up, for completions of different lengths and prompts of
+    different lengths."""
+    cfg = easy("unused")
+    net, tok = checkpoint.load_model(cfg.init)
+    prompts = [tok.render_prompt([{"role": "user", "content": t}])
+               for t in ("make 5", "a longer prompt: make 5 now")]
+    groups = generate.generate(net, prompts, 3, max_new_tokens=12, stop_ids=tok.stop_ids, seed=3)
+    # then cut to different lengths below
+    assert all(len(s.tokens) == 12 for ss in groups for s in ss)
+    samples = [(p, s) for p, ss in zip(prompts, groups) for s in ss]
+    rows = [(p, s.tokens[:k], s.logprobs[:k], 0.0, [])
+            for k, (p, s) in zip((12, 3, 7, 1, 12, 5), samples)]
+    inputs, targets, old, mask, adv, start = rl.collate(rows, tok.bos_id, "cpu")
+    with torch.no_grad():
+        logp = rl.token_logprobs(net, inputs, targets, start)
+    assert mask.sum().item() == sum(len(r[1]) for r in rows)
+    with_tool = [r if k else r[:4] + ([0, 2],) for k, r in enumerate(rows)]
+    m2 = rl.collate(with_tool, tok.bos_id, "cpu")[3]
+    # tool ids: no loss
+    assert m2.sum().item() == mask.sum().item() - 2 and not m2[0, len(rows[0][0]) - 1 - start]
+    assert torch.allclose(logp[mask], old[mask], atol=1e-4)
+    assert torch.equal(targets[:, start:][mask], torch.tensor([t for r in rows for t in r[1]]))
+
+
+def test_reward_goes_up_and_filter(easy):
+    cfg = easy("run", max_steps=12, eval_every=6)
+    rl.main(cfg)
+    steps, evals = read_metrics(cfg.out_dir)
+    assert [r["step"] for r in steps] == list(range(12))
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    first, last = (sum(r["reward"] for r in rs) / len(rs) for rs in (steps[:3], steps[-3:]))
+    assert last > first + 0.3, (first, last)
+    # greedy decoding picks "*" (P_ADD < 0.5) at the start and "+" at the end; "none" stays
+    # unsolvable
+    assert evals[0]["val_acc"] == 0 and evals[-1]["val_acc"] == 0.5
+    assert all(r["clipfrac"] == 0 for r in steps)  # ppo_epochs = 1: ρ ≡ 1
+    assert all(0 <= r["zero"] <= 1 and 0 <= r["trunc"] <= 1 and r["kl"] is None for r in steps)
+    # the filter kept the solvable problem only, and a rerun reads its cache (no policy needed)
+    with open(os.path.join(cfg.out_dir, "prompts.jsonl")) as f:
+        rates = {r["id"]: r["pass_rate"] for r in map(json.loads, f)}
+    assert rates["none"] == 0 and 0 < rates["add"] < 1
+    kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1)
+    assert [r["id"] for r in kept] == ["add"]
+    # the final model is a regular checkpoint
+    net, _ = checkpoint.load_model(cfg.out_dir)
+    assert net.cfg.dim == 32
+
+
+def test_second_ppo_epoch_clips_in_a_run(easy):
+    """The ratio/clip path inside main: ppo_epochs=2 with a large step clips tokens in the second
+    epoch."""
+    cfg = easy("ppo", ppo_epochs=2, lr=3e-2, max_steps=2, eval_every=0, filter_samples=0,
+               log_kl=True)
+    rl.main(cfg)
+    steps, _ = read_metrics(cfg.out_dir)
+    assert any(r["clipfrac"] > 0 for r in steps if r["tokens"])
+    assert all(r["kl"] is not None and r["kl"] >= 0 for r in steps)
+
+
+def test_resume_after_a_crash_is_bitwise(easy, monkeypatch):
+    """A run that dies in the middle of step 3 (its last checkpoint is at step 2, and metrics.jsonl
+    already holds step 2) and is restarted ends with the same weights, optimizer state and metrics
+    as a run that never stopped. In-process (the crash is an exception thrown from generate) because
+    a fresh interpreter costs more than this whole test; sft's test covers a real SIGKILL of the
+    same save/resume helpers. KL penalty on, so the reference path is covered too."""
+    kw = dict(max_steps=6, save_every=2, eval_every=3, kl_beta=0.05, log_kl=True)
+    full, cut = easy("full", **kw), easy("cut", **kw)
+    rl.main(full)
+
+    class Crash(BaseException):
+        pass
+
+    real = rl.generate
+
+    def dying(*a, **k):
+        if k["seed"] == rl.derive_seed(cut.seed, "rollout", 3, 0):
+            raise Crash
+        return real(*a, **k)
+    monkeypatch.setattr(rl, "generate", dying)
+    with pytest.raises(Crash):
+        rl.main(cut)
+    monkeypatch.undo()
+    assert torch.load(os.path.join(cut.out_dir, "state.pt"), weights_only=False)["step"] == 2
+    # to be redone
+    assert '"step": 2, "lr"' in open(os.path.join(cut.out_dir, "metrics.jsonl")).read()
+    rl.main(cut)
+    a, b = (torch.load(os.path.join(c.out_dir, "state.pt"), weights_only=False)
+            for c in (full, cut))
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+    ma, mb = (open(os.path.join(c.out_dir, "metrics.jsonl")).read().splitlines()
+              for c in (full, cut))
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("dt", "tok_s")}
+                           for x in lines]
+    assert strip(ma) == strip(mb)
+    steps, _ = read_metrics(full.out_dir)
+    # updates and a live KL term
+    assert sum(r["tokens"] for r in steps) > 0 and any(r["kl"] > 0 for r in steps)
+    # a finished run is left alone; a changed run refuses to resume; a bad option is a UserError
+    rl.main(full)
+    assert open(os.path.join(full.out_dir, "metrics.jsonl")).read().splitlines() == ma
+    with pytest.raises(common.UserError, match="lr"):
+        rl.main(easy("full", **dict(kw, lr=1e-3)))
+    with pytest.raises(common.UserError, match="truncation"):
+        rl.main(easy("bad", truncation="drop"))
+
+
+def _ddp_worker(rank, world, port, init, rows, cfg, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    common.dist_setup()
+    net, tok = checkpoint.load_model(init)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    # lr 0: update() leaves the all-reduced gradients in .grad
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    res = rl.update(ddp, None, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id,
+                    contextlib.nullcontext())
+    # numpy: no shm
+    out.put((rank, res[:3], {k: p.grad.numpy().copy() for k, p in net.named_parameters()}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_update_equals_single_process(easy):
+    """2 ranks (gloo, forked) with half of the rows each, micro-batches of 2 (so the ranks run
+    different numbers of real micro-batches and one pads with a dummy): the gradient equals the
+    1-process gradient over all rows."""
+    # clipping would hide a scale error
+    cfg = easy("unused", micro_batch=2, ppo_epochs=1, grad_clip=0.0)
+    net, tok = checkpoint.load_model(cfg.init)
+    p1, p2 = (tok.render_prompt([{"role": "user", "content": t}])
+              for t in ("make 5", "a longer prompt: make 5"))
+    rnd = random.Random(0)
+    # (prompt, completion length, advantage); the ranks get 3 and 2 rows
+    shapes = [(p1, 3, 1.0), (p2, 5, -0.5), (p1, 1, 0.7), (p2, 8, -1.2), (p1, 4, 2.0)]
+    rows = [(p, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a, []) for p, n, a in shapes]
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    n_tok, loss_sum, _ = rl.update(net, None, opt, rows, cfg, 1, "cpu", tok.bos_id,
+                                   contextlib.nullcontext())[:3]
+    ctx = torch.multiprocessing.get_context("fork")  # fork: no re-import of torch and this file
+    out, port = ctx.Queue(), random.Random().randrange(20000, 60000)
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg.init, rows, cfg, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got[0][1][0] == got[1][1][0] == n_tok == 21
+    # Σ over ranks = the 1-process sum
+    assert got[0][1][1] + got[1][1][1] == pytest.approx(loss_sum, rel=1e-5)
+    for k, p in net.named_parameters():
+        for _, _, grads in got:
+            assert torch.allclose(torch.from_numpy(grads[k]), p.grad, atol=1e-6, rtol=1e-4), k
+
+
+def test_rl_config_files():
+    cfg = lambda *names: [os.path.join(ROOT, "config", f"rl_{n}.py") for n in names]
+    astro, direct, math_ = (common.parse_config(rl.Config, cfg(*n))
+                            for n in (["astro"], ["astro", "direct"], ["llama_math"]))
+    # the defaults are the built-in task
+    assert dataclasses.asdict(astro) == dataclasses.asdict(rl.Config())
+    assert (direct.init, direct.out_dir) == ("out/sft_direct", "out/rl_direct")
+    changed = {k for k, v in dataclasses.asdict(direct).items() if v != getattr(astro, k)}
+    assert changed == {"init", "out_dir"}
+    assert math_.dtype == "bfloat16" and math_.train.startswith("data/math/")
+
+
+# ==================================================================================================
+# eval.py: sampling, grading and the summary
+# ==================================================================================================
+
+@pytest.fixture(scope="module")
+def cd_checkpoint(cd_data, tmp_path_factory):
+    """A tiny untrained Countdown checkpoint (the Countdown tokenizer of cd_data)."""
+    tok = tokenizer.Tokenizer(str(cd_data / "tokenizer.model"))
+    d = tmp_path_factory.mktemp("ckpt")
+    checkpoint.save_checkpoint(str(d), tiny_model(vocab_size=tok.n_vocab, max_seq_len=256), tok,
+                               {"stage": "test"})
+    return d
+
+
+def test_summarize():
+    probs = [{"id": f"p{i}", "problem": "", "answer": "5", "level": 1 + i % 2} for i in range(4)]
+    preds = []
+    samples = [(["5", "5", "6"], [1, 1, 0]), (["7", "7", "5"], [0, 0, 1]),
+               ([None, None, None], [0, 0, 0]), (["5", "5", "5"], [1, 1, 1])]
+    for i, (answers, oks) in enumerate(samples):
+        for j, (a, ok) in enumerate(zip(answers, oks)):
+            preds.append({"id": f"p{i}", "sample": j, "pred": a, "correct": bool(ok),
+                          "tokens": 10 + j, "backtracks": ok, "reflections": 2 * ok,
+                          "stopped": j != 2})
+        preds.append({"id": f"p{i}", "sample": -1, "pred": "5", "correct": i != 2, "tokens": 1,
+                      "backtracks": 0, "reflections": 0, "stopped": True})
+    s = evaluate.summarize(preds, probs + [{"id": "unseen", "problem": "", "answer": "1"}])
+    assert s["problems"] == 4 and s["samples"] == 12
+    assert s["pass@1"] == pytest.approx((2 / 3 + 1 / 3 + 0 + 1) / 4)
+    assert s["maj@k"] == pytest.approx(0.5) and s["greedy_acc"] == pytest.approx(0.75)
+    assert s["pass@1_by_level"] == {"1": pytest.approx((2 / 3 + 0) / 2),
+                                    "2": pytest.approx((1 / 3 + 1) / 2)}
+    assert s["pass@1_ci95"][0] <= s["pass@1"] <= s["pass@1_ci95"][1]
+    assert s["truncated"] == pytest.approx(1 / 3) and s["mean_tokens"] == pytest.approx(11)
+    assert s["pearson_backtracks_correct"] == pytest.approx(1.0)
+    assert s["no_answer"] == pytest.approx(0.25)
+
+
+def test_eval_end_to_end(cd_data, cd_checkpoint, tmp_path, monkeypatch):
+    data = tmp_path / "five.jsonl"
+    write_lines(data, (cd_data / "test.jsonl").read_text().splitlines()[:5])
+    cfg = evaluate.Config(init=str(cd_checkpoint), data=str(data), out_dir=str(tmp_path / "ev"),
+                          num_samples=2, greedy=True, max_new_tokens=12, chunk=2)
+    s = evaluate.main(cfg)
+    preds = read_records(tmp_path / "ev" / "predictions.jsonl")
+    assert len(preds) == 15 and {p["sample"] for p in preds} == {-1, 0, 1}
+    keys = {"id", "sample", "response", "pred", "correct", "tokens", "backtracks", "reflections",
+            "stopped"}
+    assert all(p.keys() == keys for p in preds)
+    assert all(1 <= p["tokens"] <= 12 for p in preds)
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["problems"] == 5 and summary["samples"] == 10
+    assert summary["greedy_acc"] is not None
+    assert summary == json.loads(json.dumps(s))
+
+    # killed mid-problem: drop the last 2 records and leave a torn line -> resume redoes only the
+    # unfinished problem
+    path = tmp_path / "ev" / "predictions.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]) + '{"id": "torn')
+    calls = []
+    real = generate.generate
+    counting = lambda net, prompts, *a, **k: (calls.append(len(prompts))
+                                              or real(net, prompts, *a, **k))
+    monkeypatch.setattr(generate, "generate", counting)
+    evaluate.main(cfg)
+    after = read_records(path)
+    assert len(after) == 15 and calls == [1, 1]  # one problem, sampled + greedy
+    assert after[:12] == preds[:12]  # finished problems kept as they were
+    ids = lambda records: sorted((p["id"], p["sample"]) for p in records)
+    assert ids(after) == ids(preds)
+    calls.clear()
+    evaluate.main(cfg)
+    assert calls == []  # all done: nothing generated
+    with pytest.raises(common.UserError, match="other settings.*num_samples"):
+        evaluate.main(evaluate.Config(**{**cfg.__dict__, "num_samples": 3}))
+    # the checkpoint was rewritten: old predictions must not be reused
+    os.utime(cd_checkpoint / "model.pt")
+    with pytest.raises(common.UserError, match="other settings.*weights"):
+        evaluate.main(cfg)
+
+
+def test_eval_grades_what_it_generates(cd_data, cd_checkpoint, tmp_path, monkeypatch):
+    recs = tasks.read_problems(str(cd_data / "test.jsonl"))[:3]
+    data = tmp_path / "three.jsonl"
+    common.write_jsonl(str(data), recs)
+    tok = tokenizer.Tokenizer(str(cd_data / "tokenizer.model"))
+    numbers, target = recs[0]["numbers"], recs[0]["target"]
+    _, [path] = countdown.solve(np.array([numbers]), np.array([target]), np.random.default_rng(0))
+    right = "".join(line + "\n" for line in countdown.steps(numbers, path, target))
+
+    # problem 0 solved, the others answered wrongly
+    def fake_generate(net, prompts, num_samples=1, **kw):
+        texts = [right if recs[0]["problem"] in tok.decode(p) else "\\boxed{1+1}" for p in prompts]
+        return [[generate.Sample(tokens=tok.encode(t) + [tok.eot_id], logprobs=[], stopped=True)]
+                * num_samples for t in texts]
+    monkeypatch.setattr(generate, "generate", fake_generate)
+    s = evaluate.main(evaluate.Config(init=str(cd_checkpoint), data=str(data),
+                                      out_dir=str(tmp_path / "ev"), num_samples=2))
+    preds = read_records(tmp_path / "ev" / "predictions.jsonl")
+    assert [p["correct"] for p in preds] == [True, True, False, False, False, False]
+    assert preds[0]["response"] == right and preds[0]["tokens"] == len(tok.encode(right)) + 1
+    assert s["pass@1"] == pytest.approx(1 / 3) and s["maj@k"] == pytest.approx(1 / 3)
+    assert s["truncated"] == 0
+
+
+# ==================================================================================================
+# runs/report.py and the main job (runs/countdown.sh)
+# ==================================================================================================
+
+def write_evals(out, probs, hits):
+    """An eval stage's files under out/eval/<model>/: on problem i, hits[model][i] of the 3
+    samples are right."""
+    for key, row in hits.items():
+        preds = [{"id": p["id"], "sample": j, "pred": "1", "correct": j < h, "tokens": 5,
+                  "backtracks": 0, "reflections": 0, "stopped": True}
+                 for p, h in zip(probs, row) for j in range(3)]
+        d = out / "eval" / key
+        d.mkdir(parents=True)
+        common.write_jsonl(str(d / "predictions.jsonl"), preds)
+        common.write_json(str(d / "summary.json"), evaluate.summarize(preds, probs))
+
+
+def test_report_paired_interval(tmp_path):
+    """runs/report.py: each claim gets the paired 95% interval of its gain (bootstrap over problems
+    of the per-problem difference), which excludes 0 here although the two models' own intervals
+    overlap."""
+    probs = [{"id": f"p{i}", "problem": "", "answer": "1", "level": 3} for i in range(40)]
+    hits = {"base": [i % 4 for i in range(40)]}  # correct samples out of 3, per problem
+    # 8 problems better
+    hits["sft_direct"] = [h + 1 if i < 10 and h < 3 else h for i, h in enumerate(hits["base"])]
+    write_evals(tmp_path, probs, hits)
+    r = subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| Base policy") and "< Direct-SFT" in line).split(" | ")
+    gain = {p["id"]: (b - a) / 3 for p, a, b in zip(probs, hits["base"], hits["sft_direct"])}
+    # in the report's order: sorted problem ids
+    lo, hi = evaluate.bootstrap_ci([gain[i] for i in sorted(gain)])
+    assert row[1:4] == [f"{100 * 8 / 120:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}", "no"]
+    assert lo > 0
+
+
+def test_report_gains_by_level(tmp_path):
+    """runs/report.py's hardest-vs-easiest table: each level's gain in points and relative, and the
+    difference of the two gains with a bootstrap interval; without the problems file it says what is
+    missing."""
+    probs = [{"id": f"p{i:02d}", "problem": "", "answer": "1", "level": 3 + i // 20}
+             for i in range(40)]
+    # correct samples out of 3: 33.3% / 16.7%
+    hits = {"base": [1] * 20 + [i % 2 for i in range(20)],
+            # 66.7% / 33.3%: +33.3 and +16.7 points, both +100%
+            "rl_astro": [2] * 20 + [1] * 20}
+    write_evals(tmp_path, probs, hits)
+    report = lambda: subprocess.run([sys.executable, "runs/report.py", f"--out={tmp_path}"],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = report()
+    assert r.returncode == 0, r.stderr
+    assert f"(not computed: {tmp_path}/data/test.jsonl" in (tmp_path / "report.md").read_text()
+    (tmp_path / "data").mkdir()
+    common.write_jsonl(str(tmp_path / "data" / "test.jsonl"), probs)
+    r = report()
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| Base policy") and "→ ASTRO-RL" in line)
+    row = row.strip("| ").split(" | ")
+    assert row[1:3] == ["+33.3 (+100%)", "+16.7 (+100%)"]
+    pts = re.fullmatch(r"(\S+) \((\S+) to (\S+)\)", row[3]).groups()
+    rel = re.fullmatch(r"(\S+) \((\S+) to (\S+)\)", row[4]).groups()
+    # level 3 has no spread: level 4's
+    assert pts[0] == "-16.7" and float(pts[1]) < -16.7 < float(pts[2]) < 0
+    assert rel[0] == "+0" and float(rel[1]) < 0 < float(rel[2])
+
+
+@pytest.mark.slow
 def test_main_job_smoke(tmp_path):
-    """The whole pipeline (runs/countdown.sh) with tiny budgets: every stage runs and hands its files on, the report
-    is written, and a second run skips finished stages and reproduces the same report."""
+    """The whole pipeline (runs/countdown.sh) with tiny budgets: every stage runs and hands its
+    files on, the report is written, and a second run skips finished stages and reproduces the
+    report (but for its stage times)."""
     out = tmp_path / "out"
     env = dict(os.environ, SMOKE="1", OUT=str(out), OMP_NUM_THREADS="1")
-    run = lambda: subprocess.run(["bash", "runs/countdown.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                 timeout=900)
+    run = lambda: subprocess.run(["bash", "runs/countdown.sh"], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=900)
     r = run()
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for f in ["base/model.pt", "search/trees.jsonl", "linearize/astro.jsonl", "linearize/direct.jsonl",
-              "sft_astro/model.pt", "sft_direct/model.pt", "rl_astro/model.pt", "rl_direct/model.pt",
-              *(f"eval/{m}/summary.json" for m in ("base", "sft_direct", "sft_astro", "rl_direct", "rl_astro"))]:
+    models = ("base", "sft_direct", "sft_astro", "rl_direct", "rl_astro")
+    for f in ["base/model.pt", "search/trees.jsonl", "linearize/astro.jsonl",
+              "linearize/direct.jsonl", "sft_astro/model.pt", "sft_direct/model.pt",
+              "rl_astro/model.pt", "rl_direct/model.pt",
+              *(f"eval/{m}/summary.json" for m in models)]:
         assert (out / f).exists(), f
     astro = common.read_jsonl(str(out / "linearize/astro.jsonl"))
     direct = common.read_jsonl(str(out / "linearize/direct.jsonl"))
@@ -2600,4 +2819,74 @@ def test_main_job_smoke(tmp_path):
     r2 = run()
     assert r2.returncode == 0, r2.stdout[-4000:] + r2.stderr[-4000:]
     assert "already done" in r2.stdout
-    assert (out / "report.md").read_text() == report
+    # the last section, the stage times, is each run's own
+    without_times = lambda text: text.split("\n## Stage times")[0]
+    assert without_times((out / "report.md").read_text()) == without_times(report)
+
+
+# ==================================================================================================
+# guards: keep the code readable
+# ==================================================================================================
+
+SOURCES = sorted(p for p in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)
+                 if "/out" not in p[len(ROOT):] and "/.git/" not in p)
+
+
+def test_modules_stay_small():
+    """Each module holds one concept; past ~550 lines it is time to split it (the tests are one
+    file)."""
+    big = {os.path.relpath(p, ROOT): n for p in SOURCES
+           if not p.endswith("test_all.py") and (n := sum(1 for _ in open(p))) > 550}
+    assert not big, f"modules over 550 lines: {big}"
+
+
+def test_no_history_in_code_or_configs():
+    """Code, configs and scripts say what and why in the present; runs and issues live in the
+    experiment log and git. (The patterns are assembled so that this file does not match itself.)"""
+    words = "|".join(["run", "round", "issue"])
+    pattern = re.compile(r"\b(?:" + words + r")s? #?\d|EXPERIMENTS" + r"\.md", re.IGNORECASE)
+    files = SOURCES + glob.glob(os.path.join(ROOT, "runs", "*.sh")) \
+        + glob.glob(os.path.join(ROOT, "bench", "*.sh"))
+    hits = [f"{os.path.relpath(p, ROOT)}:{i}: {line.strip()}" for p in files
+            for i, line in enumerate(open(p, encoding="utf-8"), 1) if pattern.search(line)]
+    assert not hits, "history in code:\n" + "\n".join(hits)
+
+
+def test_imports_form_a_dag():
+    """Our modules import each other without a cycle: the data path only ever goes down the import
+    graph."""
+    ours = {os.path.relpath(p, ROOT)[:-3].replace(os.sep, "."): p for p in SOURCES}
+    ours = {k.removesuffix(".__init__"): p for k, p in ours.items()}
+    graph = {}
+    for name, p in ours.items():
+        package = name if p.endswith("__init__.py") else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(open(p, encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) \
+                    if node.level else ""
+                module = ".".join(x for x in (base, node.module or "") if x)
+                deps |= {module} | {f"{module}.{a.name}" for a in node.names}
+        graph[name] = {d for d in deps if d in ours and d != name}
+    state = {}
+
+    def visit(n, stack):
+        if state.get(n) == "done":
+            return
+        assert state.get(n) != "open", "import cycle: " + " -> ".join(stack + [n])
+        state[n] = "open"
+        for d in sorted(graph[n]):
+            visit(d, stack + [n])
+        state[n] = "done"
+
+    for n in sorted(graph):
+        visit(n, [])
+
+
+def test_ruff_clean():
+    """Lines <= 100 characters and no unused or undefined names (pyproject.toml's ruff settings)."""
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", ROOT],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
