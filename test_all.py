@@ -2794,6 +2794,57 @@ def test_report_gains_by_level(tmp_path):
 
 
 @pytest.mark.slow
+def test_show_tree_prints_the_tree_and_its_traces(tmp_path, capsys):
+    """runs/show_tree.py: the tree with prior, N, Q and verdicts, then each trace linearize writes
+    from it (the same texts), every step line tagged with the node it copies."""
+    show_tree = load_script("show_tree", "runs/show_tree.py")
+    tree = countdown_tree("p1")
+    write_jsonl(tmp_path / "trees.jsonl", [tree])
+    show_tree.main(show_tree.Config(trees=str(tmp_path / "trees.jsonl"), linearize=""))
+    out = capsys.readouterr().out
+    assert "tree p1: Use 1 2 to make 24" in out
+    assert "[5] prior 1.00  N   1  Q 0.50  ok \\boxed{24}⏎  correct" in out
+    assert "[3] prior 1.00  N   1  Q 0.50  w \\boxed{1}⏎  wrong (answer '1')" in out
+    astro = linearize.astro_traces(tree, linearize.Config(), Counter())
+    assert out.count("--- ASTRO trace") == len(astro) == out.count("--- Direct trace")
+    for text, _ in astro:  # every line of every trace, tagged: steps by node id, reflections not
+        for row in text.rstrip("\n").split("\n"):
+            hit = [n["id"] for n in tree["nodes"][1:] if n["text"] == row + "\n"]
+            tag = f"[{hit[0]}]" if not row.startswith(common.REFLECT) else ""
+            assert f"{tag:>8} {row}" in out
+    with pytest.raises(common.UserError, match="no tree with id 'nope'"):
+        show_tree.main(show_tree.Config(trees=str(tmp_path / "trees.jsonl"), id="nope"))
+
+
+def test_readme_table_copies_report_rows(tmp_path, capsys):
+    """runs/readme_table.py: five columns of report.md's first table, between README's markers,
+    with the machine; --check says whether the README is up to date."""
+    readme_table = load_script("readme_table", "runs/readme_table.py")
+    (tmp_path / "report.md").write_text(
+        "# r\n\nHeld-out test problems: 2. pass@1 = mean.\n\n"
+        "| model | pass@1 (95% CI) | maj@k | pass@1, 3 numbers | pass@1, 4 numbers | "
+        "tokens/response |\n|---|---|---|---|---|---|\n"
+        "| Base | 20.0 (17.7–22.2) | 20.8 | 26.3 | 13.7 | 40.6 |\n"
+        "| ASTRO-SFT | 33.6 (30.7–36.3) | 37.0 | 44.4 | 22.8 | 337.7 |\n\n## next\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results -->\nold\n<!-- /results -->\nafter\n")
+    cfg = dict(out=str(tmp_path), readme=str(readme))
+    with pytest.raises(SystemExit) as e:
+        readme_table.main(readme_table.Config(**cfg, check=True))
+    assert e.value.code == 1
+    readme_table.main(readme_table.Config(**cfg))
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results -->\nHeld-out test problems: 2.")
+    assert "| ASTRO-SFT | 33.6 (30.7–36.3) | 44.4 | 22.8 | 337.7 |\n<!-- /results -->\nafter\n" \
+        in text and "old" not in text and "Machine: " in text and "37.0" not in text
+    with pytest.raises(SystemExit) as e:
+        readme_table.main(readme_table.Config(**cfg, check=True))
+    assert e.value.code == 0
+    readme.write_text("no markers\n")
+    with pytest.raises(common.UserError, match="no <!-- results -->"):
+        readme_table.main(readme_table.Config(**cfg))
+
+
 def test_main_job_smoke(tmp_path):
     """The whole pipeline (runs/countdown.sh) with tiny budgets: every stage runs and hands its
     files on, the report is written, and a second run skips finished stages and reproduces the
@@ -2835,6 +2886,8 @@ SOURCES = sorted(p for p in glob.glob(os.path.join(ROOT, "**", "*.py"), recursiv
 def test_modules_stay_small():
     """Each module holds one concept; past ~550 lines it is time to split it (the tests are one
     file)."""
+    names = {os.path.relpath(p, ROOT) for p in SOURCES}
+    assert {"model.py", "generate.py", "rl.py", os.path.join("tasks", "math.py")} <= names
     big = {os.path.relpath(p, ROOT): n for p in SOURCES
            if not p.endswith("test_all.py") and (n := sum(1 for _ in open(p))) > 550}
     assert not big, f"modules over 550 lines: {big}"
@@ -2845,6 +2898,9 @@ def test_no_history_in_code_or_configs():
     experiment log and git. (The patterns are assembled so that this file does not match itself.)"""
     words = "|".join(["run", "round", "issue"])
     pattern = re.compile(r"\b(?:" + words + r")s? #?\d|EXPERIMENTS" + r"\.md", re.IGNORECASE)
+    bites = ("as in ru" + "n 8", "Rounds" + " 4-6", "(issue" + " 4)", "see EXPERIMENTS" + ".md")
+    assert all(pattern.search(t) for t in bites)
+    assert not any(pattern.search(t) for t in ("a run of 8 steps", "round(x, 2)", "the rl run"))
     files = SOURCES + glob.glob(os.path.join(ROOT, "runs", "*.sh")) \
         + glob.glob(os.path.join(ROOT, "bench", "*.sh"))
     hits = [f"{os.path.relpath(p, ROOT)}:{i}: {line.strip()}" for p in files
@@ -2852,9 +2908,8 @@ def test_no_history_in_code_or_configs():
     assert not hits, "history in code:\n" + "\n".join(hits)
 
 
-def test_imports_form_a_dag():
-    """Our modules import each other without a cycle: the data path only ever goes down the import
-    graph."""
+def import_graph():
+    """{module: the modules of ours it imports} over every .py file of the repository."""
     ours = {os.path.relpath(p, ROOT)[:-3].replace(os.sep, "."): p for p in SOURCES}
     ours = {k.removesuffix(".__init__"): p for k, p in ours.items()}
     graph = {}
@@ -2870,19 +2925,36 @@ def test_imports_form_a_dag():
                 module = ".".join(x for x in (base, node.module or "") if x)
                 deps |= {module} | {f"{module}.{a.name}" for a in node.names}
         graph[name] = {d for d in deps if d in ours and d != name}
+    return graph
+
+
+def find_cycle(graph):
+    """A list of modules that import each other in a circle, or None (depth-first search)."""
     state = {}
 
     def visit(n, stack):
+        if state.get(n) == "open":
+            return stack[stack.index(n):] + [n]
         if state.get(n) == "done":
-            return
-        assert state.get(n) != "open", "import cycle: " + " -> ".join(stack + [n])
+            return None
         state[n] = "open"
         for d in sorted(graph[n]):
-            visit(d, stack + [n])
+            if cycle := visit(d, stack + [n]):
+                return cycle
         state[n] = "done"
+        return None
 
-    for n in sorted(graph):
-        visit(n, [])
+    return next((c for n in sorted(graph) if (c := visit(n, []))), None)
+
+
+def test_imports_form_a_dag():
+    """Our modules import each other without a cycle: the data path only ever goes down the import
+    graph."""
+    graph = import_graph()
+    assert {"tasks", "common", "generate", "checkpoint"} <= graph["eval"]  # the graph is read
+    assert {"tasks.countdown", "tasks.math"} <= graph["tasks"]  # relative imports too
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph))
 
 
 def test_ruff_clean():
