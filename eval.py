@@ -26,7 +26,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import common
@@ -150,8 +149,8 @@ def print_summary(s, title):
 def write_predictions(cfg, todo, total, n, want, pred_path):
     """Sample the problems `todo` ([(index, record)]) chunk by chunk, grade every answer and append
     the predictions to pred_path: one write and fsync per chunk, not per sample."""
-    device = cfg.device or common.autodetect_device()
-    net, tok = checkpoint.load_model(cfg.init, device=device, dtype=getattr(torch, cfg.dtype))
+    device, dtype = common.device_and_dtype(cfg)
+    net, tok = checkpoint.load_model(cfg.init, device=device, dtype=dtype)
     net.eval()
     runs = ([(0, dict(num_samples=n, temperature=cfg.temperature, top_p=cfg.top_p,
                       top_k=cfg.top_k))]
