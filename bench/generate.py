@@ -1,14 +1,17 @@
 """
 Tokens/s of generate.generate against transformers' generate on identical weights and prompts (fp32,
-one process).
+one process), and the share of the fp32 torch.mm peak that decoding reaches.
 
-    python bench/generate.py                                 # dim 256, 4 layers, vocab 1024
+    python bench/generate.py                                 # the main job's base policy's shape
     python bench/generate.py --batches=1,16 --new_tokens=32  # a quick probe
     python bench/generate.py --dim=512 --n_layers=8 --compile=True
-The default shape is the built-in task's. Every prompt has the same length and generation never
-stops early (no stop ids), so both sides produce exactly batch * new_tokens tokens. Prints one line
-per batch size with both rates and their ratio (ours / transformers). Timings are only meaningful on
-an otherwise idle CPU.
+The default shape is the built-in base policy's (config/base_countdown.py: dim 128, 4 layers, 4
+heads, 2 KV heads) with the Countdown tokenizer's vocabulary when data/countdown/tokenizer.model
+exists. Every prompt has the same length and generation never stops early (no stop ids), so both
+sides produce exactly batch * new_tokens tokens. Prints one line per batch size with both rates,
+their ratio (ours / transformers) and ours as a share of the torch.mm peak measured first in the
+same process (model FLOPs: 2 per weight per token, attention left out). Timings are only meaningful
+on an otherwise idle CPU.
 """
 import os
 import sys
@@ -26,11 +29,12 @@ import model as M
 
 @dataclass
 class Config:
-    dim: int = 256  # model width
+    dim: int = 128  # model width
     n_layers: int = 4  # transformer blocks
-    n_heads: int = 8  # query heads
-    n_kv_heads: int = 4  # key/value heads
-    vocab_size: int = 1024  # vocabulary
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads
+    vocab_size: int = 0  # vocabulary; 0 = the Countdown tokenizer's (1024 without it)
+    tokenizer: str = "data/countdown/tokenizer.model"  # read for vocab_size = 0
     batches: str = "1,16,64,256"  # comma-separated batch sizes
     prompt_len: int = 64  # tokens per prompt
     new_tokens: int = 128  # generated tokens per row
@@ -55,11 +59,28 @@ def best_times(fns, repeats, clock):
     return best
 
 
+def mm_peak(size=512, repeats=20):
+    """Best fp32 torch.mm GFLOP/s of two size x size matrices: the CPU's practical peak."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    t = min(best_times([lambda: torch.mm(a, b)], 1, time.perf_counter)[0] for _ in range(repeats))
+    return 2 * size**3 / t / 1e9
+
+
+def vocab(cfg):
+    if cfg.vocab_size:
+        return cfg.vocab_size
+    if os.path.isfile(cfg.tokenizer):
+        from tokenizer import Tokenizer
+        return Tokenizer(cfg.tokenizer).n_vocab
+    return 1024
+
+
 def models(cfg):
     """Our Llama with random weights and transformers' LlamaForCausalLM holding the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
     mc = M.ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                       n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                       n_kv_heads=cfg.n_kv_heads, vocab_size=vocab(cfg),
                        max_seq_len=max(1024, cfg.prompt_len + cfg.new_tokens))
     ours = M.Llama(mc).eval()
     hc = LlamaConfig(hidden_size=mc.dim, intermediate_size=M.ffn_hidden(mc),
@@ -79,9 +100,12 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     ours, hf = models(cfg)
     mc = ours.cfg
+    peak = mm_peak()
+    flops = 2 * sum(p.numel() for n, p in ours.named_parameters() if "tok_embeddings" not in n)
     print(f"model: dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}, "
           f"{torch.get_num_threads()} threads; prompt {cfg.prompt_len}, "
-          f"{cfg.new_tokens} new tokens, fp32, {'CPU' if cfg.cpu_time else 'wall'} time")
+          f"{cfg.new_tokens} new tokens, fp32, {'CPU' if cfg.cpu_time else 'wall'} time; "
+          f"torch.mm peak {peak:.1f} GFLOP/s")
     for B in [int(b) for b in cfg.batches.split(",")]:
         prompts = torch.randint(0, mc.vocab_size - 256, (B, cfg.prompt_len))
         n = B * cfg.new_tokens
@@ -104,7 +128,8 @@ def main(cfg):
         clock = time.process_time if cfg.cpu_time else time.perf_counter
         t_hf, t_ours, *t_c = best_times(fns, cfg.repeats, clock)
         line = (f"batch {B:4d}: transformers {n / t_hf:6.0f} tok/s | "
-                f"ours {n / t_ours:6.0f} tok/s | {t_hf / t_ours:4.2f}x")
+                f"ours {n / t_ours:6.0f} tok/s | {t_hf / t_ours:4.2f}x | "
+                f"{flops * n / t_ours / 1e9 / peak:5.1%} of mm peak")
         if t_c:
             line += f" | compiled {n / t_c[0]:6.0f} tok/s | {t_hf / t_c[0]:4.2f}x"
         print(line, flush=True)

@@ -3,7 +3,8 @@ Tokens/s of sft.py's training step against a plain training loop over transforme
 LlamaForCausalLM with the same model config, data, batch (conversations per micro-step, micro-steps
 per step), precision and AdamW, in one process.
 
-    python bench/sft.py                    # the base policy's shape (dim 128, 4 layers), fp32
+    python bench/sft.py                    # the base policy's recipe: dim 128, 4 layers, 32 x 256
+    python bench/sft.py --astro=True       # ASTRO SFT's rows: 18 x 448 tokens of ~190-token traces
     python bench/sft.py --steps=2 --warmup=1 --threads=1 --batch_size=4 --micro_batch=2   # a probe
     python bench/sft.py --compile=True     # sft.py with torch.compile (the plain loop stays eager)
 Ours is sft.main itself (batch building, doc-masked forward, loss, backward, clip, AdamW), timed
@@ -12,8 +13,9 @@ LlamaForCausalLM(input_ids, labels) with its plain causal attention: less work t
 block-diagonal mask) but packed documents see each other; (2) the usual HF SFT loop: the same
 conversations, one per row, padded to the longest of the micro-batch. Rates are data tokens/s
 (padding excluded; processed tokens in brackets) and the ratio ours / transformers. Target:
->= 1.3x. Data: data/countdown/warmup.jsonl + tokenizer.model when present, else synthetic
-Countdown-like conversations with a byte-level tokenizer. Don't tune timings while others use the
+>= 1.5x at both shapes. Data: data/countdown/warmup.jsonl (--astro: out/linearize/astro.jsonl) with
+data/countdown/tokenizer.model when present, else synthetic Countdown-like conversations of the
+same length class with a byte-level tokenizer. Don't tune timings while others use the
 CPU.
 """
 import base64
@@ -44,9 +46,10 @@ class Config:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
-    seq_len: int = 1024  # packed row length
-    batch_size: int = 16  # rows per optimizer step
-    micro_batch: int = 4  # rows per forward
+    astro: bool = False  # ASTRO SFT's shape (config/sft_astro.py): overrides data, the row sizes
+    seq_len: int = 256  # packed row length (config/base_countdown.py)
+    batch_size: int = 32  # rows per optimizer step
+    micro_batch: int = 32  # rows per forward
     steps: int = 10  # timed steps
     warmup: int = 2  # untimed steps first
     dtype: str = "float32"  # "bfloat16" (autocast, fp32 master weights) or "float32"
@@ -55,8 +58,9 @@ class Config:
     threads: int = 0  # torch threads; 0 = torch's default
 
 
-def synthetic(dirname, n=3000, seed=0):
-    """Countdown-like conversations (one operation per line) and a byte-level tokenizer."""
+def synthetic(dirname, n=3000, seed=0, numbers=2):
+    """Countdown-like conversations (one operation per line) and a byte-level tokenizer: with 2
+    numbers ~75 tokens each (as warm-up conversations), with 4 ~170 (as ASTRO traces)."""
     rnd = random.Random(seed)
     tok = os.path.join(dirname, "bytes.model")
     with open(tok, "w") as f:
@@ -65,7 +69,7 @@ def synthetic(dirname, n=3000, seed=0):
     data = os.path.join(dirname, "conv.jsonl")
     with open(data, "w") as f:
         for _ in range(n):
-            nums = [rnd.randint(1, 99) for _ in range(4)]
+            nums = [rnd.randint(1, 99) for _ in range(numbers)]
             steps, pool = [], list(nums)
             while len(pool) > 1:
                 a, b = pool.pop(rnd.randrange(len(pool))), pool.pop(rnd.randrange(len(pool)))
@@ -142,9 +146,11 @@ def transformers_loop(b, data, tok_path, packed):
 def main(b):
     if b.threads:
         torch.set_num_threads(b.threads)
+    if b.astro:
+        b.data, b.seq_len, b.batch_size, b.micro_batch = "out/linearize/astro.jsonl", 448, 18, 18
     with tempfile.TemporaryDirectory() as tmp:
         have = os.path.isfile(b.data) and os.path.isfile(b.tokenizer)
-        data, tok = (b.data, b.tokenizer) if have else synthetic(tmp)
+        data, tok = (b.data, b.tokenizer) if have else synthetic(tmp, numbers=4 if b.astro else 2)
         print(f"data {data} | dim {b.dim} x {b.n_layers} layers | {b.batch_size}x{b.seq_len} "
               f"tokens per step ({b.micro_batch} rows per forward) | {b.dtype} | "
               f"compile {b.compile} | "
