@@ -52,6 +52,9 @@ class Config:
     device: str = ""                 # "" = cuda if available else cpu
     dtype: str = "float32"           # float32 | bfloat16 | float16
     compile: bool = False            # torch.compile the decode step
+    verdict: bool = True             # Countdown's tool writes the grader's verdict on the answer
+                                     # line (an oracle); False: only the box's value, the policy
+                                     # writes the comparison itself
 
     ranges = dict(limit=(0, None), num_samples=(1, None), temperature=(0.0, None), top_p=(0.0, 1.0),
                   top_k=(0, None), max_new_tokens=(1, None), chunk=(1, None), batch_size=(1, None))
@@ -177,7 +180,7 @@ def sample_chunk(cfg, net, tok, chunk, runs):
         outs = generate.generate(net, prompts, max_new_tokens=cfg.max_new_tokens,
                                  stop_ids=tok.stop_ids, seed=cfg.seed + chunk[0][0],
                                  batch_size=cfg.batch_size, compile=cfg.compile,
-                                 tool=tasks.tool(chunk[0][1], tok), **kw)
+                                 tool=tasks.tool(chunk[0][1], tok, cfg.verdict), **kw)
         for res, samples in zip(results, outs):
             res.extend((first + j if first >= 0 else -1, s) for j, s in enumerate(samples))
     return results
@@ -211,7 +214,7 @@ def main(cfg):
     # from scratch. Predictions made with other settings or by other weights (a retrained
     # checkpoint) are never mixed in.
     keys = ("init", "data", "num_samples", "temperature", "top_p", "top_k", "greedy",
-            "max_new_tokens", "seed")
+            "max_new_tokens", "seed", "verdict")
     settings = {k: getattr(cfg, k) for k in keys}
     files = os.scandir(cfg.init) if os.path.isdir(cfg.init) else []
     settings["weights"] = sorted([e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in files

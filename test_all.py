@@ -1081,6 +1081,26 @@ def test_countdown_calculator(cd_data):
     assert written > 150 and same == written
 
 
+def test_countdown_calculator_without_verdict(cd_data):
+    """verdict=False (eval.py --verdict=False): on the answer line the tool writes the box's value
+    only, whatever the target; step lines are as with the verdict."""
+    tok = tokenizer.Tokenizer(str(cd_data / "tokenizer.model"))
+    prompts = [tok.render_prompt(tasks.prompt_messages({"numbers": [7, 3, 12, 25], "target": t}))
+               for t in (54, 68)]
+    _, oracle = tasks.tool({"numbers": [7, 3, 12, 25], "target": 54}, tok)
+    _, calc = tasks.tool({"numbers": [7, 3, 12, 25], "target": 54}, tok, verdict=False)
+    for text, want in [("\\boxed{((12*3)+25)-7}=61-7=", "54"),
+                       ("\\boxed{((12*3)+25)+7}=61+7=", "68"),
+                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7"),
+                       ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid"),
+                       ("\\boxed{(25+25)+(7-3)}=50+4=", "54")]:
+        for prompt in prompts:
+            assert calc(prompt, tok.encode(text)) == tok.encode(want), text
+        assert oracle(prompts[0], tok.encode(text)) != tok.encode(want), text  # the oracle's
+    for text in ("12*3=", "12*3=36 left 7 25 36\n(12*3)+25=36+25="):
+        assert calc(prompts[0], tok.encode(text)) == oracle(prompts[0], tok.encode(text))
+
+
 # ==================================================================================================
 # tasks/math.py and data/math/prepare.py: the MATH grader and data
 # ==================================================================================================

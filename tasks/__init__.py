@@ -52,10 +52,10 @@ def read_problems(path):
     return recs
 
 
-def tool(rec, tok):
+def tool(rec, tok, verdict=True):
     """The task's tool for generate.generate (the same in search, RL and eval): Countdown's
-    calculator (countdown.tool), or None."""
-    return countdown.tool(tok) if "numbers" in rec else None
+    calculator (countdown.tool; verdict=False withholds the grader's verdict), or None."""
+    return countdown.tool(tok, write_verdict=verdict) if "numbers" in rec else None
 
 
 def extract_boxed(text):

@@ -141,7 +141,7 @@ def numbers_left(numbers, text):
     return left
 
 
-def tool(tok):
+def tool(tok, write_verdict=True):
     """The calculator for generate.generate (the same in search, RL and eval): (trigger token ids,
     calculator). When the policy writes "a op b=", the sampler writes the result (integer results
     only: a - b with a >= b, exact division; anything else is left to the model) and, on a step line
@@ -152,7 +152,8 @@ def tool(tok):
     "... == 24 but the numbers are wrong\\n" when it reaches the target without using each number
     once, "invalid != 24\\n" when the box is malformed or divides by zero. A policy that miscopies
     an operand ("=25-22=" after "(25-11)...") gets the box's true value, not the target it wished
-    for.
+    for. write_verdict=False withholds the verdict: on the \\boxed{} line the tool writes only the
+    box's value ("=12*2=24", or "invalid"), and the policy writes the rest of the line itself.
     Why a calculator at all: the miniature is about search, not about a small model learning
     arithmetic; with its own arithmetic many steps are wrong, and without the written verdict its
     reflections cannot tell right answers from wrong ones. Why the numbers left: after a backtrack a
@@ -173,6 +174,8 @@ def tool(tok):
             box = BOXED_LINE.match(line)  # None: "a op b=" inside an unclosed box
             # (value, literals), or None: malformed, x/0
             parsed = countdown_eval(box[1]) if box else None
+            if not write_verdict:  # the box's value only; the policy writes the rest of the line
+                return tok.encode("invalid" if parsed is None else str(parsed[0]))
             if parsed is None:
                 return tok.encode(f"invalid != {target}\n")
             value, ok = parsed[0], countdown_correct(row, box[1])
