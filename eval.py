@@ -80,6 +80,47 @@ def problem_accuracy(preds):
     return {i: float(np.mean(v)) for i, v in by_id.items()}
 
 
+def verification(preds, problems, resamples=1000, seed=0):
+    """How well the policy judges its own answers (tasks.decisions on every sampled response).
+    false_accept = wrong answer lines it stops on / wrong answer lines; false_reject = right ones it
+    goes on from / right ones; balanced = 1 - (false_accept + false_reject) / 2, with a 95%
+    bootstrap interval over problems; caught = wrong first answers it goes on from / wrong first
+    answers; fixed = of those, the responses that end correct. None where a rate has no cases."""
+    recs = {r["id"]: r for r in problems}
+    # per problem: wrong lines, accepted wrong, right lines, rejected right, wrong first answers,
+    # caught, caught and then fixed
+    per = defaultdict(lambda: np.zeros(7))
+    for p in preds:
+        if p["sample"] < 0 or p["id"] not in recs:
+            continue
+        d = tasks.decisions(recs[p["id"]], p["response"], p["stopped"])
+        c = per[p["id"]]
+        for ok, accepted in d:
+            c[:4] += (not ok, not ok and accepted, ok, ok and not accepted)
+        if d and not d[0][0]:
+            caught = not d[0][1]
+            c[4:] += (1, caught, caught and p["correct"])
+    if not per:
+        return None
+    counts = np.array([per[i] for i in sorted(per)])
+    rate = lambda num, den: float(num / den) if den else None
+
+    def balanced(c):
+        fa, fr = rate(c[1], c[0]), rate(c[3], c[2])
+        return None if fa is None or fr is None else 1 - (fa + fr) / 2
+
+    total = counts.sum(0)
+    rng = np.random.default_rng(seed)
+    boot = [balanced(counts[rng.integers(0, len(counts), len(counts))].sum(0))
+            for _ in range(resamples)]
+    boot = [b for b in boot if b is not None]
+    ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else None
+    return {"answer_lines": int(total[0] + total[2]), "false_accept": rate(total[1], total[0]),
+            "false_reject": rate(total[3], total[2]), "balanced": balanced(total),
+            "balanced_ci95": ci if balanced(total) is not None else None,
+            "caught": rate(total[5], total[4]), "fixed": rate(total[6], total[5])}
+
+
 def majority_correct(rec, preds):
     """Is the majority answer of one problem's samples (votes keyed by tasks.answer_key) correct?"""
     votes = Counter(k for p in preds if (k := tasks.answer_key(rec, p["pred"])) is not None)
@@ -142,6 +183,10 @@ def print_summary(s, title):
     rows += [(k.replace("_", " "), f(s[k]))
              for k in ("mean_tokens", "backtracks_per_response", "reflections_per_response",
                        "truncated", "no_answer", "pearson_backtracks_correct")]
+    v = s.get("verification")
+    if v and v["balanced"] is not None:
+        rows.append(("self-verification", f"balanced {f(v['balanced'])}, false accept "
+                     f"{f(v['false_accept'])}, false reject {f(v['false_reject'])}"))
     print(f"\n{title}: {s['problems']} problems, {s['samples']} samples")
     for k, v in rows:
         print(f"  {k:<28} {v}")
@@ -236,9 +281,11 @@ def main(cfg):
     if todo:
         write_predictions(cfg, todo, len(problems), n, want, pred_path)
 
-    summary = summarize(common.resume_jsonl(pred_path), problems)
+    preds = common.resume_jsonl(pred_path)
+    summary = summarize(preds, problems)
     if not summary["problems"]:
         raise common.UserError(f"{cfg.data}: no problems to evaluate")
+    summary["verification"] = verification(preds, problems)
     if cfg.temperature == 0:
         summary["greedy_acc"] = summary["pass@1"]  # the samples are the greedy answers
     summary["settings"] = settings

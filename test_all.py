@@ -2676,6 +2676,38 @@ def test_summarize():
     assert s["no_answer"] == pytest.approx(0.25)
 
 
+def test_decisions_and_verification():
+    """tasks.decisions: after each answer line the response stops (accepts, also after a "seems
+    correct" line) or goes on (rejects); a cut-off last answer makes no decision.
+    eval.verification: the rates over those decisions, per problem bootstrap."""
+    rec = {"id": "p", "problem": "", "answer": "24", "numbers": [4, 6], "target": 24}
+    wrong, right = "\\boxed{4+6}=4+6=10 != 24", "\\boxed{4*6}=4*6=24 == 24"
+    back = f"{common.REFLECT} {common.NOT_SURE} {common.RESTART}"
+    seems = f"{common.REFLECT} {common.SEEMS_RIGHT}"
+    assert tasks.decisions(rec, f"4+6=10 left 10\n{wrong}\n{back}\n{right}\n{seems}\n", True) \
+        == [(False, False), (True, True)]
+    assert tasks.decisions(rec, f"{wrong}\n", True) == [(False, True)]  # stops on a wrong answer
+    assert tasks.decisions(rec, f"{right}\n{back}\n{right}", True) == [(True, False), (True, True)]
+    assert tasks.decisions(rec, f"{wrong}\n{back}\n{right}", False) == [(False, False)]  # cut off
+    assert tasks.decisions(rec, "no answer at all", True) == []
+    preds = [  # p: caught and fixed; q: a false accept and a false reject; r: greedy, not counted
+        {"id": "p", "sample": 0, "response": f"{wrong}\n{back}\n{right}", "stopped": True,
+         "correct": True},
+        {"id": "q", "sample": 0, "response": f"{wrong}", "stopped": True, "correct": False},
+        {"id": "q", "sample": 1, "response": f"{right}\n{back}\n{right}", "stopped": True,
+         "correct": True},
+        {"id": "q", "sample": -1, "response": f"{wrong}", "stopped": True, "correct": False}]
+    v = evaluate.verification(preds, [rec, dict(rec, id="q")], resamples=200)
+    assert v["answer_lines"] == 5
+    assert v["false_accept"] == 1 / 2 and v["false_reject"] == 1 / 3  # of 2 wrong, 3 right lines
+    assert v["balanced"] == pytest.approx(1 - (1 / 2 + 1 / 3) / 2)
+    assert v["balanced_ci95"][0] <= v["balanced"] <= v["balanced_ci95"][1]
+    assert v["caught"] == 1 / 2 and v["fixed"] == 1.0  # wrong first answers: p's (caught), q's
+    only_right = evaluate.verification(preds[2:3], [dict(rec, id="q")])
+    assert only_right["false_accept"] is None and only_right["balanced"] is None
+    assert evaluate.verification([], [rec]) is None
+
+
 def test_eval_end_to_end(cd_data, cd_checkpoint, tmp_path, monkeypatch):
     data = tmp_path / "five.jsonl"
     write_lines(data, (cd_data / "test.jsonl").read_text().splitlines()[:5])
@@ -2758,7 +2790,8 @@ def write_evals(out, probs, hits):
         d = out / "eval" / key
         d.mkdir(parents=True)
         common.write_jsonl(str(d / "predictions.jsonl"), preds)
-        common.write_json(str(d / "summary.json"), evaluate.summarize(preds, probs))
+        summary = dict(evaluate.summarize(preds, probs), verification=None)
+        common.write_json(str(d / "summary.json"), summary)
 
 
 def test_report_paired_interval(tmp_path):
@@ -2780,6 +2813,13 @@ def test_report_paired_interval(tmp_path):
     lo, hi = evaluate.bootstrap_ci([gain[i] for i in sorted(gain)])
     assert row[1:4] == [f"{100 * 8 / 120:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}", "no"]
     assert lo > 0
+    # the self-verification table: a row per model, dashes without decisions
+    assert "| Direct-SFT | – | – | – | – | – | – |" in (tmp_path / "report.md").read_text()
+    report = load_script("report", "runs/report.py")
+    v = {"answer_lines": 5, "false_accept": 0.5, "false_reject": 1 / 3, "balanced": 7 / 12,
+         "balanced_ci95": [0.25, 0.9], "caught": 0.5, "fixed": None}
+    assert "| ASTRO-SFT | 5 | 50.0 | 33.3 | 58.3 (25.0–90.0) | 50.0 | – |" \
+        in report.verification_table([("sft_astro", "ASTRO-SFT", {"verification": v})])
 
 
 def test_report_gains_by_level(tmp_path):

@@ -123,6 +123,30 @@ def ordering_table(pairs, got, acc, levels):
     return lines
 
 
+def verification_table(rows):
+    """The mechanism: after each answer line a model stops (accepts it) or goes on (rejects it);
+    eval.verification scores that decision against the grader."""
+    pc = lambda v: "–" if v is None else f"{100 * v:.1f}"
+    lines = ["", "## Self-verification: the decision after each answer line, against the grader",
+             "", "Stopping after an answer accepts it; reflecting (or writing on) rejects it. A "
+             "response cut off by the budget makes no decision on its last answer. On Countdown "
+             "the tool writes the grader's verdict on the answer line unless eval.py ran with "
+             "--verdict=False: with it, these rates measure how well a model follows the verdict.",
+             "", "| model | answer lines | false accept | false reject | balanced accuracy "
+             "(95% CI) | wrong first answers caught | of those, fixed |",
+             "|---|---|---|---|---|---|---|"]
+    for _, name, s in rows:
+        v = s.get("verification")
+        if not v:
+            lines.append(f"| {name} | – | – | – | – | – | – |")
+            continue
+        ci = v["balanced_ci95"]
+        bal = pc(v["balanced"]) + (f" ({pc(ci[0])}–{pc(ci[1])})" if ci else "")
+        lines.append(f"| {name} | {v['answer_lines']} | {pc(v['false_accept'])} | "
+                     f"{pc(v['false_reject'])} | {bal} | {pc(v['caught'])} | {pc(v['fixed'])} |")
+    return lines + ["", "Rates in %."]
+
+
 def gains_table(cfg, gaps, acc, levels):
     """Where the gains are. The paper's grow with difficulty: base -> ASTRO-RL is 65.8 -> 81.8 on
     MATH-500 but 10.0 -> 30.0 (3x) on AIME 2024. Here: each gain on the easiest and the hardest
@@ -245,6 +269,7 @@ def main(cfg):
                os.path.join(cfg.out, evals, key, "predictions.jsonl")))
            for key in {k for pair in pairs + gaps for k in pair}}
     lines += ordering_table(pairs, got, acc, levels)
+    lines += verification_table(rows)
     lines += gains_table(cfg, gaps, acc, levels)
     lines += stats_tables(cfg)
     lines += example(cfg, evals)

@@ -105,6 +105,26 @@ def answer_key(rec, pred):
     return math_task.normalize_math(pred)[0]
 
 
+def decisions(rec, response, stopped):
+    """[(correct, accepted)] for each answer line (one holding \\boxed{) of a response: correct is
+    the grader's judgement of that line's box; accepted is the decision the policy acts on — the
+    response ends there (after at most a "seems correct" line) rather than going on (a reflection
+    and a backtrack, or anything else). A last answer line of a response cut off by the token
+    budget has no decision and is left out."""
+    lines = response.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if "\\boxed{" not in line:
+            continue
+        rest = [ln for ln in lines[i + 1:] if ln.strip()]
+        ends = not rest or len(rest) == 1 and rest[0].startswith(common.REFLECT) \
+            and common.SEEMS_RIGHT in rest[0]
+        if ends and not stopped:
+            continue  # cut off: no decision was made
+        out.append((grade(rec, line)[1], ends))
+    return out
+
+
 def count_reflections(text):
     """(backtracks, self-reflections) in a response: GO_BACK/RESTART phrases, and REFLECT
     phrases (common.py's)."""
