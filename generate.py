@@ -22,6 +22,7 @@ batch size of 2 or more rows and every length (static shapes would recompile for
 lone row.
 """
 import dataclasses
+import heapq
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -148,12 +149,96 @@ def decode_step(model, compile):
     return _compiled[model], 8
 
 
+class _Segment:
+    """A node of PrefixCache's radix tree: a run of token ids and their keys/values (per layer
+    (k, v), each (n_kv, len, hd)), below the segments that precede it."""
+    __slots__ = ("ids", "kv", "parent", "children", "used")
+
+    def __init__(self, ids, kv, parent, used):
+        self.ids, self.kv, self.parent, self.children, self.used = ids, kv, parent, {}, used
+
+
+class PrefixCache:
+    """Keys/values of token sequences, kept across generate() calls so that a prompt which starts
+    with a sequence seen before (the same problem's prompt, a tree path one step longer) is
+    prefilled only from where the known part ends. A radix tree of token segments: sequences that
+    share a start share its keys/values. Bounded: once it holds more than max_tokens positions, the
+    least recently used leaves are dropped until it holds 3/4 of max_tokens (a dropped leaf's parent
+    can go next). Keys/values depend on the position, so every sequence starts at position 0."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens, self.tokens, self.clock = max_tokens, 0, 0
+        self.root = _Segment((), [], None, 0)
+
+    def match(self, ids):
+        """([(segment, tokens of it used)], n): the longest start of ids in the tree, n tokens."""
+        self.clock += 1
+        node, n, segs = self.root, 0, []
+        while n < len(ids) and (child := node.children.get(ids[n])) is not None:
+            m = 0
+            while m < len(child.ids) and n + m < len(ids) and child.ids[m] == ids[n + m]:
+                m += 1
+            child.used = self.clock
+            segs.append((child, m))
+            n += m
+            if m < len(child.ids):
+                break
+            node = child
+        return segs, n
+
+    def get(self, segs):
+        """The keys/values of a match: per layer (k, v), each (n_kv, n, hd)."""
+        return [(torch.cat([s.kv[i][0][:, :m] for s, m in segs], 1),
+                 torch.cat([s.kv[i][1][:, :m] for s, m in segs], 1))
+                for i in range(len(segs[0][0].kv))]
+
+    def insert(self, ids, kv_of):
+        """Keep ids; kv_of(a, b) returns the keys/values of positions [a, b) of ids (per layer
+        (k, v), each (n_kv, b - a, hd)), called only for the part not in the tree yet."""
+        segs, n = self.match(ids)
+        if n == len(ids) or self.max_tokens <= 0:
+            return
+        node = segs[-1][0] if segs else self.root
+        if segs and segs[-1][1] < len(node.ids):
+            node = self._split(node, segs[-1][1])
+        node.children[ids[n]] = _Segment(tuple(ids[n:]), kv_of(n, len(ids)), node, self.clock)
+        self.tokens += len(ids) - n
+        if self.tokens > self.max_tokens:
+            self._evict(self.max_tokens * 3 // 4)
+
+    def _split(self, node, m):
+        """Cut node after its first m tokens; returns the new upper part."""
+        head = _Segment(node.ids[:m], [(k[:, :m].clone(), v[:, :m].clone()) for k, v in node.kv],
+                        node.parent, node.used)
+        node.ids, node.kv = node.ids[m:], [(k[:, m:].clone(), v[:, m:].clone()) for k, v in node.kv]
+        head.parent.children[head.ids[0]] = head
+        head.children[node.ids[0]], node.parent = node, head
+        return head
+
+    def _evict(self, keep):
+        leaves, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if not node.children and node is not self.root:
+                heapq.heappush(leaves, (node.used, id(node), node))
+        while self.tokens > keep and leaves:
+            _, _, node = heapq.heappop(leaves)
+            parent = node.parent
+            del parent.children[node.ids[0]]
+            self.tokens -= len(node.ids)
+            if not parent.children and parent is not self.root:
+                heapq.heappush(leaves, (parent.used, id(parent), parent))
+
+
 class Prefixes:
     """Keys/values of each distinct prompt, all but its last token, prefilled once and kept while
-    the prompt has samples left to start; every row that samples it copies them."""
+    the prompt has samples left to start; every row that samples it copies them. With a
+    PrefixCache, a prompt is prefilled from where its longest start found there ends, and kept
+    there afterwards."""
 
-    def __init__(self, model, prompts, left):
-        self.model, self.prompts, self.left = model, prompts, left
+    def __init__(self, model, prompts, left, cache=None):
+        self.model, self.prompts, self.left, self.cache = model, prompts, left, cache
         self.kv = {}  # prompt index -> (keys/values of its prefill chunk, its row there)
 
     def prefill(self, idxs):
@@ -161,15 +246,34 @@ class Prefixes:
         idxs = [i for i in idxs if len(self.prompts[i]) > 1 and i not in self.kv]
         n = max(1, 16384 // max([len(self.prompts[i]) for i in idxs], default=1))
         for c in range(0, len(idxs), n):
-            chunk = idxs[c : c + n]
-            lens = [len(self.prompts[i]) - 1 for i in chunk]
-            ids = torch.zeros(len(chunk), max(lens), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, : lens[r]] = torch.tensor(self.prompts[i][:-1])
-            kv = self.model.prefill(ids.to(self.model.tok_embeddings.weight.device))
-            _stats["prefill_tokens"] += sum(lens)
-            for r, i in enumerate(chunk):
+            chunk = [self.prompts[i][:-1] for i in idxs[c : c + n]]
+            kv = self.chunk(chunk)
+            for r, i in enumerate(idxs[c : c + n]):
                 self.kv[i] = (kv, r)
+                if self.cache is not None:
+                    self.cache.insert(chunk[r], lambda a, b: [
+                        (k[r, :, a:b].clone(), v[r, :, a:b].clone()) for k, v in kv])
+
+    def chunk(self, seqs):
+        """Keys/values of one chunk of sequences: per layer (k, v), each (rows, n_kv, T, hd)."""
+        dev = self.model.tok_embeddings.weight.device
+        hits = [self.cache.match(s) if self.cache is not None else ([], 0) for s in seqs]
+        start = [n for _, n in hits]
+        T = max(len(s) - n for s, n in zip(seqs, start))
+        _stats["prefill_tokens"] += sum(len(s) - n for s, n in zip(seqs, start))
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for r, (s, n) in enumerate(zip(seqs, start)):
+            ids[r, : len(s) - n] = torch.tensor(s[n:], dtype=torch.long)
+        if not any(start):
+            return self.model.prefill(ids.to(dev))
+        w = self.model.tok_embeddings.weight
+        kv = KVCache(self.model.cfg, len(seqs), max(start) + T, dev, w.dtype)
+        for r, (segs, n) in enumerate(hits):
+            for layer, (k, v) in enumerate(self.cache.get(segs) if n else []):
+                kv.k[layer][r, :, :n], kv.v[layer][r, :, :n] = k, v
+        if T:
+            self.model.extend(ids.to(dev), torch.tensor(start, device=dev), kv)
+        return list(zip(kv.k, kv.v))
 
     def claim(self, i):
         """(chunk keys/values, row) for one sample of prompt i, or None for a one-token prompt. The
@@ -301,8 +405,10 @@ class Batch:
         # the host sync of every step (top-p's and the tool's come on top)
         return done.nonzero()[:, 0].tolist()
 
-    def finish(self, fin, results, stop_set):
-        """Hand the finished rows' samples to results and mark the rows free."""
+    def finish(self, fin, results, stop_set, keep=None):
+        """Hand the finished rows' samples to results and mark the rows free. keep: a PrefixCache
+        that keeps each sample's keys/values (prompt and sample but its last token, which was never
+        fed)."""
         toks, lps = self.out_tok[fin].tolist(), self.out_lp[fin].tolist()
         ends = self.pos[fin].tolist()
         for r, t, lp, e in zip(fin, toks, lps, ends):
@@ -311,6 +417,10 @@ class Batch:
             forced = self.tool.release(r)
             results[i][j] = Sample(t[n : e + 1], lp[n : e + 1], t[e] in stop_set, forced)
             self.rows[r] = None
+            if keep is not None:
+                keep.insert(self.prompts[i] + t[n:e], lambda a, b: [
+                    (k[r, :, a:b].clone(), v[r, :, a:b].clone())
+                    for k, v in zip(self.cache.k, self.cache.v)])
         self.live[fin] = False
 
     def compact(self):
@@ -339,7 +449,8 @@ class Batch:
 
 @torch.inference_mode()  # no_grad with less per-op overhead; nothing it creates leaves as a tensor
 def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-             stop_ids=(), seed=0, batch_size=256, compile=False, progress=False, tool=None):
+             stop_ids=(), seed=0, batch_size=256, compile=False, progress=False, tool=None,
+             prefix_cache=None, cache_samples=False):
     """Sample num_samples[i] continuations of each prompt (lists of ids); returns result[i] =
     [Sample, ...].
 
@@ -352,7 +463,12 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
     that finishes hands its slot to the next pending sample; when none are left, finished rows are
     dropped from the batch. Each distinct prompt is prefilled once (all but its last token) and its
     keys/values are copied to every row that samples it. Same seed -> same outputs for the same
-    arguments (batch_size changes the draws)."""
+    arguments (batch_size changes the draws).
+
+    prefix_cache (a PrefixCache): keys/values kept across calls. Each prompt is prefilled from where
+    its longest start in the cache ends and then kept there; with cache_samples, every finished
+    sample is kept too (its continuation is a later call's prompt, as in search). Cached keys come
+    from other batch shapes than a fresh prefill's, so logprobs agree to float noise, not bits."""
     assert batch_size >= 1
     model = getattr(model, "_orig_mod", model)
     counts = [num_samples] * len(prompts) if isinstance(num_samples, int) else list(num_samples)
@@ -367,7 +483,8 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
     gen = torch.Generator(batch.dev).manual_seed(seed)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=batch.dev)
     stop_set = set(stops.tolist())
-    prefixes = Prefixes(model, prompts, left)
+    prefixes = Prefixes(model, prompts, left, prefix_cache)
+    keep = prefix_cache if cache_samples else None
 
     bar = tqdm(total=len(pending), disable=not progress, desc="generate", unit="sample")
     model.rope_table(batch.dev)  # built eagerly, outside any compiled graph
@@ -381,7 +498,7 @@ def generate(model, prompts, num_samples=1, *, max_new_tokens, temperature=1.0, 
         fin = batch.finished(stops)
         if not fin:
             continue
-        batch.finish(fin, results, stop_set)
+        batch.finish(fin, results, stop_set, keep)
         bar.update(len(fin))
         batch.admit(fin, pending, prefixes)  # refill the finished rows with pending samples, if any
         if not batch.compact():

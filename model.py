@@ -7,6 +7,7 @@ checkpoint.py loads and saves it (ours, Meta's, Hugging Face's); generate.py sam
     net = model.Llama(model.ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2))
     logits = net(idx)                # idx (B, T) token ids -> fp32 logits (B, T, vocab)
     logits = net(idx, doc=doc_ids)   # packed rows: attention stays inside each document
+    logits = net(idx, doc=doc_ids, keep=targets != -1)  # (n, vocab): only where a loss is taken
 
 Conventions (each pinned by a test in test_all.py):
 - Rotary embeddings rotate the first half of each head against the second (HF's layout), so HF
@@ -82,6 +83,53 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+class Documents:
+    """Attention per document for packed rows, without a (T, T) mask: the documents of a batch,
+    sorted by length and grouped (each group's longest is at most 1.25x its shortest), gathered
+    group by group into (documents, length) batches for plain causal attention, and the outputs
+    gathered back into the rows. doc (B, T): equal ids in a run form one document. Also holds each
+    token's distance to its document's start (its rotary position)."""
+
+    def __init__(self, doc):
+        B, T = doc.shape
+        new = torch.ones_like(doc, dtype=torch.bool)
+        new[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        t = torch.arange(T, device=doc.device).expand(B, T)
+        self.pos = t - torch.where(new, t, 0).cummax(dim=1).values
+        # documents never cross rows: in the flattened rows each is one run of tokens
+        lens = torch.bincount(new.flatten().cumsum(0) - 1)
+        first = lens.cumsum(0) - lens  # flat index of each document's first token
+        order = lens.argsort(descending=True, stable=True)
+        n = lens[order].tolist()
+        back = torch.empty(B * T, dtype=torch.long, device=doc.device)
+        self.groups, done, a = [], 0, 0
+        while a < len(n):
+            b = a + 1
+            while b < len(n) and n[b] * 5 >= n[a] * 4:
+                b += 1
+            docs, L = order[a:b], n[a]
+            idx = first[docs, None] + torch.arange(L, device=doc.device)
+            real = torch.arange(L, device=doc.device) < lens[docs, None]
+            # a shorter document's padding slots read any token: they come after its last one,
+            # so causal attention never shows them to its queries, and their outputs are dropped
+            self.groups.append(idx.clamp(max=B * T - 1))
+            back[idx[real]] = done + torch.arange(idx.numel(), device=doc.device).view_as(idx)[real]
+            done, a = done + idx.numel(), b
+        self.back = back
+
+    @torch.compiler.disable  # data-dependent groups: compiled code calls it as it is
+    def attend(self, q, k, v):
+        """Causal attention within each document: q (B, T, heads, hd), k and v (B, T, kv heads,
+        hd) -> (B, T, heads, hd)."""
+        B, T = q.shape[:2]
+        q, k, v = (x.flatten(0, 1) for x in (q, k, v))
+        out = [F.scaled_dot_product_attention(q[i].transpose(1, 2), k[i].transpose(1, 2),
+                                              v[i].transpose(1, 2), is_causal=True,
+                                              enable_gqa=True).transpose(1, 2).flatten(0, 1)
+               for i in self.groups]
+        return torch.cat(out)[self.back].view(B, T, *q.shape[1:])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -92,19 +140,31 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, kv=None):
         """kv: None (plain forward), a list (prefill: this layer's keys/values are appended) or
-        (k_cache, v_cache, rows, pos) (decode: T == 1, row b's token sits at position pos[b])."""
+        (k_cache, v_cache, rows, pos): decode (T == 1, row b's token sits at position pos[b]) or
+        extend (pos (B, T): row b's tokens sit at positions pos[b], after its cached keys)."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.nh + 2 * self.nkv, self.hd)
         qk = rope(qkv[:, :, : self.nh + self.nkv], cos, sin)
         q, k, v = qk[:, :, : self.nh], qk[:, :, self.nh :], qkv[:, :, self.nh + self.nkv :]
-        if isinstance(kv, tuple):
+        if isinstance(kv, tuple) and kv[3].dim() == 1:
             kc, vc, rows, pos = kv
             kc[rows, :, pos] = k[:, 0]
             vc[rows, :, pos] = v[:, 0]
             L = mask.size(-1)  # keys [0, L) cover every row's position; the mask hides its future
-            # one query per row: a kv head's rep query heads share its keys: they go in as rep rows
+            # one query per row: a kv head's rep query heads share its keys: they go in as rep rows.
+            # Two matmuls, not SDPA: for one query its flash kernel costs ~1.5x as much on CPUs
             q = q.view(B, self.nkv, self.nh // self.nkv, self.hd)
-            y = F.scaled_dot_product_attention(q, kc[:, :, :L], vc[:, :, :L], attn_mask=mask)
+            att = (q @ kc[:, :, :L].transpose(-1, -2)).float() * self.hd**-0.5 + mask
+            y = att.softmax(dim=-1).type_as(q) @ vc[:, :, :L]
+        elif isinstance(kv, tuple):  # extend: T tokens per row at positions pos (B, T)
+            kc, vc, rows, pos = kv
+            kc[rows[:, None], :, pos] = k
+            vc[rows[:, None], :, pos] = v
+            L = mask.size(-1)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L],
+                                               attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        elif isinstance(mask, Documents):  # packed rows (training): no keys/values kept
+            y = mask.attend(q, k, v)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if kv is not None:
@@ -174,29 +234,25 @@ class Llama(nn.Module):
                 self._rope = (torch.cat([f.cos(), f.cos()], -1), torch.cat([-f.sin(), f.sin()], -1))
         return self._rope
 
-    def forward(self, idx, doc=None):
+    def forward(self, idx, doc=None, keep=None):
         """idx (B, T) -> fp32 logits (B, T, vocab). doc (B, T): ids of packed documents; each run of
-        equal ids is its own document (block-diagonal causal attention, positions restart at 0)."""
+        equal ids is its own document (block-diagonal causal attention, positions restart at 0).
+        keep (B, T) bool: only the logits at these positions, (n, vocab) (training computes the
+        output layer only where a loss is taken)."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.rope_table(idx.device)
-        mask = None
+        docs = None
         if doc is None:
             cos, sin = cos[None, :T, None], sin[None, :T, None]
         else:
-            new = torch.ones_like(doc, dtype=torch.bool)
-            new[:, 1:] = doc[:, 1:] != doc[:, :-1]
-            t = torch.arange(T, device=idx.device).expand(B, T)
-            pos = t - torch.where(new, t, 0).cummax(dim=1).values  # distance to its document start
-            seg = new.cumsum(dim=1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
-            cos, sin = cos[pos][:, :, None], sin[pos][:, :, None]
+            docs = Documents(doc)
+            cos, sin = cos[docs.pos][:, :, None], sin[docs.pos][:, :, None]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.output(self.norm(x)).float()
+            x = layer(x, cos, sin, docs)
+        return self.output(self.norm(x if keep is None else x[keep])).float()
 
     def prefill(self, idx):
         """Every layer's keys/values [(k, v), each (B, n_kv, T, hd)] for right-padded prompts idx
@@ -207,6 +263,20 @@ class Llama(nn.Module):
         for layer in self.layers:
             x = layer(x, cos[None, :T, None], sin[None, :T, None], None, kv)
         return kv
+
+    def extend(self, idx, start, cache):
+        """Prefill after cached keys/values: row b of cache (per-layer lists k and v, each
+        (B, n_kv, S, hd)) holds its first start[b] positions; idx (B, T) are its next tokens,
+        right-padded (S >= max(start) + T). Their keys/values are written at start[b] + t."""
+        T = idx.size(1)
+        pos = start[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        cos, sin = self.rope_table(idx.device)
+        cos, sin = cos[pos][:, :, None], sin[pos][:, :, None]
+        L = int(start.max()) + T
+        mask = (torch.arange(L, device=idx.device) <= pos[:, :, None])[:, None]  # (B, 1, T, L)
+        rows, x = torch.arange(idx.size(0), device=idx.device), self.tok_embeddings(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, (cache.k[i], cache.v[i], rows, pos))
 
     def decode(self, tok, pos, cache, L: int):
         """One token per row: tok (B,) at positions pos (B,), keys/values written into cache.

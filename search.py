@@ -88,6 +88,9 @@ class Config:
                                       # distinct wrong answers
     seed: int = 1337                  # same seed (and config) => same trees
     batch_size: int = 256             # rows per forward pass inside generate.generate
+    prefix_cache_mb: int = 1024       # keys/values kept across rounds (prompts, the paths of
+                                      # nodes to expand or roll out), least recently used
+                                      # dropped first; 0 = off (each prompt prefilled whole)
     compile: bool = False             # torch.compile generate's decode step (GPU)
     device: str = ""                  # "" = cuda if available, else cpu
     dtype: str = "float32"            # float32 | bfloat16 | float16
@@ -96,7 +99,7 @@ class Config:
                   c_puct=(0.0, None), temperature=(0.0, None), rollout_temperature=(0.0, None),
                   top_p=(0.0, 1.0), max_depth=(0, None), depth_slack=(0, None),
                   max_step_tokens=(1, None), max_rollout_tokens=(1, None),
-                  problems_per_batch=(1, None), batch_size=(1, None))
+                  problems_per_batch=(1, None), batch_size=(1, None), prefix_cache_mb=(0, None))
 
 
 # Keys that may change between a run and its resume: all others change the trees, and a resume with
@@ -280,8 +283,9 @@ def early_done(tree):
 def search(recs, policy, tok, cfg, seed, emit=None):
     """Grow one tree per record, all at once. Each round: one selection per unfinished tree, then
     ONE policy call for all their expansions and ONE for all rollouts. `policy(prompts, nums,
-    max_new_tokens=, temperature=, stop_ids=, seed=)` returns, per prompt, a list of samples with
-    .tokens, .logprobs, .stopped (generate.generate's Sample); tests pass a scripted one. Finished
+    max_new_tokens=, temperature=, stop_ids=, seed=, keep=)` returns, per prompt, a list of samples
+    with .tokens, .logprobs, .stopped (generate.generate's Sample; keep: the samples will be
+    extended next, expansions); tests pass a scripted one. Finished
     trees are handed to `emit` in record order as soon as they and all trees before them are
     finished. Returns the trees."""
     delim = step_delimiter(recs[0])
@@ -304,7 +308,7 @@ def search(recs, policy, tok, cfg, seed, emit=None):
         prompts = [t.prefix(i) for t, i in leaves]
         outs = policy(prompts, [cfg.k] * len(prompts), max_new_tokens=cfg.max_step_tokens,
                       temperature=cfg.temperature, stop_ids=step_stops,
-                      seed=mix(seed, rnd, 0)) if prompts else []
+                      seed=mix(seed, rnd, 0), keep=True) if prompts else []
         fresh = []  # (tree, child) pairs that need rollouts
         for (t, i), prompt, samples in zip(leaves, prompts, outs):
             t.nodes[i].expanded = True
@@ -323,7 +327,7 @@ def search(recs, policy, tok, cfg, seed, emit=None):
         prompts = [t.prefix(c) for t, c in fresh]
         outs = policy(prompts, [cfg.M] * len(prompts), max_new_tokens=cfg.max_rollout_tokens,
                       temperature=cfg.rollout_temperature, stop_ids=set(tok.stop_ids),
-                      seed=mix(seed, rnd, 1)) if prompts and cfg.M > 0 else []
+                      seed=mix(seed, rnd, 1), keep=False) if prompts and cfg.M > 0 else []
         for (t, c), prompt, samples in zip(fresh, prompts, outs):
             t.prefilled += len(prompt)
             for s in samples:
@@ -347,12 +351,19 @@ def search(recs, policy, tok, cfg, seed, emit=None):
 
 def make_policy(net, cfg, tool=None):
     """The one place the neural policy is called: generate.generate with this run's sampling
-    settings (and the task's tool: Countdown's calculator, see tasks.tool)."""
-    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed):
+    settings (and the task's tool: Countdown's calculator, see tasks.tool), and its own prefix
+    cache: a path is prefilled once, then extended from the cache. keep=True: the
+    samples' keys/values are kept too (expansions: each new child is rolled out next)."""
+    c = net.cfg
+    per_token = 2 * c.n_layers * c.n_kv_heads * (c.dim // c.n_heads) * net.output.weight.itemsize
+    cache = generate.PrefixCache(cfg.prefix_cache_mb * 2**20 // per_token)
+
+    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed, keep):
         return generate.generate(net, prompts, nums, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=cfg.top_p, stop_ids=stop_ids,
                                  seed=seed, batch_size=cfg.batch_size, compile=cfg.compile,
-                                 tool=tool)
+                                 tool=tool, prefix_cache=cache if cfg.prefix_cache_mb else None,
+                                 cache_samples=keep)
     return policy
 
 
@@ -373,8 +384,6 @@ def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank):
         print(f"rank {rank}: {len(done)} trees already in {out_path}; {len(todo)} chunks to search "
               f"with {cfg.policy}")
         net, tok = checkpoint.load_model(cfg.policy, device=device, dtype=dtype)
-        # the first problem's task: one task per file (check())
-        policy = make_policy(net, cfg, tool(chunks[0][0], tok))
     generate.reset_generate_stats()
     t0, new = time.time(), []
     with open(out_path, "a", encoding="utf-8") as f:
@@ -385,6 +394,9 @@ def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank):
                 if tree.rec["id"] not in done:
                     common.append_jsonl(f, tree.to_json())
                     new.append(tree.summary())
+            # a policy (and prefix cache) per chunk: its trees depend on nothing outside it, so a
+            # resumed run that re-runs a chunk grows the same trees; one task per file (check())
+            policy = make_policy(net, cfg, tool(chunks[0][0], tok))
             search(chunks[c], policy, tok, cfg, mix(cfg.seed, c), emit)
             got, n = new[n0:], max(len(new) - n0, 1)
             print(f"rank {rank} chunk {c + 1}/{len(chunks)}: {len(got)} trees in "

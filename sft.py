@@ -72,7 +72,7 @@ class Config:
     device: str = ""            # "" = cuda if available, else cpu
     dtype: str = "float32"      # "bfloat16": bf16 autocast over fp32 master weights (GPUs; CPUs
                                 # with AMX or AVX512-BF16: without them bf16 matmuls are far slower)
-    compile: bool = False       # torch.compile the model (slow start; worth it on GPU)
+    compile: bool = False       # torch.compile each block (a slow start, then faster steps)
     fsdp: bool = False          # under torchrun: shard params, grads, optimizer (FSDP2), not DDP
     grad_checkpoint: bool = False  # recompute each block in the backward: less memory for long rows
     eval_every: int = 50        # val loss every N steps (and at the start and end); 0 = those only
@@ -171,13 +171,11 @@ def pack(lens, order, T, window=256):
     return rows
 
 
-def make_batch(rows, docs, T, trim=True):
-    """Rows of document indices -> x, y, doc LongTensors [len(rows), T]. Padding: token 0, target -1
-    and a document id of its own. trim: cut the padding all rows share at the end (to a multiple of
-    32): with documents of similar lengths no packing fills rows of T exactly. (Not under
-    torch.compile, where each new shape recompiles.)"""
-    if trim:
-        T = min(T, -(-max([sum(len(docs[i][0]) for i in row) for row in rows] + [1]) // 32) * 32)
+def make_batch(rows, docs, T):
+    """Rows of document indices -> x, y, doc LongTensors [len(rows), T']. Padding: token 0, target
+    -1 and a document id of its own. T' <= T: the padding all rows share at the end is cut (to a
+    multiple of 32): with documents of similar lengths no packing fills rows of T exactly."""
+    T = min(T, -(-max([sum(len(docs[i][0]) for i in row) for row in rows] + [1]) // 32) * 32)
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y, d = torch.full_like(x, -1), torch.zeros_like(x)
     for r, row in enumerate(rows):
@@ -262,8 +260,9 @@ def wrap(raw, cfg, world, local, device):
         for block in raw.layers:
             fully_shard(block)
         fully_shard(raw)
-    if cfg.compile:
-        model = torch.compile(raw)
+    if cfg.compile:  # block by block, dynamic shapes: one graph for every row length
+        for block in raw.layers:
+            block.forward = torch.compile(block.forward, dynamic=True)
     if world > 1 and not cfg.fsdp:
         ids = [local] if "cuda" in device else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -272,12 +271,12 @@ def wrap(raw, cfg, world, local, device):
 
 def forward_loss(model, rows, docs, cfg, device, autocast):
     """(summed cross-entropy over the loss targets of `rows`, tokens processed)."""
-    batch = make_batch(rows, docs, cfg.seq_len, trim=not cfg.compile)
+    batch = make_batch(rows, docs, cfg.seq_len)
     x, y, d = (t.to(device, non_blocking=True) for t in batch)
+    keep = y != -1  # the output layer runs only where a loss is taken
     with autocast:
-        logits = model(x, doc=d)
-    logits, y = logits.float().flatten(0, 1), y.flatten()
-    return F.cross_entropy(logits, y, ignore_index=-1, reduction="sum"), x.numel()
+        logits = model(x, doc=d, keep=keep)
+    return F.cross_entropy(logits.float(), y[keep], reduction="sum"), x.numel()
 
 
 def allsum(proc, *xs):

@@ -13,6 +13,7 @@ and the main job, guards. transformers, llama-models and math-verify are test-on
 import ast
 import base64
 import contextlib
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -37,6 +38,7 @@ import pytest
 import tiktoken
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 import transformers
 
 import checkpoint
@@ -384,6 +386,29 @@ def test_doc_mask_equals_separate_forwards():
     want = torch.cat([m(a), m(b), m(c)], 1)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(m(packed, doc=torch.zeros_like(doc)), m(packed), atol=1e-5)
+
+
+def test_per_document_attention_equals_the_dense_mask():
+    """model.Documents (documents grouped by length, gathered, causal attention, gathered back)
+    against attention under the dense block-diagonal causal mask, fp32, values and gradients, on
+    rows with documents of 1 to 90 tokens (one group of lengths, and many)."""
+    g = torch.Generator().manual_seed(0)
+    for lens in ([[64, 64, 64, 64]], [[1, 90, 3, 40, 2, 20], [17, 33, 50, 56], [156]]):
+        doc = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lens])
+        B, T = doc.shape
+        q = torch.randn(B, T, 4, 16, generator=g, requires_grad=True)
+        k, v = (torch.randn(B, T, 2, 16, generator=g, requires_grad=True) for _ in range(2))
+        got = model.Documents(doc).attend(q, k, v)
+        dense = (doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+        want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), attn_mask=dense[:, None],
+                                              enable_gqa=True).transpose(1, 2)
+        assert (got - want).abs().max() < 1e-5
+        w = torch.randn(got.shape, generator=g)
+        grads = [torch.autograd.grad((y * w).sum(), (q, k, v)) for y in (got, want)]
+        for a, b in zip(*grads):
+            assert (a - b).abs().max() < 1e-5
+    assert model.Documents(doc).pos[:, -1].tolist() == [19, 55, 155]
 
 
 # ==================================================================================================
@@ -738,6 +763,54 @@ def test_generate_stats_count_each_prompt_once():
     assert st["prefill_tokens"] == 3 + 1  # all but the last token of each distinct prompt, once
     # finished rows cost nothing
     assert st["decode_tokens"] == sum(len(s.tokens) for r in res for s in r) < 10 * 5
+
+
+def test_prefix_cache_match_split_and_evict():
+    """The radix tree: longest shared start, segments split where sequences part, keys/values of
+    each position kept exact, least recently used leaves dropped once it holds too much."""
+    def kv_of(ids):  # one layer, one head, hd 1: each position's "key" is its token id
+        return lambda a, b: [(torch.tensor(ids[a:b], dtype=torch.float)[None, :, None],) * 2]
+
+    cache = generate.PrefixCache(max_tokens=16)
+    a, b = [1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 9]
+    cache.insert(a, kv_of(a))
+    segs, n = cache.match([1, 2, 3, 4, 7])
+    assert n == 4 and cache.tokens == 6
+    cache.insert(b, kv_of(b))  # splits a's segment after [1, 2, 3]
+    assert cache.tokens == 8
+    for seq in (a, b, [1, 2, 3, 4]):
+        segs, n = cache.match(seq + [0])
+        assert n == len(seq)
+        assert cache.get(segs)[0][0][0, :, 0].tolist() == seq
+    assert cache.match([2, 1])[1] == 0
+    cache.max_tokens = 20
+    c, d = list(range(20, 30)), [40, 41, 42, 43]
+    cache.insert(c, kv_of(c))  # 18 tokens: all kept
+    cache.match(a)  # least recently used now: b's leaf [9, 9], then c, then a
+    cache.insert(d, kv_of(d))  # 22 > 20: down to <= 15: b's leaf goes, then c
+    assert cache.tokens == 10 and [cache.match(x)[1] for x in (a, b, c, d)] == [6, 3, 0, 4]
+    empty = generate.PrefixCache(max_tokens=0)
+    empty.insert(a, kv_of(a))
+    assert empty.tokens == 0 and empty.match(a)[1] == 0
+
+
+def test_prefix_cache_extends_prompts_and_samples():
+    """Prompts that start with a cached sequence are prefilled only past it (model.extend): the same
+    greedy tokens and logprobs within 1e-4 as without the cache, fewer tokens prefilled."""
+    m = random_model(seed=11)
+    head = list(range(50, 80))
+    first = [head + [3, 4], head + [5]]
+    kw = dict(max_new_tokens=12, temperature=0)
+    cache = generate.PrefixCache(max_tokens=10_000)
+    generate.reset_generate_stats()
+    got1 = generate.generate(m, first, 2, prefix_cache=cache, cache_samples=True, **kw)
+    assert generate.generate_stats()["prefill_tokens"] == 31 + 30  # one chunk: nothing cached yet
+    second = [first[0] + got1[0][0].tokens, first[1] + got1[1][0].tokens[:5], head + [7, 8, 9]]
+    generate.reset_generate_stats()
+    got2 = generate.generate(m, second, [1, 3, 2], prefix_cache=cache, **kw)
+    assert generate.generate_stats()["prefill_tokens"] == 0 + 0 + 2  # kept samples, the shared head
+    for got, prompts, n in ((got1, first, 2), (got2, second, [1, 3, 2])):
+        assert same(got, generate.generate(m, prompts, n, **kw))
 
 
 @pytest.mark.slow
@@ -1512,7 +1585,7 @@ def scripted_policy(tok, prompts_by_id, calls=None):
     <|eot_id|>. Deterministic in (seed, prompt, sample)."""
     delim_ids = set(tok.ids_containing("\n\n"))
 
-    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed):
+    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed, keep):
         if calls is not None:
             calls.append(len(prompts))
         out = []
@@ -1668,6 +1741,28 @@ def test_killed_process_resumes_to_the_same_file(tmp_path):
         "not killed between the first and last tree"
     search.main(search.Config(out_dir=str(tmp_path / "b"), **kw))
     assert out.read_bytes() == full
+
+
+def test_cached_prefix_search_grows_the_same_trees(tmp_path):
+    """Greedy search with the prefix cache (paths extended from cached keys/values) and without it
+    (every prompt prefilled whole): the same trees, priors within 1e-4, fewer tokens prefilled."""
+    kw = dict(tiny_setup(tmp_path), temperature=0.0, rollout_temperature=0.0, num_simulations=4)
+    net, tok = checkpoint.load_model(kw["policy"])
+    with torch.no_grad():  # sharp logits: greedy has clear winners
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 if p.dim() == 2 else 1 + 0.2 * torch.randn_like(p))
+    checkpoint.save_checkpoint(kw["policy"], net, tok, {})
+    trees, stats = {}, {}
+    for name, mb in (("plain", 0), ("cached", 16)):
+        search.main(search.Config(out_dir=str(tmp_path / name), prefix_cache_mb=mb, **kw))
+        trees[name] = [json.loads(x) for x in open(tmp_path / name / "trees.jsonl")]
+        stats[name] = json.load(open(tmp_path / name / "stats.json"))
+    assert stats["cached"]["decode_tokens"] == stats["plain"]["decode_tokens"]
+    assert stats["cached"]["prefill_tokens"] < stats["plain"]["prefill_tokens"] / 2
+    assert sum(len(t["nodes"]) for t in trees["plain"]) > 5 * len(trees["plain"])
+    for a, b in zip(trees["plain"], trees["cached"], strict=True):
+        pa, pb = ([n.pop("prior") for n in t["nodes"]] for t in (a, b))
+        assert a == b and max(abs(x - y) for x, y in zip(pa, pb)) < 1e-4
 
 
 def test_search_config_files_parse():
@@ -2061,6 +2156,29 @@ def test_packed_row_equals_separate_forwards(setup):
             p += len(ids)
     # padding: own doc id, no loss
     assert p < 160 and (y[0, p:] == -1).all() and (d[0, p:] == 3).all()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_as_eager(setup):
+    """sft's compile=True (each block compiled, dynamic shapes, per-document attention left eager):
+    loss and gradients of packed rows of two lengths equal the eager ones."""
+    _, tok_path, make = setup
+    tok = tokenizer.Tokenizer(tok_path)
+    convs = [(f"f:{i}", c["messages"], str(i)) for i, c in enumerate(conversations(6, seed=2))]
+    cfg = make(loss_on="all", seq_len=512)
+    docs, _ = sft.render(convs, tok, cfg)
+    eager = tiny_model(vocab_size=tok.n_vocab, max_seq_len=512)
+    compiled = copy.deepcopy(eager)
+    sft.wrap(compiled, make(compile=True), 1, 0, "cpu")
+    for rows in ([[0, 1, 2], [3, 4]], [[5], [0, 2], [1]]):
+        grads = []
+        for m in (eager, compiled):
+            m.zero_grad()
+            loss, _ = sft.forward_loss(m, rows, docs, cfg, "cpu", contextlib.nullcontext())
+            loss.backward()
+            grads.append([loss] + [p.grad for p in m.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_too_long_is_reported(setup, tmp_path):

@@ -78,7 +78,7 @@ def load(cfg):
 def hf_policy(hf, counts):
     """The naive driver: one transformers generate call per (prefix, num_samples), the prefix
     repeated per row."""
-    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed):
+    def policy(prompts, nums, *, max_new_tokens, temperature, stop_ids, seed, keep):
         stops, out = sorted(stop_ids), []
         for p, n in zip(prompts, nums):
             torch.manual_seed(seed + len(out))

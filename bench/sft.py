@@ -97,7 +97,7 @@ def ours(b, data, tok, out_dir):
 
 def transformers_loop(b, data, tok_path, packed):
     """Data tokens/s and processed tokens/s of a plain LlamaForCausalLM loop. packed=True: our
-    packed rows, full length, plain causal attention (documents see each other: less work than
+    packed rows (trimmed as ours), plain causal attention (documents see each other: less work than
     ours, and a different objective). packed=False: the same conversations per micro-step as ours,
     one per row, padded to the longest (the usual HF SFT loop)."""
     tok = Tokenizer(tok_path)
@@ -124,7 +124,7 @@ def transformers_loop(b, data, tok_path, packed):
             mine = [rows[(k + i) % len(rows)] for i in range(b.micro_batch)]
             k += b.micro_batch
             if packed:
-                x, y, _ = sft.make_batch(mine, docs, b.seq_len, trim=False)
+                x, y, _ = sft.make_batch(mine, docs, b.seq_len)
             else:
                 x, y, _ = sft.make_batch([[i] for r in mine for i in r], docs, b.seq_len)
                 longest = max(len(docs[i][0]) for r in mine for i in r)

@@ -27,6 +27,7 @@ min_lr_frac = 0.1
 weight_decay = 0.1
 grad_clip = 1.0
 dtype = "float32"  # bf16 autocast is far slower than fp32 on CPUs without AMX or AVX512-BF16
+compile = True  # each block compiled: ~15% faster steps for a ~15 s start
 out_dir = "out/base"
 eval_every = 200  # val loss less often than the default: each pass takes time from the budget
 save_every = 50

@@ -26,5 +26,6 @@ min_lr_frac = 0.1
 weight_decay = 0.1
 grad_clip = 1.0
 dtype = "float32"  # bf16 autocast is far slower than fp32 on CPUs without AMX or AVX512-BF16
+compile = True  # each block compiled: ~15% faster steps for a ~15 s start
 eval_every = 20  # val loss every 20 steps of a run of a few hundred
 save_every = 20  # state.pt as often: a killed run redoes at most 20 steps

@@ -22,10 +22,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
   PREP="--train=40 --warmup=2000 --val=8 --test=8 --levels=(2,) --level_mix=(1,)"
   PREP="$PREP --min_solutions=(1,) --hi=99"
   BASE="--max_steps=250 --batch_size=8 --micro_batch=8 --lr=3e-3 --dim=64 --n_layers=2 --n_heads=4"
-  BASE="$BASE --n_kv_heads=2 --eval_every=0 --progress=False"
+  BASE="$BASE --n_kv_heads=2 --eval_every=0 --progress=False --compile=False"
   SEARCH="--limit=16 --num_simulations=6 --k=3 --M=4 --problems_per_batch=16"
   SEARCH="$SEARCH --max_rollout_tokens=64"
   SFT="--max_steps=10 --batch_size=8 --micro_batch=8 --eval_every=0 --progress=False"
+  SFT="$SFT --compile=False"
   RL="--max_steps=3 --prompts_per_step=4 --filter_samples=0 --max_new_tokens=96"
   EVAL="--num_samples=2 --max_new_tokens=96"
 else
