@@ -17,6 +17,10 @@ records tokens and logprobs (Batch.append), and finishes the rows that hit a sto
 (Batch.finished, Batch.finish); freed rows take the next pending samples, and idle rows are dropped
 in batches (Batch.compact).
 
+generate(prefix_cache=PrefixCache(n)) keeps keys/values across calls (a radix tree over token ids,
+bounded by n positions): a prompt that starts with a sequence seen before is prefilled only past it
+(model.extend). search.py uses one per chunk of trees.
+
 generate(compile=True) compiles the decode step with dynamic shapes: one compilation serves every
 batch size of 2 or more rows and every length (static shapes would recompile for each), one more a
 lone row.

@@ -33,6 +33,10 @@ and selecting one that is not expanded yet expands it like any other leaf (its n
 "mcts" nodes with M rollouts each; the node itself keeps source "rollout", so linearize.py does not
 treat its Q as an M-rollout mean).
 
+The prefix cache: a path's keys/values are kept from the call that computed them (its prompt, or an
+expansion's sample), so the next round's rollouts and expansions extend it instead of prefilling the
+prompt and path again (generate.PrefixCache; least recently used dropped past prefix_cache_mb).
+
 Choices the paper leaves open (see the comments where they are made):
 - prior π(a|s) of a multi-token step: exp(mean token log-prob under the raw policy),
   length-normalized so a long step is not penalized for its length; every sample of the same step
