@@ -239,15 +239,16 @@ class Llama(nn.Module):
         equal ids is its own document (block-diagonal causal attention, positions restart at 0).
         keep (B, T) bool: only the logits at these positions, (n, vocab) (training computes the
         output layer only where a loss is taken)."""
-        B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        T = idx.size(1)
+        docs = None if doc is None else Documents(doc)
+        longest = T if doc is None else int(docs.pos.max()) + 1
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {longest} tokens exceeds max_seq_len "
+                             f"{self.cfg.max_seq_len}")
         cos, sin = self.rope_table(idx.device)
-        docs = None
         if doc is None:
             cos, sin = cos[None, :T, None], sin[None, :T, None]
         else:
-            docs = Documents(doc)
             cos, sin = cos[docs.pos][:, :, None], sin[docs.pos][:, :, None]
         x = self.tok_embeddings(idx)
         for layer in self.layers:

@@ -89,7 +89,7 @@ class Config:
 
 
 ROLES = ("system", "user", "assistant")
-FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "tok_s": "tok/s {:,.0f}", "pad": "pad {:.1%}",
+FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "tok_s": "tok/s {:,.0f}",
            "grad_norm": "norm {:.3f}", "val_loss": "val {:.4f}"}
 # Keys that may change between a run and its resume without changing what is trained.
 RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "grad_checkpoint", "micro_batch",
@@ -270,10 +270,17 @@ def wrap(raw, cfg, world, local, device):
 
 
 def forward_loss(model, rows, docs, cfg, device, autocast):
-    """(summed cross-entropy over the loss targets of `rows`, tokens processed)."""
+    """(summed cross-entropy over the loss targets of `rows`, tokens processed: their documents'
+    tokens, no padding)."""
     batch = make_batch(rows, docs, cfg.seq_len)
     x, y, d = (t.to(device, non_blocking=True) for t in batch)
-    keep = y != -1  # the output layer runs only where a loss is taken
+    # the rows' documents as one stream without the padding (attention is per document anyway):
+    # padding costs nothing, and the output layer runs only where a loss is taken
+    real = d < torch.tensor([len(r) for r in rows], device=device)[:, None]
+    real[0, 0] = True  # one token at least (a rank's share of val may be empty rows): no loss
+    d = d + torch.arange(len(rows), device=device)[:, None] * d.size(1)  # ids unique across rows
+    x, y, d = x[real][None], y[real][None], d[real][None]
+    keep = y != -1
     with autocast:
         logits = model(x, doc=d, keep=keep)
     return F.cross_entropy(logits.float(), y[keep], reduction="sum"), x.numel()
@@ -318,7 +325,6 @@ def train_step(model, raw, opt, rows, data, cfg, proc, window):
         (loss * world).backward()  # * world undoes the mean over ranks that DDP/FSDP take
         window["loss"] += loss.detach()
         window["tokens"] += n
-        window["pad"] += n - sum(data.lens[j] for r in mine for j in r)
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -329,16 +335,16 @@ def train_step(model, raw, opt, rows, data, cfg, proc, window):
 
 def new_window():
     """Counters of the steps since the last log record."""
-    return dict(loss=0.0, tokens=0, pad=0, steps=0, t0=time.time())
+    return dict(loss=0.0, tokens=0, steps=0, t0=time.time())
 
 
 def window_record(step, lr, norm, window, proc):
-    """The log record of the window: mean loss, tokens/s and padding (processed tokens, summed over
-    the ranks), the last grad norm."""
+    """The log record of the window: mean loss, tokens/s (summed over the ranks; padding is never
+    processed), the last grad norm."""
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-    loss, tokens, pad = allsum(proc, float(window["loss"]), window["tokens"], window["pad"])
+    loss, tokens = allsum(proc, float(window["loss"]), window["tokens"])
     return dict(step=step, loss=loss / window["steps"], lr=lr,
-                tok_s=tokens / (time.time() - window["t0"]), pad=pad / tokens,
+                tok_s=tokens / (time.time() - window["t0"]),
                 grad_norm=norm.item(), tokens=int(tokens))
 
 

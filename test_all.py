@@ -2248,9 +2248,9 @@ def test_short_run_learns(setup, capsys):
     # steps 0, 10, 20, 30
     assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30] and len(vals) == 4
     assert recs[-1]["loss"] < 0.7 * recs[0]["loss"] and vals[-1] < 0.7 * vals[0]
-    assert all(r["pad"] < 0.5 and r["tok_s"] > 0 for r in recs)
+    assert all(r["tok_s"] > 0 for r in recs)
     out = capsys.readouterr().out
-    assert "step 30/30 | loss" in out and "| pad " in out and "tok/s" in out
+    assert "step 30/30 | loss" in out and "tok/s" in out
     assert json.load(open(os.path.join(cfg.out_dir, "config.json")))["max_steps"] == 30
     m, tok = checkpoint.load_model(cfg.out_dir)  # the final model loads like any checkpoint
     assert tok.n_vocab == 512

