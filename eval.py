@@ -18,7 +18,8 @@ percentile-bootstrap interval over problems (problems are what varies between be
 resamples, fixed seed); maj@k = majority vote over the k = num_samples answers (votes keyed by
 tasks.answer_key); per-level pass@1; mean response length in generated tokens (stop token
 included); backtracks and self-reflections per response (tasks.count_reflections); the share of
-truncated responses (no stop token); Pearson r between a sample's backtracks and its correctness.
+truncated responses (no stop token; graded as no answer, whatever boxes they hold) and of those
+with a box; Pearson r between a sample's backtracks and its correctness.
 """
 import json
 import os
@@ -52,9 +53,8 @@ class Config:
     device: str = ""                 # "" = cuda if available else cpu
     dtype: str = "float32"           # float32 | bfloat16 | float16
     compile: bool = False            # torch.compile the decode step
-    verdict: bool = True             # Countdown's tool writes the grader's verdict on the answer
-                                     # line (an oracle); False: only the box's value, the policy
-                                     # writes the comparison itself
+    oracle: bool = False             # ablation: Countdown's tool also writes the grader's verdict
+                                     # on the answer line (the policy then only follows it)
 
     ranges = dict(limit=(0, None), num_samples=(1, None), temperature=(0.0, None), top_p=(0.0, 1.0),
                   top_k=(0, None), max_new_tokens=(1, None), chunk=(1, None), batch_size=(1, None))
@@ -121,6 +121,13 @@ def verification(preds, problems, resamples=1000, seed=0):
             "caught": rate(total[5], total[4]), "fixed": rate(total[6], total[5])}
 
 
+def accepts(rec, p):
+    """Does the policy accept the final answer of prediction p (it stopped, and its decision on
+    its last answer line, tasks.decisions, is to accept)?"""
+    d = tasks.decisions(rec, p["response"], p["stopped"]) if p["stopped"] else []
+    return bool(d) and d[-1][1]
+
+
 def majority_correct(rec, preds):
     """Is the majority answer of one problem's samples (votes keyed by tasks.answer_key) correct?"""
     votes = Counter(k for p in preds if (k := tasks.answer_key(rec, p["pred"])) is not None)
@@ -166,6 +173,7 @@ def summarize(preds, problems):
         "backtracks_per_response": float(bt.mean()),
         "reflections_per_response": float(np.mean([p["reflections"] for p in samples])),
         "truncated": float(np.mean([not p["stopped"] for p in samples])),
+        "truncated_with_box": float(np.mean([p.get("cut_box", False) for p in samples])),
         "no_answer": float(np.mean([p["pred"] is None for p in samples])),
         "pearson_backtracks_correct": corr,
     }
@@ -182,7 +190,8 @@ def print_summary(s, title):
              for k, v in s["pass@1_by_level"].items()]
     rows += [(k.replace("_", " "), f(s[k]))
              for k in ("mean_tokens", "backtracks_per_response", "reflections_per_response",
-                       "truncated", "no_answer", "pearson_backtracks_correct")]
+                       "truncated", "truncated_with_box", "no_answer",
+                       "pearson_backtracks_correct")]
     v = s.get("verification")
     if v and v["balanced"] is not None:
         rows.append(("self-verification", f"balanced {f(v['balanced'])}, false accept "
@@ -225,7 +234,7 @@ def sample_chunk(cfg, net, tok, chunk, runs):
         outs = generate.generate(net, prompts, max_new_tokens=cfg.max_new_tokens,
                                  stop_ids=tok.stop_ids, seed=cfg.seed + chunk[0][0],
                                  batch_size=cfg.batch_size, compile=cfg.compile,
-                                 tool=tasks.tool(chunk[0][1], tok, cfg.verdict), **kw)
+                                 tool=tasks.tool(chunk[0][1], tok, cfg.oracle), **kw)
         for res, samples in zip(results, outs):
             res.extend((first + j if first >= 0 else -1, s) for j, s in enumerate(samples))
     return results
@@ -236,10 +245,13 @@ def prediction(tok, rec, j, s):
     stop = tok.stop_ids
     ids = s.tokens[:-1] if s.stopped and s.tokens and s.tokens[-1] in stop else s.tokens
     text = tok.decode(ids)
-    pred, ok = tasks.grade(rec, text)
+    # a response cut off by the budget gives no answer: its last box may be one the model was
+    # about to reject (cut_box counts those)
+    pred, ok = tasks.grade(rec, text) if s.stopped else (None, False)
     bt, refl = tasks.count_reflections(text)
     return {"id": rec["id"], "sample": j, "response": text, "pred": pred, "correct": ok,
-            "tokens": len(s.tokens), "backtracks": bt, "reflections": refl, "stopped": s.stopped}
+            "tokens": len(s.tokens), "backtracks": bt, "reflections": refl, "stopped": s.stopped,
+            "cut_box": not s.stopped and tasks.extract_boxed(text) is not None}
 
 
 # ----------------------------------------------------------------------------- main
@@ -259,7 +271,7 @@ def main(cfg):
     # from scratch. Predictions made with other settings or by other weights (a retrained
     # checkpoint) are never mixed in.
     keys = ("init", "data", "num_samples", "temperature", "top_p", "top_k", "greedy",
-            "max_new_tokens", "seed", "verdict")
+            "max_new_tokens", "seed", "oracle")
     settings = {k: getattr(cfg, k) for k in keys}
     files = os.scandir(cfg.init) if os.path.isdir(cfg.init) else []
     settings["weights"] = sorted([e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in files

@@ -140,13 +140,15 @@ def answer_key(node):
     return None if node["answer"] is None else str(node["answer"]).strip()
 
 
-def step_text(node, delim):
-    """A step as written in a trace: its text verbatim (what the policy generated), plus the
-    delimiter after a terminal that lacks it (the model stopped), so that what follows a terminal
-    starts on its own line."""
-    if node["terminal"] and not node["text"].endswith(delim):
-        return node["text"] + delim
-    return node["text"]
+def step_text(node, delim, rec):
+    """A step as written in a trace: its text verbatim (what the policy generated), except that an
+    answer line carries the verdict the grader gives (tasks.with_true_verdict: SFT teaches correct
+    verification, whatever the search policy wrote there), plus the delimiter after a terminal that
+    lacks it (the model stopped), so that what follows a terminal starts on its own line."""
+    if not node["terminal"]:
+        return node["text"]
+    text = tasks.with_true_verdict(rec, node["text"])
+    return text if text.endswith(delim) else text + delim
 
 
 def restate(node):
@@ -179,7 +181,7 @@ def linearize(tree, order, q_high, reflect=True):
             meta["restarts"] += back == 0
         for n in new:
             written.add(n)
-            out.append(step_text(nodes[n], delim))
+            out.append(step_text(nodes[n], delim, tree["problem"]))
             # only n*'s path earns "seems correct": after n*, and after its MCTS steps (Q = a mean
             # over >= M rollouts, unlike a rollout-only step's) with a high Q that end a line (a
             # step cut inside a token that holds the delimiter, e.g. "\n(", continues on the same
@@ -189,6 +191,7 @@ def linearize(tree, order, q_high, reflect=True):
             if reflect and n in final and (n == t or high):
                 out.append(f"{REFLECT} {SEEMS_RIGHT}{delim}")
                 meta["positive"] += 1
+    meta["solved"] = int(nodes[order[-1]]["reward"] == 1)  # 0: a Direct rejection
     return "".join(out), dict(meta)
 
 
@@ -218,36 +221,43 @@ def astro_traces(tree, cfg, stats):
         for _ in range(cfg.tries):
             # distinct answers, in random order
             wrong = [rng.choice(groups[a]) for a in rng.sample(list(groups), k)]
-            text, meta = linearize(tree, wrong + [rng.choice(good)], cfg.q_high)
+            order = wrong + [rng.choice(good)]
+            text, meta = linearize(tree, order, cfg.q_high)
             if text not in seen:
                 break
         if text in seen:  # identical traces would only up-weight one trace of this problem
             stats["duplicates"] += 1
             continue
         seen.add(text)
-        traces.append((text, meta))
+        traces.append((text, meta, order[:-1]))
     return traces
 
 
-def direct_traces(tree, cfg, count):
-    """The Direct baseline for one tree: `count` plain root->n* paths, distinct n* while there are
-    enough, then cycling through them again (repeats kept on purpose: equal example counts matter
-    more than dedup)."""
+def direct_traces(tree, cfg, astro):
+    """The Direct baseline for one tree, from its ASTRO traces `astro`: per ASTRO trace a plain
+    root->n* path (distinct n* while there are enough, then cycling through them again: equal
+    example counts matter more than dedup), and per wrong attempt in it that attempt alone, ending
+    on its answer line's true verdict (" != 24") and stopping. So both sets teach the same verdicts,
+    and the arms differ only in what follows a rejection: going back in context, or nothing."""
     good = correct_terminals(tree["nodes"], cfg.min_q)
+    count = len(astro)
     picks = random.Random(f"{cfg.seed}:{tree['id']}:direct").sample(good, min(count, len(good)))
-    return [linearize(tree, [picks[j % len(picks)]], cfg.q_high, reflect=False)
-            for j in range(count)]
+    traces = [linearize(tree, [picks[j % len(picks)]], cfg.q_high, reflect=False)
+              for j in range(count)]
+    return traces + [linearize(tree, [w], cfg.q_high, reflect=False)
+                     for *_, wrong in astro for w in wrong]
 
 
 # ----------------------------------------------------------------------------- replay checker
 
-def check_trace(tree, trace):
+def check_trace(tree, trace, rejected=False):
     """Replay a trace against its tree; returns the errors (empty = valid). Every step must be a not
-    yet written child of the current node, a backtrack must leave a wrong terminal and land on a
-    written node, no wrong answer may repeat, a positive reflection must follow a step, and the
-    trace must end at a correct terminal."""
-    nodes, delim = tree["nodes"], tasks.step_delimiter(tree["problem"])
-    kids = children(nodes)
+    yet written child of the current node (answer lines with the grader's verdict), a backtrack must
+    leave a wrong terminal and land on a written node, no wrong answer may repeat, a positive
+    reflection must follow a step, and the trace must end at a correct terminal (rejected=True:
+    or be one attempt ending at a wrong one, the Direct set's rejections)."""
+    nodes, rec = tree["nodes"], tree["problem"]
+    delim, kids = tasks.step_delimiter(rec), children(nodes)
     wrong = lambda n: nodes[n]["terminal"] and nodes[n]["reward"] != 1
     # Replay states (pos, node, landing, written, wrong answers): more than one only where a
     # restatement or a step text is ambiguous in this tree; the trace is valid if any of them
@@ -258,7 +268,8 @@ def check_trace(tree, trace):
         # report the branch that got farthest
         fail = lambda msg: max(failure, (pos, f"char {pos}: {msg}"))
         if pos >= len(trace):
-            if landing is None and nodes[cur]["terminal"] and not wrong(cur):
+            if landing is None and nodes[cur]["terminal"] and (
+                    not wrong(cur) or rejected and len(written) == len(path(nodes, cur))):
                 return []
             failure = fail(f"trace ends at node {cur}, not at a correct terminal")
         elif trace.startswith(REFLECT, pos):  # a reflection line
@@ -285,7 +296,7 @@ def check_trace(tree, trace):
         else:  # a step
             here = landing if landing is not None else [cur]
             match = [c for p in here for c in kids[p]
-                     if c not in written and trace.startswith(step_text(nodes[c], delim), pos)]
+                     if c not in written and trace.startswith(step_text(nodes[c], delim, rec), pos)]
             if not match:
                 failure = fail(f"{trace[pos:pos + 40]!r} is not a new step below node(s) {here}")
             for c in match:
@@ -293,7 +304,7 @@ def check_trace(tree, trace):
                 if wrong(c) and a in seen:
                     failure = fail(f"wrong answer {a!r} repeated (node {c})")
                     continue
-                stack.append((pos + len(step_text(nodes[c], delim)), c, None, written | {c},
+                stack.append((pos + len(step_text(nodes[c], delim, rec)), c, None, written | {c},
                               seen | {a} if wrong(c) else seen))
     return [failure[1]]
 
@@ -318,13 +329,13 @@ def tree_records(tree, cfg, stats, ntok):
     traces = astro_traces(tree, cfg, stats)
     if cfg.max_tokens:  # before direct mode counts them, so both sets match per tree
         stats["too_long"] += len(traces)
-        traces = [(text, meta) for text, meta in traces if ntok(text) <= cfg.max_tokens]
+        traces = [t for t in traces if ntok(t[0]) <= cfg.max_tokens]
         stats["too_long"] -= len(traces)
     if cfg.mode == "direct":  # not length-filtered: one path, rarely the longer
-        traces = direct_traces(tree, cfg, len(traces))
+        traces = direct_traces(tree, cfg, traces)
     records = []
-    for j, (text, meta) in enumerate(traces):
-        errors = check_trace(tree, text)
+    for j, (text, meta, *_) in enumerate(traces):
+        errors = check_trace(tree, text, rejected=cfg.mode == "direct")
         if errors:  # our own output failed the replay: a bug in this file, never silently written
             raise RuntimeError(f"linearize bug, tree {tree['id']!r} trace {j}: {errors}\n{text}")
         messages = tasks.prompt_messages(tree["problem"]) + [{"role": "assistant", "content": text}]
@@ -340,7 +351,8 @@ def summarize(cfg, trees, records, stats, ntok):
     return dict(mode=cfg.mode, trees=len(trees), traces=len(records), **stats,
                 traces_by_k=dict(sorted(Counter(r["meta"]["k"] for r in records).items())),
                 backtracks_per_trace=mean("backtracks"), restarts_per_trace=mean("restarts"),
-                positive_per_trace=mean("positive"), mean_chars=sum(map(len, texts)) / n,
+                positive_per_trace=mean("positive"), solved_share=mean("solved"),
+                mean_chars=sum(map(len, texts)) / n,
                 mean_tokens=sum(map(ntok, texts)) / n if cfg.tokenizer else None,
                 config=common.config_dict(cfg))
 

@@ -124,6 +124,7 @@ class Config:
     dtype: str = "float32"          # "bfloat16": autocast training forward, bf16 copy for
                                     # generation, bf16 reference policy
     compile: bool = False           # torch.compile generate.generate's decode step
+    oracle: bool = False            # ablation: Countdown's tool writes the grader's verdict
 
     ranges = dict(prompts_per_step=(1, None), group_size=(2, None), temperature=(0.0, None),
                   max_new_tokens=(1, None), gen_batch_size=(1, None), filter_samples=(0, None),
@@ -249,7 +250,8 @@ def rollout(sampler, tok, recs, n, temperature, seed, cfg):
     prompts = [tok.render_prompt(prompt_messages(r)) for r in recs]
     groups = generate(sampler, prompts, n, max_new_tokens=cfg.max_new_tokens,
                       temperature=temperature, stop_ids=tok.stop_ids, seed=seed,
-                      batch_size=cfg.gen_batch_size, compile=cfg.compile, tool=tool(recs[0], tok))
+                      batch_size=cfg.gen_batch_size, compile=cfg.compile,
+                      tool=tool(recs[0], tok, cfg.oracle))
     out = []
     for rec, prompt, samples in zip(recs, prompts, groups):
         for s in samples:

@@ -38,9 +38,10 @@ expansion's sample), so the next round's rollouts and expansions extend it inste
 prompt and path again (generate.PrefixCache; least recently used dropped past prefix_cache_mb).
 
 Choices the paper leaves open (see the comments where they are made):
-- prior π(a|s) of a multi-token step: exp(mean token log-prob under the raw policy),
-  length-normalized so a long step is not penalized for its length; every sample of the same step
-  text (from expansions and from rollouts) adds its value, so a step sampled twice weighs twice;
+- prior π(a|s) of a multi-token step: exp(mean token log-prob under the raw policy, over the
+  tokens the policy wrote: a tool's are not its choice), length-normalized so a long step is not
+  penalized for its length; every sample of the same step text (from expansions and from
+  rollouts) adds its value, so a step sampled twice weighs twice;
   normalized over the siblings.
 - a step ends on a token that contains the task's delimiter (the delimiter belongs to the step); a
   step is terminal if it contains \\boxed{, ended the response (<|eot_id|>; its text omits the eot),
@@ -96,6 +97,7 @@ class Config:
                                       # nodes to expand or roll out), least recently used
                                       # dropped first; 0 = off (each prompt prefilled whole)
     compile: bool = False             # torch.compile generate's decode step (GPU)
+    oracle: bool = False              # ablation: Countdown's tool writes the grader's verdict
     device: str = ""                  # "" = cuda if available, else cpu
     dtype: str = "float32"            # float32 | bfloat16 | float16
 
@@ -128,6 +130,12 @@ def mix(*xs):
 
 
 # ----------------------------------------------------------------------------- the tree
+
+def own_logprobs(sample):
+    """The sample's logprobs, None where a tool wrote the token (Sample.forced)."""
+    forced = set(getattr(sample, "forced", ()))
+    return [None if j in forced else lp for j, lp in enumerate(sample.logprobs)]
+
 
 @dataclass(eq=False)
 class Node:
@@ -210,9 +218,11 @@ class Tree:
             self.nodes.append(node)
             p.children[text] = i
         node = self.nodes[i]
-        # length-normalized step probability; a duplicate sample adds its share (sampled twice =
+        # length-normalized step probability over the policy's own tokens (a tool's ids, None
+        # here, are not the policy's choice); a duplicate sample adds its share (sampled twice =
         # twice as likely)
-        node.score += math.exp(sum(logprobs) / max(len(logprobs), 1))
+        own = [lp for lp in logprobs if lp is not None]
+        node.score += math.exp(sum(own) / max(len(own), 1))
         if source == "mcts":
             node.source = "mcts"
         return i
@@ -221,7 +231,7 @@ class Tree:
         """Cut a rollout into steps (after each delimiter token, as expansion does) and insert them
         below `child` as a chain of nodes, up to the first terminal step. Returns the last node of
         the chain."""
-        toks, lps = sample.tokens, sample.logprobs
+        toks, lps = sample.tokens, own_logprobs(sample)
         cuts = [j + 1 for j, t in enumerate(toks) if t in self.delim_ids]
         if not cuts or cuts[-1] < len(toks):
             # the last piece ends on eot or was cut short (no tokens at all: an empty step)
@@ -318,7 +328,7 @@ def search(recs, policy, tok, cfg, seed, emit=None):
             t.nodes[i].expanded = True
             t.prefilled += len(prompt)
             t.decoded += sum(len(s.tokens) for s in samples)
-            children = (t.add(i, s.tokens, s.logprobs, "mcts") for s in samples)
+            children = (t.add(i, s.tokens, own_logprobs(s), "mcts") for s in samples)
             for c in dict.fromkeys(children):  # distinct, in order
                 child = t.nodes[c]
                 if child.terminal:  # scored by the verifier directly: Q = reward
@@ -400,7 +410,7 @@ def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank):
                     new.append(tree.summary())
             # a policy (and prefix cache) per chunk: its trees depend on nothing outside it, so a
             # resumed run that re-runs a chunk grows the same trees; one task per file (check())
-            policy = make_policy(net, cfg, tool(chunks[0][0], tok))
+            policy = make_policy(net, cfg, tool(chunks[0][0], tok, cfg.oracle))
             search(chunks[c], policy, tok, cfg, mix(cfg.seed, c), emit)
             got, n = new[n0:], max(len(new) - n0, 1)
             print(f"rank {rank} chunk {c + 1}/{len(chunks)}: {len(got)} trees in "

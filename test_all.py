@@ -895,7 +895,8 @@ CD_REC = {"id": "c", "problem": "", "answer": "24", "numbers": [1, 2, 3, 4], "ta
 @pytest.mark.parametrize("expr,ok", [
     ("1*2*3*4", True), ("(1+2+3)*4", True), ("4*3*2*1", True), ("(4+2)*(3+1)", True),
     ("((1+2)+3)*4", True), ("(2+1+3)*4 = 24", True), ("4\\times 3\\times 2\\times 1", True),
-    ("(3-1)*4*(2+1)-0", False),
+    ("(3-1)*4*(2+1)-0", False), ("4/(1/2)*3", False),  # 1/2: not an integer on the way
+    ("(3/1)*4*2", True),
     ("4*3*2", False),              # 1 unused
     ("4*3*2*1*1", False),          # 1 used twice
     ("(1+3)*2*4", False),          # 32
@@ -923,9 +924,15 @@ def test_countdown_grader_rules():
     assert tasks.grade(rec2, "\\boxed{3/(3/2)+1}")[1] is False
     rec3 = dict(rec2, numbers=[4, 2, 1], answer="3", target=3)
     assert tasks.grade(rec3, "\\boxed{(4+2)*(1/2)}")[1] is False
-    # fractions exact
+    # one rule with the solver: every operation, as written, gives a non-negative integer
     assert tasks.grade(dict(rec, numbers=[6, 4, 3], answer="8", target=8), "\\boxed{6/3*4}")[1]
-    assert tasks.grade(dict(rec, numbers=[7, 2, 2], answer="7", target=7), "\\boxed{7/2*2}")[1]
+    assert not tasks.grade(dict(rec, numbers=[7, 2, 2], answer="7", target=7),
+                           "\\boxed{7/2*2}")[1]
+    assert not tasks.grade(dict(rec, numbers=[3, 7, 25], answer="21", target=21),
+                           "\\boxed{3-7+25}")[1]
+    assert tasks.grade(dict(rec, numbers=[3, 7, 25], answer="21", target=21), "\\boxed{25-7+3}")[1]
+    assert countdown.countdown_eval("7/2*2") == (7, [7, 2, 2])  # the value, for the tool
+    assert countdown.countdown_eval("7/2*2", legal=True) is None
     assert countdown.countdown_eval("1/(2-2)") is None and countdown.countdown_eval("-1+2") is None
     assert countdown.countdown_eval("((((((((((1))))))))))") == (1, [1])
     assert countdown.countdown_eval("(" * 100 + "1" + ")" * 100) is None  # too deep
@@ -1081,55 +1088,54 @@ def test_countdown_tokenizer(cd_data):
     assert tok.decode([i for i, m in zip(ids, mask) if m][:-1]) == trace
 
 
-def test_countdown_calculator(cd_data):
+def test_countdown_calculator(cd_data, monkeypatch):
+    """The tool does arithmetic and bookkeeping only: the same ids whatever the target, the same
+    form whether or not a move is legal, and never a call to the grader."""
     tok = tokenizer.Tokenizer(str(cd_data / "tokenizer.model"))
     rec = {"numbers": [7, 3, 12, 25], "target": 54}
     triggers, calc = tasks.tool(rec, tok)
     assert tasks.tool({"problem": "x", "answer": "1"}, tok) is None  # math: no tool
     prompt = tok.render_prompt(tasks.prompt_messages(rec))
-    for text, want in [("12*3=", "36 left 7 25 36\n"), ("(12*3)+25=36+25=", "61"),
-                       ("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
-                       ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"),
-                       ("7 left 3\n\\boxed{3}=3\n61-7=", "54"),
-                       ("7 left 3 25 36\n600*25=", "15000"), ("20/5=", "4"), ("(12*3)+25=", None),
-                       ("3-7=", None), ("20/3=", None), ("\\boxed{(12*3)}=", None),
-                       ("1.5+2=", None),
-                       # the answer's line shows the box's own value and the grader's verdict,
-                       # whatever was copied
-                       ("\\boxed{((12*3)+25)-7}=61-9=", "54 == 54\n"),
-                       ("\\boxed{((12*3)+7)+3}=61-7=", "46 != 54\n"),
-                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7 != 54\n"),
-                       ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid != 54\n"),
-                       ("\\boxed{(12*3)+(25-7=", "invalid != 54\n"),
-                       ("\\boxed{(12*3)+(25-7)}=36+18=", "54 == 54\n"),
-                       ("\\boxed{(25+25)+(7-3)}=50+4=", "54 == 54 but the numbers are wrong\n")]:
+    other = tok.render_prompt(tasks.prompt_messages({**rec, "target": 68}))
+    for name in ("countdown_correct", "verdict", "with_true_verdict"):  # the grader's side
+        monkeypatch.setattr(countdown, name, lambda *a: pytest.fail("the tool judged"))
+    monkeypatch.setattr(tasks, "grade", lambda *a: pytest.fail("the tool graded"))
+    cases = [("12*3=", "36 left 7 25 36\n"),
+             ("(12*3)+25=36+25=", "61 left 7 3 12 61\n"),  # 36 is not left: only 25 goes
+             ("7 left 3\n\\boxed{3}=3\n61-7=", "54 left 3 54\n"),
+             ("7 left 3 25 36\n600*25=", "15000 left 3 36 15000\n"),
+             ("20/5=", "4 left 7 3 12 25 4\n"),
+             # illegal moves: the same form, the exact value
+             ("3-7=", "-4 left 12 25 -4\n"), ("20/3=", "20/3 left 7 12 25 20/3\n"),
+             ("12/0=", "undefined left 7 3 25 undefined\n"),
+             ("(12*3)+25=", None), ("\\boxed{(12*3)}=", None), ("1.5+2=", None),
+             # the answer's line: the box's own value, whatever was copied; the policy compares
+             ("\\boxed{((12*3)+25)-7}=61-7=", "54"), ("\\boxed{((12*3)+25)+7}=61+7=", "68"),
+             ("\\boxed{((12*3)+25)-7}=61-9=", "54"), ("\\boxed{((12*3)+7)+3}=61-7=", "46"),
+             ("\\boxed{((12*3)+25)/7}=61/7=", "61/7"),
+             ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid"), ("\\boxed{(12*3)+(25-7=", "invalid"),
+             ("\\boxed{(25+25)+(7-3)}=50+4=", "54")]
+    for text, want in cases:
         ids = tok.encode(text)
         assert ids[-1] in triggers, text  # every "...=" ends in a trigger id
         assert calc(prompt, ids) == (tok.encode(want) if want else []), text
-    # each row: its own target
-    other = tok.render_prompt(tasks.prompt_messages({"numbers": [7, 3, 12, 25], "target": 68}))
-    assert calc(other, tok.encode("\\boxed{((12*3)+25)+7}=61+7=")) == tok.encode("68 == 68\n")
-    for text in ("\\boxed{((12*3)+25)-7}=61-7=", "\\boxed{((12*3)+7)+3}=61-7=",
-                 "\\boxed{(25+25)+(7-3)}=50+4="):
-        # "==" exactly when the grader accepts the box
-        verdict = tok.decode(calc(prompt, tok.encode(text)))
-        accepted = tasks.grade(rec, text + verdict)[1]
-        assert (" == " in verdict and "wrong" not in verdict) == accepted, text
+        assert calc(other, ids) == calc(prompt, ids), text  # the target changes nothing
     assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))
     # the numbers left: from the line before, the start numbers after a restart, the restated step
     # after a go-back
     restart = f"{common.REFLECT} {common.NOT_SURE} {common.RESTART}"
     back = f"{common.REFLECT} {common.NOT_SURE} {common.GO_BACK}"
     for text, want in [("12*3=36 left 7 25 36\n(12*3)+25=36+25=", "61 left 7 61\n"),
-                       # 12 is not left: the model writes the rest itself
-                       ("12*3=36 left 7 25 36\n12*3=", "36"),
+                       ("12*3=36 left 7 25 36\n12*3=", "36 left 7 25 36 36\n"),  # 12 is gone
                        (f"12*3=36 left 7 25 36\n\\boxed{{12*3}}=36 != 54\n{restart}\n25-7=",
                         "18 left 3 12 18\n"),
                        (f"7+3=10 left 12 25 10\n{back} had 12*3=36 left 7 25 36.\n25+7=",
                         "32 left 36 32\n"),
+                       ("3-7=-4 left 12 25 -4\n25+-4=", None),  # no trigger on a negative
+                       ("7/3=7/3 left 12 25 7/3\n25+12=", "37 left 7/3 37\n"),
                        # inside a go-back: the result only
                        (f"{back} had 12*3=", "36")]:
-        assert tok.decode(calc(prompt, tok.encode(text))) == want, text
+        assert tok.decode(calc(prompt, tok.encode(text))) == (want or ""), text
     assert countdown.numbers_left([7, 3, 12, 25], "") == [7, 3, 12, 25]
     # search's prompts end in a node's path: the numbers left come from there
     path_so_far = tok.encode("12*3=36 left 7 25 36\n")
@@ -1154,24 +1160,29 @@ def test_countdown_calculator(cd_data):
     assert written > 150 and same == written
 
 
-def test_countdown_calculator_without_verdict(cd_data):
-    """verdict=False (eval.py --verdict=False): on the answer line the tool writes the box's value
-    only, whatever the target; step lines are as with the verdict."""
+def test_countdown_oracle_tool_and_true_verdicts(cd_data):
+    """oracle=True (the labelled ablation): the answer line also gets the grader's verdict, the one
+    linearize writes into traces (with_true_verdict); step lines are the default tool's."""
     tok = tokenizer.Tokenizer(str(cd_data / "tokenizer.model"))
-    prompts = [tok.render_prompt(tasks.prompt_messages({"numbers": [7, 3, 12, 25], "target": t}))
-               for t in (54, 68)]
-    _, oracle = tasks.tool({"numbers": [7, 3, 12, 25], "target": 54}, tok)
-    _, calc = tasks.tool({"numbers": [7, 3, 12, 25], "target": 54}, tok, verdict=False)
-    for text, want in [("\\boxed{((12*3)+25)-7}=61-7=", "54"),
-                       ("\\boxed{((12*3)+25)+7}=61+7=", "68"),
-                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7"),
-                       ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid"),
-                       ("\\boxed{(25+25)+(7-3)}=50+4=", "54")]:
-        for prompt in prompts:
-            assert calc(prompt, tok.encode(text)) == tok.encode(want), text
-        assert oracle(prompts[0], tok.encode(text)) != tok.encode(want), text  # the oracle's
-    for text in ("12*3=", "12*3=36 left 7 25 36\n(12*3)+25=36+25="):
-        assert calc(prompts[0], tok.encode(text)) == oracle(prompts[0], tok.encode(text))
+    rec = {"numbers": [7, 3, 12, 25], "target": 54}
+    prompt = tok.render_prompt(tasks.prompt_messages(rec))
+    _, calc = tasks.tool(rec, tok)
+    _, oracle = tasks.tool(rec, tok, oracle=True)
+    for text, want in [("\\boxed{((12*3)+25)-7}=61-7=", "54 == 54\n"),
+                       ("\\boxed{((12*3)+25)+7}=61+7=", "68 != 54\n"),
+                       ("\\boxed{((12*3)+25)/7}=61/7=", "61/7 != 54\n"),
+                       ("\\boxed{(12*3)/(7-7)}=36/0=", "invalid != 54\n"),
+                       ("\\boxed{(25+25)+(7-3)}=50+4=", "54 == 54 but it breaks the rules\n")]:
+        assert tok.decode(oracle(prompt, tok.encode(text))) == want, text
+        # linearize's true verdict replaces whatever the policy wrote after the value
+        for said in (" == 54\n", " != 54\n", " == 54 but it breaks the rules\n", "\n"):
+            line = text + want.split(" ")[0].rstrip("\n") + said
+            assert countdown.with_true_verdict(rec, line) == text + want, line
+        accepted = tasks.grade(rec, text + want)[1]
+        assert (" == " in want and "rules" not in want) == accepted, text
+    for text in ("12*3=", "12*3=36 left 7 25 36\n(12*3)+25=36+25=", "3-7="):
+        assert calc(prompt, tok.encode(text)) == oracle(prompt, tok.encode(text))
+    assert countdown.with_true_verdict(rec, "12*3=36 left 7 25 36\n") == "12*3=36 left 7 25 36\n"
 
 
 # ==================================================================================================
@@ -1534,6 +1545,12 @@ def test_add_merges_duplicates_and_classifies_terminals(tok):
     total = math.exp(-1) + math.exp(-3) + math.exp(-2)
     assert t.prior(t.nodes[i]) == pytest.approx((math.exp(-1) + math.exp(-3)) / total)
     assert t.prior(t.nodes[j]) == pytest.approx(math.exp(-2) / total)
+    # a tool's tokens (Sample.forced) do not count into the prior: the policy's own only
+    s3 = tok.encode("Sum.\n\n")
+    forced = generate.Sample(s3, [-1.0] + [-9.0] * (len(s3) - 1), True, list(range(1, len(s3))))
+    assert search.own_logprobs(forced) == [-1.0] + [None] * (len(s3) - 1)
+    m = t.add(0, s3, search.own_logprobs(forced), "mcts")
+    assert t.nodes[m].score == pytest.approx(math.exp(-1.0))
     assert not t.nodes[i].terminal and t.nodes[i].text == "Add 3 and 4.\n\n"
     # a boxed step is terminal and graded on the whole response
     k = t.add(i, tok.encode("So \\boxed{14}.\n\n"), [0.0], "mcts")
@@ -1806,7 +1823,7 @@ def test_backtrack_to_lca_exact_text():
     text, meta = linearize.linearize(tree, [3, 5], q_high=0.75)
     assert text == ("a=1 (left 2)\nb\nw \\boxed{1}\n" + BACK + "had a=1 (left 2).\n"
                     + "c\nok \\boxed{24}\n" + OK)
-    assert meta == {"k": 1, "backtracks": 1, "restarts": 0, "positive": 1}
+    assert meta == {"k": 1, "backtracks": 1, "restarts": 0, "positive": 1, "solved": 1}
     # the paper's phrases, spelled out here once more, independently of common.py's constants
     assert ("\nBut wait, are we solving the problem correctly so far? Hmm... I'm not sure if "
             "we're solving the problem correctly so far. Let's go back to where we had a=1 "
@@ -1853,7 +1870,7 @@ def test_distinct_wrong_answers_and_k_cap():
     cfg = linearize.Config(ks=(0, 1, 1, 2, 3, 3))
     for seed in range(20):
         cfg.seed, stats = seed, Counter()
-        for text, meta in linearize.astro_traces(tree, cfg, stats):
+        for text, meta, _ in linearize.astro_traces(tree, cfg, stats):
             assert linearize.check_trace(tree, text) == []
             assert meta["k"] <= 2  # only 2 distinct wrong answers ("1", "2")
             answers = [a for a in ("\\boxed{1}", "\\boxed{2}") if a in text]
@@ -1865,7 +1882,7 @@ def test_distinct_wrong_answers_and_k_cap():
                           node(2, 1, "ok \\boxed{24}\n", answer="24", reward=1)]
     stats = Counter()
     traces = linearize.astro_traces(only_good, linearize.Config(), stats)
-    assert [m["k"] for _, m in traces] == [0] and stats["slots_no_wrong"] == 3
+    assert [m["k"] for _, m, _ in traces] == [0] and stats["slots_no_wrong"] == 3
 
 
 def test_none_answer_is_one_distinct_value():
@@ -1875,7 +1892,7 @@ def test_none_answer_is_one_distinct_value():
     seen = set()
     for seed in range(30):
         cfg = linearize.Config(seed=seed, ks=(2,))
-        for text, meta in linearize.astro_traces(tree, cfg, Counter()):
+        for text, meta, _ in linearize.astro_traces(tree, cfg, Counter()):
             # both answer None: never together
             assert not ("w \\boxed" in text and "y \\boxed" in text)
             seen.add(meta["k"])
@@ -1930,7 +1947,10 @@ def test_main_end_to_end_direct_matches_and_determinism(tmp_path):
     linearize.main(linearize.Config(out=str(tmp_path / "direct.jsonl"), mode="direct", **kw))
     direct = read_records(tmp_path / "direct.jsonl")
     count = lambda rs: Counter(r["id"].split("#")[0] for r in rs)
-    assert count(direct) == count(astro)
+    ok = [r for r in direct if r["messages"][1]["content"].endswith("\\boxed{24}\n")]
+    assert count(ok) == count(astro)  # one correct path per ASTRO trace, and each wrong attempt:
+    assert [r["meta"]["solved"] for r in direct] == [r in ok for r in direct]
+    assert len(direct) - len(ok) == sum(r["meta"]["k"] for r in astro)
     assert all(common.REFLECT not in r["messages"][1]["content"] and r["meta"]["k"] == 0
                for r in direct)
     # deterministic, and independent of tree order
@@ -1946,8 +1966,13 @@ def test_main_end_to_end_direct_matches_and_determinism(tmp_path):
 def test_direct_repeats_when_too_few_correct_terminals(tmp_path):
     tree = countdown_tree()  # one correct terminal, so every direct example is the same path
     astro = linearize.astro_traces(tree, linearize.Config(), Counter())
-    direct = linearize.direct_traces(tree, linearize.Config(), len(astro))
-    assert len(direct) == len(astro) == 4 and len({t for t, _ in direct}) == 1
+    direct = linearize.direct_traces(tree, linearize.Config(), astro)
+    # a root->n* path per ASTRO trace, then each wrong attempt alone, ending on its verdict
+    assert len(astro) == 4 and len(direct) == 4 + sum(m["k"] for _, m, _ in astro)
+    assert len({t for t, _ in direct[:4]}) == 1
+    for t, _ in direct[4:]:
+        assert linearize.check_trace(tree, t, rejected=True) == []
+        assert linearize.check_trace(tree, t)  # not a valid ASTRO trace
 
 
 def test_bad_input_errors(tmp_path):
@@ -1974,7 +1999,7 @@ def test_duplicates_dropped_and_math_delimiter():
     tree["nodes"] = tree["nodes"][:6]
     stats = Counter()
     traces = linearize.astro_traces(tree, linearize.Config(), stats)
-    assert [m["k"] for _, m in traces] == [0, 1]
+    assert [m["k"] for _, m, _ in traces] == [0, 1]
     assert stats["duplicates"] == 2 and stats["k_capped"] == 1
     # MATH-style record (no "numbers"): blank-line delimiter, also appended to a terminal that lacks
     # it
@@ -2028,7 +2053,7 @@ def test_random_trees_replay_cleanly(tmp_path):
             nd["text"] = f"s{nd['id'] % 3}" + nd["text"][nd["text"].index(" "):]
         if linearize.correct_terminals(tree["nodes"], 0.0):
             cfg = linearize.Config(ks=(0, 1, 2, 3))
-            for text, _ in linearize.astro_traces(tree, cfg, Counter()):
+            for text, *_ in linearize.astro_traces(tree, cfg, Counter()):
                 assert linearize.check_trace(tree, text) == []
 
 
@@ -2056,7 +2081,8 @@ def test_token_lengths_and_max_tokens(tmp_path):
     assert {r["meta"]["k"] for r in kept} == {0, 1}
     linearize.main(linearize.Config(out=str(tmp_path / "d.jsonl"), max_tokens=cap, mode="direct",
                                     **kw))
-    assert len(read_records(tmp_path / "d.jsonl")) == len(kept)
+    # a correct path per kept ASTRO trace, and each of its wrong attempts alone
+    assert len(read_records(tmp_path / "d.jsonl")) == len(kept) + sum(r["meta"]["k"] for r in kept)
     with pytest.raises(common.UserError, match="max_tokens needs"):
         linearize.main(linearize.Config(trees=kw["trees"], max_tokens=10))
 
@@ -2795,24 +2821,34 @@ def test_summarize():
 
 
 def test_decisions_and_verification():
-    """tasks.decisions: after each answer line the response stops (accepts, also after a "seems
-    correct" line) or goes on (rejects); a cut-off last answer makes no decision.
-    eval.verification: the rates over those decisions, per problem bootstrap."""
+    """tasks.decisions: on Countdown the verdict the policy wrote after the box's value decides
+    (== accepts; != and "breaks the rules" reject), whatever follows; on a line without one, the
+    response stops (accepts, also after a "seems correct" line) or goes on (rejects), and a
+    cut-off last answer makes no decision. eval.verification: the rates over those decisions, per
+    problem bootstrap."""
     rec = {"id": "p", "problem": "", "answer": "24", "numbers": [4, 6], "target": 24}
     wrong, right = "\\boxed{4+6}=4+6=10 != 24", "\\boxed{4*6}=4*6=24 == 24"
+    fooled, bare_wrong, bare_right = (wrong.replace("!=", "=="), "\\boxed{4+6}=4+6=10",
+                                      "\\boxed{4*6}=4*6=24")
     back = f"{common.REFLECT} {common.NOT_SURE} {common.RESTART}"
     seems = f"{common.REFLECT} {common.SEEMS_RIGHT}"
     assert tasks.decisions(rec, f"4+6=10 left 10\n{wrong}\n{back}\n{right}\n{seems}\n", True) \
         == [(False, False), (True, True)]
-    assert tasks.decisions(rec, f"{wrong}\n", True) == [(False, True)]  # stops on a wrong answer
-    assert tasks.decisions(rec, f"{right}\n{back}\n{right}", True) == [(True, False), (True, True)]
-    assert tasks.decisions(rec, f"{wrong}\n{back}\n{right}", False) == [(False, False)]  # cut off
+    assert tasks.decisions(rec, f"{wrong}\n", True) == [(False, False)]  # rejects, then stops
+    assert tasks.decisions(rec, f"{fooled}\n", True) == [(False, True)]
+    assert tasks.decisions(rec, right + " but it breaks the rules", True) == [(True, False)]
+    assert tasks.decisions(rec, f"{wrong}\n{back}\n{right}", False) == [(False, False),
+                                                                       (True, True)]
+    assert tasks.decisions(rec, f"{bare_wrong}\n", True) == [(False, True)]  # stops: accepts
+    assert tasks.decisions(rec, f"{bare_right}\n{back}\n{bare_right}", True) == [(True, False),
+                                                                                 (True, True)]
+    assert tasks.decisions(rec, f"{bare_wrong}\n{back}\n{bare_right}", False) == [(False, False)]
     assert tasks.decisions(rec, "no answer at all", True) == []
     preds = [  # p: caught and fixed; q: a false accept and a false reject; r: greedy, not counted
         {"id": "p", "sample": 0, "response": f"{wrong}\n{back}\n{right}", "stopped": True,
          "correct": True},
-        {"id": "q", "sample": 0, "response": f"{wrong}", "stopped": True, "correct": False},
-        {"id": "q", "sample": 1, "response": f"{right}\n{back}\n{right}", "stopped": True,
+        {"id": "q", "sample": 0, "response": f"{fooled}", "stopped": True, "correct": False},
+        {"id": "q", "sample": 1, "response": f"{bare_right}\n{back}\n{right}", "stopped": True,
          "correct": True},
         {"id": "q", "sample": -1, "response": f"{wrong}", "stopped": True, "correct": False}]
     v = evaluate.verification(preds, [rec, dict(rec, id="q")], resamples=200)
@@ -2835,7 +2871,7 @@ def test_eval_end_to_end(cd_data, cd_checkpoint, tmp_path, monkeypatch):
     preds = read_records(tmp_path / "ev" / "predictions.jsonl")
     assert len(preds) == 15 and {p["sample"] for p in preds} == {-1, 0, 1}
     keys = {"id", "sample", "response", "pred", "correct", "tokens", "backtracks", "reflections",
-            "stopped"}
+            "stopped", "cut_box"}
     assert all(p.keys() == keys for p in preds)
     assert all(1 <= p["tokens"] <= 12 for p in preds)
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
@@ -2984,8 +3020,10 @@ def test_show_tree_prints_the_tree_and_its_traces(tmp_path, capsys):
     assert "[5] prior 1.00  N   1  Q 0.50  ok \\boxed{24}⏎  correct" in out
     assert "[3] prior 1.00  N   1  Q 0.50  w \\boxed{1}⏎  wrong (answer '1')" in out
     astro = linearize.astro_traces(tree, linearize.Config(), Counter())
-    assert out.count("--- ASTRO trace") == len(astro) == out.count("--- Direct trace")
-    for text, _ in astro:  # every line of every trace, tagged: steps by node id, reflections not
+    direct = linearize.direct_traces(tree, linearize.Config(), astro)
+    assert out.count("--- ASTRO trace") == len(astro)
+    assert out.count("--- Direct trace") == len(direct)
+    for text, *_ in astro:  # every line of each trace, tagged: steps by node id, reflections not
         for row in text.rstrip("\n").split("\n"):
             hit = [n["id"] for n in tree["nodes"][1:] if n["text"] == row + "\n"]
             tag = f"[{hit[0]}]" if not row.startswith(common.REFLECT) else ""
@@ -3041,7 +3079,11 @@ def test_main_job_smoke(tmp_path):
         assert (out / f).exists(), f
     astro = common.read_jsonl(str(out / "linearize/astro.jsonl"))
     direct = common.read_jsonl(str(out / "linearize/direct.jsonl"))
-    assert astro and len(astro) == len(direct)  # the Direct control has the same number of examples
+    # the Direct control: one correct path per ASTRO trace, plus each wrong attempt alone
+    solved = [r for r in direct if r["meta"]["solved"]]
+    assert astro and len(solved) == len(astro)
+    assert sum(r["meta"]["k"] for r in astro) == len(direct) - len(solved)
+    assert all(r["meta"]["solved"] for r in astro)
     report = (out / "report.md").read_text()
     for name in ("Base policy", "Direct-SFT", "ASTRO-SFT", "Direct-RL", "ASTRO-RL", "## Search"):
         assert name in report

@@ -4,6 +4,7 @@
 #   bash runs/countdown.sh                          # the full run, into out/
 #   SMOKE=1 OUT=/tmp/smoke bash runs/countdown.sh   # tiny budgets (the tests run it)
 #   SPLIT=val bash runs/countdown.sh    # evaluate on val (-> out/eval_val, out/report_val.md): tune
+#   SEED=2 OUT=out_seed2 bash runs/countdown.sh   # other training and sampling seeds, same problems
 #
 # prepare -> base policy (SFT from scratch on direct solutions) -> MCTS on train problems ->
 # linearize (ASTRO and Direct traces from the same trees) -> SFT from the base on each -> RL from
@@ -31,6 +32,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
   EVAL="--num_samples=2 --max_new_tokens=96"
 else
   PREP=""; BASE=""; SEARCH=""; SFT=""; RL=""; EVAL=""
+fi
+# SEED: every stage's seed but the data preparation's (the problem splits stay the same)
+LIN=""
+if [ -n "${SEED:-}" ]; then
+  for v in BASE SEARCH SFT RL EVAL LIN; do printf -v "$v" '%s --seed=%s' "${!v}" "$SEED"; done
 fi
 
 # Each stage's wall time goes to $OUT/times.txt (this invocation's: a skipped stage shows the few
@@ -60,8 +66,9 @@ python search.py config/search_countdown.py --problems="$DATA/train.jsonl" --pol
 
 stage "linearize: ASTRO and Direct traces from the same trees"
 for mode in astro direct; do
+  # shellcheck disable=SC2086
   python linearize.py config/linearize_countdown.py --mode=$mode \
-    --trees="$OUT/search/trees.jsonl" --out="$OUT/linearize/$mode.jsonl"
+    --trees="$OUT/search/trees.jsonl" --out="$OUT/linearize/$mode.jsonl" $LIN
 done
 
 for mode in direct astro; do
@@ -81,8 +88,9 @@ done
 
 for name in base sft_direct sft_astro rl_direct rl_astro; do
   stage "eval $name"
+  more=""; [ "${name#*_}" != direct ] || more=config/eval_direct.py  # samples to resample from
   # shellcheck disable=SC2086
-  python eval.py config/eval_countdown.py --init="$OUT/$name" --data="$DATA/$SPLIT.jsonl" \
+  python eval.py config/eval_countdown.py $more --init="$OUT/$name" --data="$DATA/$SPLIT.jsonl" \
     --out_dir="$EVALS/$name" $EVAL
 done
 

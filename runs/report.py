@@ -12,13 +12,15 @@ Every number comes from a file the stages wrote; nothing is typed in.
 import json
 import os
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import common  # noqa: E402
-from eval import bootstrap_ci, problem_accuracy  # noqa: E402
+import tasks  # noqa: E402
+from eval import accepts, bootstrap_ci, majority_correct, problem_accuracy  # noqa: E402
 
 MODELS = [("base", "Base policy (warm-up SFT, no search)"), ("sft_direct", "Direct-SFT"),
           ("sft_astro", "ASTRO-SFT"), ("rl_direct", "Direct-RL"), ("rl_astro", "ASTRO-RL")]
@@ -26,6 +28,8 @@ NAMES = dict(MODELS)
 # The paper's claims: each pair ordered (b beats a), and by how much, per level.
 CLAIMS = [("base", "sft_direct"), ("sft_direct", "sft_astro"), ("rl_direct", "rl_astro"),
           ("sft_astro", "rl_astro")]
+# ASTRO against its Direct control at equal generated tokens.
+MATCHED = [("sft_direct", "sft_astro"), ("rl_direct", "rl_astro")]
 # The gains compared between the easiest and the hardest level.
 GAPS = [("base", "rl_astro"), ("base", "sft_astro"), ("sft_direct", "sft_astro"),
         ("rl_direct", "rl_astro")]
@@ -93,8 +97,10 @@ def results_table(cfg, rows, levels):
                      + " | ".join(pct(s["pass@1_by_level"].get(lv)) for lv in levels)
                      + f" | {s['mean_tokens']:.1f} | {s['backtracks_per_response']:.2f} | "
                      + ("–" if corr is None else f"{corr:+.2f}") + " |")
-    lines += ["", "Accuracies in %. Truncated responses (hit the token budget): "
-              + ", ".join(f"{name} {pct(s['truncated'])}%" for _, name, s in rows) + "."]
+    lines += ["", "Accuracies in %. Truncated responses (hit the token budget; graded as no "
+              "answer, in brackets those with an earlier box): "
+              + ", ".join(f"{name} {pct(s['truncated'])}% ({pct(s.get('truncated_with_box'))}%)"
+                          for _, name, s in rows) + "."]
     return lines
 
 
@@ -130,8 +136,9 @@ def verification_table(rows):
     lines = ["", "## Self-verification: the decision after each answer line, against the grader",
              "", "Stopping after an answer accepts it; reflecting (or writing on) rejects it. A "
              "response cut off by the budget makes no decision on its last answer. On Countdown "
-             "the tool writes the grader's verdict on the answer line unless eval.py ran with "
-             "--verdict=False: with it, these rates measure how well a model follows the verdict.",
+             "the policy writes each verdict itself (the tool writes the box's value only), "
+             "unless eval.py ran with --oracle=True, the ablation where the tool writes the "
+             "grader's verdict: then these rates measure how well a model follows it.",
              "", "| model | answer lines | false accept | false reject | balanced accuracy "
              "(95% CI) | wrong first answers caught | of those, fixed |",
              "|---|---|---|---|---|---|---|"]
@@ -145,6 +152,66 @@ def verification_table(rows):
         lines.append(f"| {name} | {v['answer_lines']} | {pc(v['false_accept'])} | "
                      f"{pc(v['false_reject'])} | {bal} | {pc(v['caught'])} | {pc(v['fixed'])} |")
     return lines + ["", "Rates in %."]
+
+
+def resampling(recs, by_id, cap):
+    """Per problem, from one model's first `cap` samples in sample order: self-verified
+    resampling (the first sample the model accepts, else the last) -> (correct, tokens drawn up to
+    it); maj@cap; and pass@cap with the tokens drawn up to the first correct sample (this one uses
+    the grader)."""
+    out = []
+    for i in sorted(by_id):
+        ps = by_id[i][:cap]
+        stop = next((j for j, p in enumerate(ps) if accepts(recs[i], p)), len(ps) - 1)
+        hit = next((j for j, p in enumerate(ps) if p["correct"]), len(ps) - 1)
+        tokens = lambda j: sum(p["tokens"] for p in ps[:j + 1])
+        out.append((ps[stop]["correct"], tokens(stop), majority_correct(recs[i], ps),
+                    ps[hit]["correct"], tokens(hit)))
+    return np.array(out, dtype=float)
+
+
+def matched_table(got, preds, recs):
+    """ASTRO against Direct's self-verified resampling at equal mean generated tokens (prompt
+    excluded; tool-written and stop tokens included), per attempt cap c."""
+    lines = []
+    for d, a in [(d, a) for d, a in MATCHED if d in got and a in got]:
+        by_id = defaultdict(list)
+        for p in sorted(preds[d], key=lambda p: p["sample"]):
+            if p["sample"] >= 0 and p["id"] in recs:
+                by_id[p["id"]].append(p)
+        k, astro = min(map(len, by_id.values())), problem_accuracy(preds[a])
+        if by_id.keys() != astro.keys():
+            continue  # not the same problems
+        budget = got[a]["mean_tokens"]
+        need = int(np.ceil(2 * budget / got[d]["mean_tokens"]))
+        lines += ["", f"## {NAMES[a]} against {NAMES[d]}'s self-verified resampling, at equal "
+                  "tokens", "", f"{NAMES[d]} draws up to c samples per problem and stops at the "
+                  f"first it accepts itself (else keeps the last). {NAMES[a]}: pass@1 "
+                  f"{pct(got[a]['pass@1'])} at {budget:.1f} tokens per problem. {k} samples per "
+                  f"problem drawn, {need} needed to reach twice {NAMES[a]}'s tokens"
+                  + ("" if k >= need else " (too few: the caps stop short)") + ".", "",
+                  "| cap c | self-verified resampling | its tokens/problem | maj@c | "
+                  "pass@c (uses the grader) | its tokens/problem |", "|---|---|---|---|---|---|"]
+        rows = [resampling(recs, by_id, c) for c in range(1, k + 1)]
+        for c, r in enumerate(rows, 1):
+            m = r.mean(0)
+            lines.append(f"| {c} | {pct(m[0])} | {m[1]:.1f} | {pct(m[2])} | {pct(m[3])} | "
+                         f"{m[4]:.1f} |")
+        fits = [c for c, r in enumerate(rows, 1) if r[:, 1].mean() <= budget]
+        if not fits:
+            lines += ["", f"Even one {NAMES[d]} sample costs more tokens than {NAMES[a]}."]
+            continue
+        c = fits[-1]
+        diff = [astro[i] - x for i, x in zip(sorted(by_id), rows[c - 1][:, 0])]
+        lo, hi = bootstrap_ci(diff)
+        bal = lambda key: pct((got[key].get("verification") or {}).get("balanced"))
+        lines += ["", f"At equal tokens (c = {c}, the largest cap within {NAMES[a]}'s tokens): "
+                  f"{NAMES[a]} − self-verified resampling = {100 * np.mean(diff):+.1f} points "
+                  f"(paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}, bootstrap over problems); "
+                  f"{NAMES[d]} pass@1 {pct(got[d]['pass@1'])}, maj@{c} "
+                  f"{pct(rows[c - 1][:, 2].mean())}; balanced verification accuracy "
+                  f"{NAMES[a]} {bal(a)}, {NAMES[d]} {bal(d)}."]
+    return lines
 
 
 def gains_table(cfg, gaps, acc, levels):
@@ -264,12 +331,16 @@ def main(cfg):
     got = {key: s for key, _, s in rows}
     pairs = [(a, b) for a, b in CLAIMS if a in got and b in got]
     gaps = [(a, b) for a, b in GAPS if a in got and b in got]
-    # each model's predictions, loaded once for both tables
-    acc = {key: problem_accuracy(common.resume_jsonl(
-               os.path.join(cfg.out, evals, key, "predictions.jsonl")))
-           for key in {k for pair in pairs + gaps for k in pair}}
+    # each model's predictions, loaded once for all tables
+    preds = {key: common.resume_jsonl(os.path.join(cfg.out, evals, key, "predictions.jsonl"))
+             for key in got}
+    acc = {key: problem_accuracy(preds[key]) for key in got}
     lines += ordering_table(pairs, got, acc, levels)
     lines += verification_table(rows)
+    problems_path = os.path.join(cfg.out, "data", f"{cfg.split}.jsonl")
+    if os.path.exists(problems_path):
+        recs = {r["id"]: r for r in tasks.read_problems(problems_path)}
+        lines += matched_table(got, preds, recs)
     lines += gains_table(cfg, gaps, acc, levels)
     lines += stats_tables(cfg)
     lines += example(cfg, evals)

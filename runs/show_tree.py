@@ -46,13 +46,13 @@ def pick_tree(trees, tree_id):
 
 def used_terminals(tree, traces):
     """The terminal ids each trace visits, recovered by following its text through the tree."""
-    nodes = tree["nodes"]
+    nodes, rec = tree["nodes"], tree["problem"]
     ends = [n["id"] for n in nodes if n["terminal"]]
-    delim = tasks.step_delimiter(tree["problem"])
+    delim = tasks.step_delimiter(rec)
     visits = []
-    for text, _ in traces:
-        visits.append([t for t in ends if linearize.step_text(nodes[t], delim) in text
-                       and all(linearize.step_text(nodes[n], delim) in text
+    for text, *_ in traces:
+        visits.append([t for t in ends if linearize.step_text(nodes[t], delim, rec) in text
+                       and all(linearize.step_text(nodes[n], delim, rec) in text
                                for n in linearize.path(nodes, t)[1:])])
     return visits
 
@@ -96,17 +96,17 @@ def main(cfg):
     tree = pick_tree(linearize.read_trees(cfg.trees), cfg.id)
     nodes = tree["nodes"]
     astro = linearize.astro_traces(tree, lcfg, Counter())
-    direct = linearize.direct_traces(tree, lcfg, len(astro))
+    direct = linearize.direct_traces(tree, lcfg, astro)
     keep = set(range(len(nodes)))
     if cfg.paths_only:
-        keep = {n for ends in used_terminals(tree, astro + direct) for t in ends
+        keep = {n for ends in used_terminals(tree, [t[:2] for t in astro] + direct) for t in ends
                 for n in linearize.path(nodes, t)}
     good, bad = linearize.terminals(nodes)
     print(f"tree {tree['id']}: {tree['problem']['problem']}")
     print(f"{len(nodes)} nodes, {len(good)} correct and {len(bad)} wrong terminals"
           f"{'; showing the paths the traces take' if cfg.paths_only else ''}\n")
     show_nodes(tree, keep, cfg.width)
-    for j, (text, meta) in enumerate(astro):
+    for j, (text, meta, _) in enumerate(astro):
         show_trace(tree, text, f"ASTRO trace {j}: k={meta['k']} wrong attempts, "
                                f"{meta['backtracks']} backtracks")
     for j, (text, _) in enumerate(direct):

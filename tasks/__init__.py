@@ -52,10 +52,17 @@ def read_problems(path):
     return recs
 
 
-def tool(rec, tok, verdict=True):
+def tool(rec, tok, oracle=False):
     """The task's tool for generate.generate (the same in search, RL and eval): Countdown's
-    calculator (countdown.tool; verdict=False withholds the grader's verdict), or None."""
-    return countdown.tool(tok, write_verdict=verdict) if "numbers" in rec else None
+    calculator (countdown.tool; oracle=True, the labelled ablation, also writes the grader's
+    verdict), or None."""
+    return countdown.tool(tok, oracle=oracle) if "numbers" in rec else None
+
+
+def with_true_verdict(rec, step):
+    """A terminal step with the verdict the grader gives on its answer line (Countdown: the
+    comparison after the box's value, countdown.with_true_verdict); MATH steps carry none."""
+    return countdown.with_true_verdict(rec, step) if "numbers" in rec else step
 
 
 def extract_boxed(text):
@@ -107,21 +114,24 @@ def answer_key(rec, pred):
 
 def decisions(rec, response, stopped):
     """[(correct, accepted)] for each answer line (one holding \\boxed{) of a response: correct is
-    the grader's judgement of that line's box; accepted is the decision the policy acts on — the
-    response ends there (after at most a "seems correct" line) rather than going on (a reflection
-    and a backtrack, or anything else). A last answer line of a response cut off by the token
-    budget has no decision and is left out."""
+    the grader's judgement of that line's box; accepted is the policy's decision: on Countdown the
+    verdict it wrote after the box's value (" == 54" accepts; " != 54", "... but it breaks the
+    rules" reject), else whether the response ends there (after at most a "seems correct" line)
+    rather than going on (a reflection and a backtrack, or anything else). A last answer line
+    without a verdict in a response cut off by the token budget has no decision and is left out."""
     lines = response.split("\n")
     out = []
     for i, line in enumerate(lines):
         if "\\boxed{" not in line:
             continue
-        rest = [ln for ln in lines[i + 1:] if ln.strip()]
-        ends = not rest or len(rest) == 1 and rest[0].startswith(common.REFLECT) \
-            and common.SEEMS_RIGHT in rest[0]
-        if ends and not stopped:
-            continue  # cut off: no decision was made
-        out.append((grade(rec, line)[1], ends))
+        said = countdown.written_verdict(line) if "numbers" in rec else None
+        if said is None:
+            rest = [ln for ln in lines[i + 1:] if ln.strip()]
+            said = not rest or len(rest) == 1 and rest[0].startswith(common.REFLECT) \
+                and common.SEEMS_RIGHT in rest[0]
+            if said and not stopped:
+                continue  # cut off: no decision was made
+        out.append((grade(rec, line)[1], said))
     return out
 
 

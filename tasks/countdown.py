@@ -17,9 +17,14 @@ the start of that result's line, parenthesized, plus one operator =] a op b = re
 numbers left (the unused ones in their order, the result last). The last line boxes the full
 expression: the grader reads only the \\boxed{}, and the box is a copy of what is already written,
 never a composition the model must do in its head. The last line ends with the verdict on the box
-("== 54" here; "!= 54" and others at sampling time, where the calculator (tool) writes every result,
-the numbers left, the box's value and that verdict), so the traces of `steps` are in the form the
-policy's own lines take. Every step is computable from the line before it (its numbers left) and the
+("== 54" here; "!= 54" or "== 54 but it breaks the rules" on other boxes), which the policy writes
+itself: the calculator (tool) writes every result, the numbers left and the box's value, never a
+judgement. The traces of `steps` are in the form the policy's own lines take.
+
+One rule of legality, the same for the solver, the grader and the traces: each operation combines
+two numbers left into a non-negative integer (exact division), and every number is used once. The
+grader evaluates the box as written: `3-7+25` and `(2/3)*6` pass through illegal intermediates and
+are wrong. Every step is computable from the line before it (its numbers left) and the
 lines that wrote its operands.
 
 The grader never eval()s model text: countdown_eval is a tiny recursive-descent parser over
@@ -38,7 +43,9 @@ CD_MAX_CHARS = 300  # longest expression graded (a 6-number expression needs < 6
 CALC = re.compile(r"(?<![\d.])(\d{1,6})([-+*/])(\d{1,6})=$")  # "...11*4=" ending the text so far
 TARGET = re.compile(r"Make (\d+) from ([\d ]+) with")  # target and numbers of a countdown_prompt
 BOXED_LINE = re.compile(r".*\\boxed\{(.*)\}=")  # an answer line's box (greedy: up to its last "}=")
-LEFT = re.compile(r" left ([\d ]+)\.?$")  # numbers left, ending a step or a go-back's restated step
+LEFT = re.compile(r" left ([-\d/ ]+)\.?$")  # numbers left, ending a step or a go-back's restatement
+# an answer line up to the box's value (after the box's "}=" and its calculation "a op b=")
+ANSWER_END = re.compile(r"(.*\\boxed\{(.*)\}=(?:[^=\n]*=)?(invalid|-?\d+(?:/\d+)?))")
 
 
 def countdown_prompt(numbers, target):
@@ -137,28 +144,26 @@ def numbers_left(numbers, text):
         if common.RESTART in line:
             left = list(numbers)
         elif m := LEFT.search(line):
-            left = [int(n) for n in m[1].split()]
+            left = [Fraction(n) for n in m[1].split()]
     return left
 
 
-def tool(tok, write_verdict=True):
+def tool(tok, oracle=False):
     """The calculator for generate.generate (the same in search, RL and eval): (trigger token ids,
-    calculator). When the policy writes "a op b=", the sampler writes the result (integer results
-    only: a - b with a >= b, exact division; anything else is left to the model) and, on a step line
-    whose a and b are among the numbers left (numbers_left), the numbers left after it, ending the
-    line: "36 left 7 25 36\\n". On the \\boxed{} line it writes the value of the boxed expression
-    itself and the grader's verdict (countdown_correct) on the row's own problem, and ends the line:
-    "=12*2=24 == 24\\n" when the box solves it, "=18+8=26 != 24\\n" when its value differs,
-    "... == 24 but the numbers are wrong\\n" when it reaches the target without using each number
-    once, "invalid != 24\\n" when the box is malformed or divides by zero. A policy that miscopies
-    an operand ("=25-22=" after "(25-11)...") gets the box's true value, not the target it wished
-    for. write_verdict=False withholds the verdict: on the \\boxed{} line the tool writes only the
-    box's value ("=12*2=24", or "invalid"), and the policy writes the rest of the line itself.
-    Why a calculator at all: the miniature is about search, not about a small model learning
-    arithmetic; with its own arithmetic many steps are wrong, and without the written verdict its
-    reflections cannot tell right answers from wrong ones. Why the numbers left: after a backtrack a
-    small policy loses track of them. The model still chooses every operation, copies its operands,
-    and decides when to reflect, where to go back and what to try next."""
+    calculator). It does arithmetic and bookkeeping, never judging: what it writes depends only on
+    the text the policy wrote and the start numbers, never on the target or on whether a move was
+    legal, and it never calls the grader. When the policy writes "a op b=", it writes the exact
+    result (a Fraction: 36, -4 or 61/7) and, on a step line, the numbers left after it (the numbers
+    left before, less a and b where they are among them, plus the result), ending the line:
+    "36 left 7 25 36\\n". On the \\boxed{} line it writes the value of the whole boxed expression
+    ("invalid" when it is malformed or divides by zero), and the policy writes the rest:
+    " == 54", " != 54" or " == 54 but it breaks the rules" (verdict), and the newline. Why a
+    calculator at all: the miniature is about search, not about a small model learning arithmetic.
+    Why the numbers left: after a backtrack a small policy loses track of them. The model chooses
+    every operation, copies its operands, compares the box with the target, and decides when to
+    reflect, where to go back and what to try next.
+    oracle=True is the labelled ablation: on the \\boxed{} line the tool also writes the grader's
+    verdict on the row's own problem and ends the line, so every reflection follows an oracle."""
     triggers = [i for i in tok.ids_containing("=") if tok.decode([i]).endswith("=")]
 
     def calculator(prompt, ids):
@@ -169,40 +174,62 @@ def tool(tok, write_verdict=True):
         if not m:
             return []
         target, numbers = TARGET.search(text).groups()  # THIS row's problem
-        row = {"target": int(target), "numbers": [int(n) for n in numbers.split()]}
-        if "\\boxed{" in line:  # the answer's line: judge the box, and end the line
+        numbers = [int(n) for n in numbers.split()]
+        if "\\boxed{" in line:  # the answer's line: the box's value
             box = BOXED_LINE.match(line)  # None: "a op b=" inside an unclosed box
-            # (value, literals), or None: malformed, x/0
             parsed = countdown_eval(box[1]) if box else None
-            if not write_verdict:  # the box's value only; the policy writes the rest of the line
-                return tok.encode("invalid" if parsed is None else str(parsed[0]))
-            if parsed is None:
-                return tok.encode(f"invalid != {target}\n")
-            value, ok = parsed[0], countdown_correct(row, box[1])
-            verdict = "==" if value == row["target"] else "!="
-            wrong_numbers = "" if ok or verdict == "!=" else " but the numbers are wrong"
-            # a Fraction prints as 54 or 61/7
-            return tok.encode(f"{value} {verdict} {target}{wrong_numbers}\n")
-        # the grader's arithmetic (None: division by zero)
-        value = (countdown_eval(m[0][:-1]) or (None,))[0]
-        if value is None or value < 0 or value.denominator != 1:  # illegal moves: left to the model
-            return []
+            value = "invalid" if parsed is None else str(parsed[0])
+            if oracle:
+                ok = parsed is not None and countdown_correct(
+                    {"target": int(target), "numbers": numbers}, box[1])
+                return tok.encode(f"{value}{verdict(value, int(target), ok)}\n")
+            return tok.encode(value)
+        value = (countdown_eval(m[0][:-1]) or ("undefined",))[0]  # x/0: "undefined"
         if common.REFLECT in line:  # a go-back restating a step: the model restates the rest itself
-            return tok.encode(str(int(value)))
-        left = numbers_left(row["numbers"], text[: len(text) - len(line)])
+            return tok.encode(str(value))
+        left = numbers_left(numbers, text[: len(text) - len(line)])
         for n in (int(m[1]), int(m[3])):
-            if n not in left:  # not a number left: the model's own mistake, and its own line
-                return tok.encode(str(int(value)))
-            left.remove(n)
-        return tok.encode(f"{int(value)} left {' '.join(map(str, left + [int(value)]))}\n")
+            if n in left:
+                left.remove(n)
+        return tok.encode(f"{value} left {' '.join(map(str, left + [value]))}\n")
     return triggers, calculator
+
+
+def verdict(value, target, correct):
+    """The comparison that ends an answer line after the box's value: " == 54" (correct), " != 54"
+    (another value), " == 54 but it breaks the rules" (the target, reached without using each
+    number once or with an illegal operation)."""
+    if correct:
+        return f" == {target}"
+    return f" == {target} but it breaks the rules" if value == str(target) else f" != {target}"
+
+
+def written_verdict(line):
+    """The verdict written on an answer line: True (" == 54"), False (" != 54", or "... but it
+    breaks the rules"), None (none: the line stops at the box's value, or is not an answer line)."""
+    m = ANSWER_END.match(line)
+    rest = line[m.end():].strip() if m else ""
+    if rest.startswith("!=") or rest.startswith("==") and "breaks the rules" in rest:
+        return False
+    return True if rest.startswith("==") else None
+
+
+def with_true_verdict(rec, line):
+    """An answer line with the verdict the grader gives in place of whatever followed the box's
+    value (linearize writes it into every attempt); other lines unchanged."""
+    m = ANSWER_END.match(line)
+    if not m:
+        return line
+    end = "\n" if line.endswith("\n") else ""
+    return m[1] + verdict(m[3], rec["target"], countdown_correct(rec, m[2])) + end
 
 
 # ----------------------------------------------------------------------------- grader
 
-def countdown_eval(s):
+def countdown_eval(s, legal=False):
     """(value, integer literals) of an expression over integers with + - * / and parentheses, or
-    None if it is malformed, too long or divides by zero. Recursive descent over Fractions; no eval,
+    None if it is malformed, too long or divides by zero (legal=True: or if an operation, evaluated
+    as written, gives a negative or non-integer result). Recursive descent over Fractions; no eval,
     no unary minus."""
     for a, b in (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"), ("×", "*"), ("÷", "/"),
                  ("\\left", ""), ("\\right", ""), ("{", "("), ("}", ")")):
@@ -217,10 +244,15 @@ def countdown_eval(s):
             pos += 1
             return toks[pos - 1]
 
+    def check(v):
+        if legal and (v < 0 or v.denominator != 1):
+            raise ValueError("an illegal operation")
+        return v
+
     def expr(d):
         v = term(d)
         while op := take("+", "-"):
-            v = v + term(d) if op == "+" else v - term(d)
+            v = check(v + term(d) if op == "+" else v - term(d))
         return v
 
     def term(d):
@@ -229,7 +261,7 @@ def countdown_eval(s):
             w = atom(d)
             if op == "/" and w == 0:
                 raise ValueError("division by zero")
-            v = v * w if op == "*" else v / w
+            v = check(v * w if op == "*" else v / w)
         return v
 
     def atom(d):
@@ -256,10 +288,11 @@ def countdown_eval(s):
 
 
 def countdown_correct(rec, pred):
-    """Correct iff the expression uses each given number exactly once and equals the target exactly.
-    "expr = 64" is accepted when every side after the first is a plain value equal to it."""
+    """Correct iff the expression uses each given number exactly once, every operation in it is
+    legal as written (the module's rule) and it equals the target. "expr = 64" is accepted when
+    every side after the first is a plain value equal to it."""
     sides = pred.split("=")
-    parsed = [countdown_eval(s) for s in sides]
+    parsed = [countdown_eval(s, legal=True) for s in sides]
     if any(p is None for p in parsed) or any(len(p[1]) != 1 or p[0] != parsed[0][0]
                                              for p in parsed[1:]):
         return False

@@ -87,6 +87,9 @@ class Config:
     train: int = 13000               # problems for search / RL, split over the levels by level_mix
     warmup: int = 30000              # warm-up SFT conversations (own problems, disjoint from the
                                      # splits), by level_mix
+    warmup_wrong: float = 0.0        # share of warm-up conversations that are one random legal
+                                     # attempt, mostly wrong, ending on its true verdict (" != 54")
+                                     # and stopping: the base practises comparing with the target
     level_mix: tuple = (1, 2)        # relative share of each level in train and warmup (3-number
                                      # problems are few)
     min_solutions: tuple = (1, 8)    # per level: keep only problems with at least this many
@@ -110,9 +113,9 @@ class Config:
                                      # repetitive)
 
     ranges = dict(lo=(1, None), hi=(1, None), target_lo=(1, None), target_hi=(1, None),
-                  holdout=(0.0, 1.0), train=(0, None), warmup=(0, None), val=(0, None),
-                  test=(0, None), confirm=(0, None), confirm_round=(1, None), merges=(0, None),
-                  bpe_docs=(1, None))
+                  holdout=(0.0, 1.0), warmup_wrong=(0.0, 1.0), train=(0, None),
+                  warmup=(0, None), val=(0, None), test=(0, None), confirm=(0, None),
+                  confirm_round=(1, None), merges=(0, None), bpe_docs=(1, None))
 
 
 # ----------------------------------------------------------------------------- problems
@@ -181,12 +184,31 @@ def write_problems(cfg, splits, held_set):
         common.write_jsonl(os.path.join(cfg.out_dir, f"{name}.jsonl"), recs)
 
 
+def random_attempt(numbers, rng):
+    """A random legal operation sequence (solve's format): any two numbers left, any operation
+    whose result is a non-negative integer."""
+    vals, path = list(numbers), []
+    while len(vals) > 1:
+        i, j = sorted(rng.choice(len(vals), 2, replace=False).tolist())
+        a, b = max(vals[i], vals[j]), min(vals[i], vals[j])
+        ops = [op for op in "+-*/" if op != "/" or b and a % b == 0]
+        op = ops[rng.integers(len(ops))]
+        c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]
+        vals = [v for k, v in enumerate(vals) if k not in (i, j)] + [c]
+        path.append((i, j, op))
+    return path
+
+
 def warmup_conversations(cfg, warmup):
-    """Warm-up SFT conversations: problem + its random solution path, in random (seeded) order."""
+    """Warm-up SFT conversations: problem + its random solution path (or, for a share warmup_wrong,
+    a random legal attempt ending on its true verdict), in random (seeded) order."""
     rng = np.random.default_rng([cfg.seed, 5])
+    wrong = np.random.default_rng([cfg.seed, 6])
     convs = []
     for k in rng.permutation(len(warmup)):
         rec, path = warmup[k]
+        if cfg.warmup_wrong and wrong.random() < cfg.warmup_wrong:
+            path = random_attempt(rec["numbers"], wrong)
         lines = countdown.steps(rec["numbers"], path, rec["target"])
         trace = "".join(line + "\n" for line in lines)  # each step ends in "\n"
         convs.append({"id": f"{rec['id']}#0", "messages": tasks.prompt_messages(rec) +
