@@ -83,7 +83,7 @@ def problem_accuracy(preds):
 def verification(preds, problems, resamples=1000, seed=0):
     """How well the policy judges its own answers (tasks.decisions on every sampled response).
     false_accept = wrong answer lines it stops on / wrong answer lines; false_reject = right ones it
-    goes on from / right ones; balanced = 1 - (false_accept + false_reject) / 2, with a 95%
+    goes on from / right ones; balanced = 1 - (false_accept + false_reject) / 2; each with a 95%
     bootstrap interval over problems; caught = wrong first answers it goes on from / wrong first
     answers; fixed = of those, the responses that end correct. None where a rate has no cases."""
     recs = {r["id"]: r for r in problems}
@@ -109,15 +109,21 @@ def verification(preds, problems, resamples=1000, seed=0):
         fa, fr = rate(c[1], c[0]), rate(c[3], c[2])
         return None if fa is None or fr is None else 1 - (fa + fr) / 2
 
+    rates = lambda c: (rate(c[1], c[0]), rate(c[3], c[2]), balanced(c))
     total = counts.sum(0)
     rng = np.random.default_rng(seed)
-    boot = [balanced(counts[rng.integers(0, len(counts), len(counts))].sum(0))
+    boot = [rates(counts[rng.integers(0, len(counts), len(counts))].sum(0))
             for _ in range(resamples)]
-    boot = [b for b in boot if b is not None]
-    ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else None
+
+    def ci(j):  # 95% interval of rate j over the resamples where it is defined
+        got = [b[j] for b in boot if b[j] is not None]
+        if rates(total)[j] is None or not got:
+            return None
+        return [float(np.percentile(got, 2.5)), float(np.percentile(got, 97.5))]
+
     return {"answer_lines": int(total[0] + total[2]), "false_accept": rate(total[1], total[0]),
-            "false_reject": rate(total[3], total[2]), "balanced": balanced(total),
-            "balanced_ci95": ci if balanced(total) is not None else None,
+            "false_accept_ci95": ci(0), "false_reject": rate(total[3], total[2]),
+            "false_reject_ci95": ci(1), "balanced": balanced(total), "balanced_ci95": ci(2),
             "caught": rate(total[5], total[4]), "fixed": rate(total[6], total[5])}
 
 

@@ -2856,9 +2856,12 @@ def test_decisions_and_verification():
     assert v["false_accept"] == 1 / 2 and v["false_reject"] == 1 / 3  # of 2 wrong, 3 right lines
     assert v["balanced"] == pytest.approx(1 - (1 / 2 + 1 / 3) / 2)
     assert v["balanced_ci95"][0] <= v["balanced"] <= v["balanced_ci95"][1]
+    assert v["false_accept_ci95"][0] <= v["false_accept"] <= v["false_accept_ci95"][1]
+    assert v["false_reject_ci95"][0] <= v["false_reject"] <= v["false_reject_ci95"][1]
     assert v["caught"] == 1 / 2 and v["fixed"] == 1.0  # wrong first answers: p's (caught), q's
     only_right = evaluate.verification(preds[2:3], [dict(rec, id="q")])
     assert only_right["false_accept"] is None and only_right["balanced"] is None
+    assert only_right["false_accept_ci95"] is None and only_right["false_reject_ci95"] is not None
     assert evaluate.verification([], [rec]) is None
 
 
@@ -2971,9 +2974,41 @@ def test_report_paired_interval(tmp_path):
     assert "| Direct-SFT | – | – | – | – | – | – |" in (tmp_path / "report.md").read_text()
     report = load_script("report", "runs/report.py")
     v = {"answer_lines": 5, "false_accept": 0.5, "false_reject": 1 / 3, "balanced": 7 / 12,
+         "false_accept_ci95": [0.0, 1.0], "false_reject_ci95": None,
          "balanced_ci95": [0.25, 0.9], "caught": 0.5, "fixed": None}
-    assert "| ASTRO-SFT | 5 | 50.0 | 33.3 | 58.3 (25.0–90.0) | 50.0 | – |" \
+    assert "| ASTRO-SFT | 5 | 50.0 (0.0–100.0) | 33.3 | 58.3 (25.0–90.0) | 50.0 | – |" \
         in report.verification_table([("sft_astro", "ASTRO-SFT", {"verification": v})])
+
+
+def test_report_self_verified_resampling():
+    """runs/report.py's compute-matched control: per cap c, Direct takes its samples in order and
+    stops at the first it accepts itself (else keeps the c-th), paying every token drawn; maj@c;
+    pass@c stops at the first correct sample; ASTRO is compared at the largest c within its mean
+    tokens, paired over problems."""
+    report = load_script("report", "runs/report.py")
+    rec = lambda i: {"id": i, "problem": "", "answer": "24", "numbers": [4, 6], "target": 24}
+    recs = {i: rec(i) for i in ("p", "q")}
+    wrong, right = "\\boxed{4+6}=4+6=10 != 24", "\\boxed{4*6}=4*6=24 == 24"
+    fooled = wrong.replace("!=", "==")
+    sample = lambda i, j, text, ok, n: {"id": i, "sample": j, "response": text, "stopped": True,
+                                        "correct": ok, "tokens": n, "pred": text[7:10]}
+    direct = [sample("p", 0, wrong, False, 10), sample("p", 1, right, True, 20),
+              sample("p", 2, right, True, 30),
+              sample("q", 0, fooled, False, 5), sample("q", 1, right, True, 7),
+              sample("q", 2, wrong, False, 9)]
+    by_id = {"p": direct[:3], "q": direct[3:]}
+    # (self-verified correct, its tokens, maj@c, pass@c, its tokens) per problem
+    assert report.resampling(recs, by_id, 1).tolist() == [[0, 10, 0, 0, 10], [0, 5, 0, 0, 5]]
+    assert report.resampling(recs, by_id, 2).tolist() == [[1, 30, 0, 1, 30], [0, 5, 0, 1, 12]]
+    assert report.resampling(recs, by_id, 3)[0].tolist() == [1, 30, 1, 1, 30]
+    # ASTRO at 20 tokens per problem: c = 1 (7.5 tokens) fits, c = 2 (17.5) fits, c = 3 (17.5 too)
+    astro = [sample("p", 0, right, True, 20), sample("q", 0, wrong, False, 20)]
+    got = {"sft_direct": {"mean_tokens": 13.5, "pass@1": 0.5},
+           "sft_astro": {"mean_tokens": 20.0, "pass@1": 0.5}}
+    lines = report.matched_table(got, {"sft_direct": direct, "sft_astro": astro}, recs)
+    assert "| 2 | 50.0 | 17.5 | 0.0 | 100.0 | 21.0 |" in lines
+    assert "3 samples per problem drawn, 3 needed" in lines[3]
+    assert any("c = 3" in ln and "= +0.0 points" in ln for ln in lines)
 
 
 def test_report_gains_by_level(tmp_path):

@@ -139,18 +139,19 @@ def verification_table(rows):
              "the policy writes each verdict itself (the tool writes the box's value only), "
              "unless eval.py ran with --oracle=True, the ablation where the tool writes the "
              "grader's verdict: then these rates measure how well a model follows it.",
-             "", "| model | answer lines | false accept | false reject | balanced accuracy "
-             "(95% CI) | wrong first answers caught | of those, fixed |",
+             "", "| model | answer lines | false accept (95% CI) | false reject (95% CI) | "
+             "balanced accuracy (95% CI) | wrong first answers caught | of those, fixed |",
              "|---|---|---|---|---|---|---|"]
     for _, name, s in rows:
         v = s.get("verification")
         if not v:
             lines.append(f"| {name} | – | – | – | – | – | – |")
             continue
-        ci = v["balanced_ci95"]
-        bal = pc(v["balanced"]) + (f" ({pc(ci[0])}–{pc(ci[1])})" if ci else "")
-        lines.append(f"| {name} | {v['answer_lines']} | {pc(v['false_accept'])} | "
-                     f"{pc(v['false_reject'])} | {bal} | {pc(v['caught'])} | {pc(v['fixed'])} |")
+        cell = lambda k: pc(v[k]) + (f" ({pc(ci[0])}–{pc(ci[1])})" if (ci := v.get(k + "_ci95"))
+                                     else "")
+        lines.append(f"| {name} | {v['answer_lines']} | {cell('false_accept')} | "
+                     f"{cell('false_reject')} | {cell('balanced')} | {pc(v['caught'])} | "
+                     f"{pc(v['fixed'])} |")
     return lines + ["", "Rates in %."]
 
 
