@@ -1137,6 +1137,14 @@ def test_countdown_calculator(cd_data, monkeypatch):
                        (f"{back} had 12*3=", "36")]:
         assert tok.decode(calc(prompt, tok.encode(text))) == (want or ""), text
     assert countdown.numbers_left([7, 3, 12, 25], "") == [7, 3, 12, 25]
+    # model-written lists are untrusted: a list that is not all values leaves the numbers unchanged
+    for junk in ("22-10", "3 5/0", "7 -", "1/2/3", "x 4", "4  5"):
+        assert countdown.numbers_left([7, 3], f"7+3=10 left 10\n{back} had 7+3=10 left {junk}.\n") \
+            == [10], junk
+    rng = random.Random(0)
+    for _ in range(300):  # nothing the policy can write makes the tool raise
+        junk = "".join(rng.choice("0123456789-+*/ =.") for _ in range(rng.randint(1, 12)))
+        calc(prompt, tok.encode(f"{back} had 7+3=10 left {junk}.\n7+3="))
     # search's prompts end in a node's path: the numbers left come from there
     path_so_far = tok.encode("12*3=36 left 7 25 36\n")
     assert tok.decode(calc(prompt + path_so_far, tok.encode("25-7="))) == "18 left 36 18\n"

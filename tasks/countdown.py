@@ -43,7 +43,8 @@ CD_MAX_CHARS = 300  # longest expression graded (a 6-number expression needs < 6
 CALC = re.compile(r"(?<![\d.])(\d{1,6})([-+*/])(\d{1,6})=$")  # "...11*4=" ending the text so far
 TARGET = re.compile(r"Make (\d+) from ([\d ]+) with")  # target and numbers of a countdown_prompt
 BOXED_LINE = re.compile(r".*\\boxed\{(.*)\}=")  # an answer line's box (greedy: up to its last "}=")
-LEFT = re.compile(r" left ([-\d/ ]+)\.?$")  # numbers left, ending a step or a go-back's restatement
+NUM = r"-?\d+(?:/[1-9]\d*)?"  # a value the calculator writes: 36, -4, 61/7
+LEFT = re.compile(rf" left ({NUM}(?: {NUM})*)\.?$")  # numbers left, ending a step or a restatement
 # an answer line up to the box's value (after the box's "}=" and its calculation "a op b=")
 ANSWER_END = re.compile(r"(.*\\boxed\{(.*)\}=(?:[^=\n]*=)?(invalid|-?\d+(?:/\d+)?))")
 
