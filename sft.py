@@ -9,7 +9,8 @@ on the chain-of-thoughts that linearize.py writes (ASTRO traces, or the Direct b
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_llama_math.py   # FSDP2 on 8 GPUs
 
 Data: JSONL of {"messages": [{"role": ..., "content": ...}, ...]} rendered with the Llama 3 chat
-format (tokenizer.Tokenizer.render_chat). Conversations are packed into rows of up to seq_len
+format (tokenizer.Tokenizer.render_chat); the loss is on assistant content, from character
+"loss_from" on where a message has one. Conversations are packed into rows of up to seq_len
 tokens; a per-token document id keeps attention (and rotary positions) inside each conversation,
 so packing changes the speed, not the result. The global batch (batch_size rows) is the same for
 any number of processes: each rank takes its slice. Kill it at any moment and re-run the same
@@ -111,6 +112,10 @@ def read_conversations(path):
                 raise UserError(f"{where}: messages[{i}].role must be one of {ROLES}, got {role!r}")
             if not isinstance(m.get("content"), str):
                 raise UserError(f"{where}: messages[{i}].content must be a string")
+            k = m.get("loss_from", 0)
+            if type(k) is not int or not 0 <= k <= len(m["content"]):
+                raise UserError(f"{where}: messages[{i}].loss_from must be an int from 0 to the "
+                                f"content's length ({len(m['content'])}), got {k!r}")
     # the group keeps all traces of one problem ("<problem id>#<j>") on the same side of the split
     return [(f"{path}:{r['_line']}", r["messages"], str(r.get("id", r["_line"])).split("#")[0])
             for r in recs]

@@ -305,6 +305,10 @@ def test_byte_tokenizer_chat_mask_and_specials(tmp_path):
     ids, mask = tok.render_chat([{"role": "user", "content": "hi"},
                                  {"role": "assistant", "content": "yo"}])
     assert [i for i, k in zip(ids, mask) if k] == [ord("y"), ord("o"), tok.eot_id]
+    # loss_from: the content before it is context (same ids, no loss)
+    ids2, mask2 = tok.render_chat([{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "yo", "loss_from": 1}])
+    assert ids2 == ids and [i for i, k in zip(ids2, mask2) if k] == [ord("o"), tok.eot_id]
     assert len(ids) == len(mask) and ids[0] == tok.bos_id
     prompt = tok.render_prompt([{"role": "user", "content": "hi"}])
     assert ids[: len(prompt)] == prompt
@@ -1086,6 +1090,24 @@ def test_countdown_tokenizer(cd_data):
     assert len(tok.encode(" " + common.REFLECT)) <= 16  # the reflection words are whole tokens
     ids, mask = tok.render_chat(conv["messages"])
     assert tok.decode([i for i, m in zip(ids, mask) if m][:-1]) == trace
+    # warm-up attempts (prepare --warmup_wrong): the loss is on the true verdict only
+    rec = {"id": "w", "problem": "Make 24 from 2 3 4 with + - * /, each number once.",
+           "answer": "24", "numbers": [2, 3, 4], "target": 24}
+    warmup = [({**rec, "id": f"w{i}"}, [(0, 1, "*"), (0, 1, "*")]) for i in range(200)]
+    convs = countdown_prepare.warmup_conversations(
+        countdown_prepare.Config(warmup_wrong=0.5), warmup)
+    tried = [c["messages"][-1] for c in convs if "loss_from" in c["messages"][-1]]
+    assert 50 < len(tried) < 150
+    verdicts = Counter()
+    for m in tried:
+        value, said = re.fullmatch(r"(?s).*=(\d+)( == | != )24\n", m["content"]).groups()
+        assert m["content"][m["loss_from"]:] == f"{said}24\n"  # the loss: on the verdict only
+        assert (said == " == ") == (value == "24")  # and it is true
+        verdicts[said] += 1
+    assert verdicts[" != "] > verdicts[" == "] > 0
+    bad = [c["messages"][-1] for c in convs if "loss_from" not in c["messages"][-1]
+           and not c["messages"][-1]["content"].endswith("=24 == 24\n")]
+    assert not bad, bad[:3]  # the rest: the given solutions
 
 
 def test_countdown_calculator(cd_data, monkeypatch):
@@ -2238,6 +2260,9 @@ BAD = {
                      r"bad.jsonl:1: messages\[0\].role must be one of .* got 'robot'"),
     "bad_content": ([json.dumps({"messages": [{"role": "user", "content": 3}]})],
                     r"bad.jsonl:1: messages\[0\].content must be a string"),
+    "bad_loss_from": ([json.dumps({"messages": [{"role": "assistant", "content": "ab",
+                                                  "loss_from": 3}]})],
+                      r"bad.jsonl:1: messages\[0\].loss_from must be an int from 0 .* got 3"),
     "empty": ([], r"bad.jsonl: no records"),
 }
 

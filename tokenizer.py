@@ -99,12 +99,16 @@ class Tokenizer:
                 self.specials["<|end_header_id|>"], *self.encode("\n\n")]
 
     def render_chat(self, messages):
-        """Llama 3 chat format -> (ids, mask); mask is 1 on assistant content and its <|eot_id|>."""
+        """Llama 3 chat format -> (ids, mask); mask is 1 on assistant content and its <|eot_id|>,
+        from character loss_from of the content on where a message has one (the text before it
+        is context: encoded on its own, no loss)."""
         ids, mask = [self.bos_id], [0]
         for m in messages:
-            h, body = self._header(m["role"]), self.encode(m["content"]) + [self.eot_id]
-            ids += h + body
-            mask += [0] * len(h) + [int(m["role"] == "assistant")] * len(body)
+            k, text = m.get("loss_from", 0), m["content"]
+            h, before = self._header(m["role"]), self.encode(text[:k])
+            body = self.encode(text[k:]) + [self.eot_id]
+            ids += h + before + body
+            mask += [0] * (len(h) + len(before)) + [int(m["role"] == "assistant")] * len(body)
         return ids, mask
 
     def render_prompt(self, messages):

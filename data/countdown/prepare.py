@@ -89,7 +89,8 @@ class Config:
                                      # splits), by level_mix
     warmup_wrong: float = 0.0        # share of warm-up conversations that are one random legal
                                      # attempt, mostly wrong, ending on its true verdict (" != 54")
-                                     # and stopping: the base practises comparing with the target
+                                     # and stopping, with the loss on the verdict only: the base
+                                     # practises comparing with the target, not random moves
     level_mix: tuple = (1, 2)        # relative share of each level in train and warmup (3-number
                                      # problems are few)
     min_solutions: tuple = (1, 8)    # per level: keep only problems with at least this many
@@ -207,12 +208,16 @@ def warmup_conversations(cfg, warmup):
     convs = []
     for k in rng.permutation(len(warmup)):
         rec, path = warmup[k]
-        if cfg.warmup_wrong and wrong.random() < cfg.warmup_wrong:
+        attempt = cfg.warmup_wrong and wrong.random() < cfg.warmup_wrong
+        if attempt:
             path = random_attempt(rec["numbers"], wrong)
         lines = countdown.steps(rec["numbers"], path, rec["target"])
         trace = "".join(line + "\n" for line in lines)  # each step ends in "\n"
-        convs.append({"id": f"{rec['id']}#0", "messages": tasks.prompt_messages(rec) +
-                      [{"role": "assistant", "content": trace}],
+        answer = {"role": "assistant", "content": trace}
+        if attempt:  # the random moves are context, the verdict is the lesson
+            answer["loss_from"] = len(trace) - len(lines[-1]) - 1 + countdown.ANSWER_END.match(
+                lines[-1]).end()
+        convs.append({"id": f"{rec['id']}#0", "messages": tasks.prompt_messages(rec) + [answer],
                       "meta": {"k": 0, "backtracks": 0, "mode": "warmup"}})
     return convs
 
