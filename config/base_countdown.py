@@ -5,8 +5,7 @@
 # Sized for the main job's CPU budget, where fp32 is the fast path: dim 128, 4 layers (~1.0M
 # parameters); a wider model trains too slowly for the budget.
 # Token budget: 600 steps x 32 rows x 256 tokens = 4.9M token slots (~2 epochs of warmup.jsonl).
-# Rows of 256 tokens: conversations are ~50-75 tokens, and the per-document attention mask costs
-# O(seq_len^2).
+# Rows of 256 tokens: conversations are ~50-75 tokens.
 init = "scratch"
 tokenizer = "data/countdown/tokenizer.model"
 dim = 128

@@ -1,7 +1,7 @@
-# Direct SFT, the control of the ablation (paper "Direct"): the same base policy, problems, trees,
-# number of examples and recipe as ASTRO SFT, but direct solutions without reflection or
-# backtracking, and fewer passes. Applied on top of config/sft_astro.py, so the two arms differ
-# only in their data and their length:
+# Direct SFT, the control of the ablation (paper "Direct"): the same base policy, problems, trees
+# and recipe as ASTRO SFT, but direct solutions without reflection or backtracking (one per ASTRO
+# trace) and each wrong attempt alone, ending on its true verdict, and fewer passes. Applied on top
+# of config/sft_astro.py, so the two arms differ only in their data and their length:
 #   python sft.py config/sft_astro.py config/sft_direct.py
 data = "out/linearize/direct.jsonl"  # the Direct traces linearize.py writes from the same trees
 out_dir = "out/sft_direct"  # the Direct arm's own run
