@@ -3003,6 +3003,11 @@ def test_report_paired_interval(tmp_path):
     lo, hi = evaluate.bootstrap_ci([gain[i] for i in sorted(gain)])
     assert row[1:4] == [f"{100 * 8 / 120:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}", "no"]
     assert lo > 0
+    # report.json beside report.md: the same numbers, for runs/readme_table.py
+    numbers = json.loads((tmp_path / "report.json").read_text())
+    assert numbers["claims"]["base<sft_direct"] == {"gain": pytest.approx(8 / 120),
+                                                   "ci95": [lo, hi]}
+    assert numbers["models"]["base"]["pass1"] == pytest.approx(sum(hits["base"]) / 120)
     # the self-verification table: a row per model, dashes without decisions
     assert "| Direct-SFT | – | – | – | – | – | – |" in (tmp_path / "report.md").read_text()
     report = load_script("report", "runs/report.py")
@@ -3038,10 +3043,16 @@ def test_report_self_verified_resampling():
     astro = [sample("p", 0, right, True, 20), sample("q", 0, wrong, False, 20)]
     got = {"sft_direct": {"mean_tokens": 13.5, "pass@1": 0.5},
            "sft_astro": {"mean_tokens": 20.0, "pass@1": 0.5}}
-    lines = report.matched_table(got, {"sft_direct": direct, "sft_astro": astro}, recs)
+    m = report.matched(got, {"sft_direct": direct, "sft_astro": astro}, recs, "sft_direct",
+                       "sft_astro")
+    assert (m["cap"], m["diff"], m["svr"], m["svr_tokens"]) == (3, 0.0, 0.5, 17.5)
+    lines = report.matched_table(got, {("sft_direct", "sft_astro"): m})
     assert "| 2 | 50.0 | 17.5 | 0.0 | 100.0 | 21.0 |" in lines
     assert "3 samples per problem drawn, 3 needed" in lines[3]
     assert any("c = 3" in ln and "= +0.0 points" in ln for ln in lines)
+    # not the same problems: no comparison
+    assert report.matched(got, {"sft_direct": direct, "sft_astro": astro[:1]}, recs,
+                          "sft_direct", "sft_astro") is None
 
 
 def test_report_gains_by_level(tmp_path):
@@ -3100,33 +3111,64 @@ def test_show_tree_prints_the_tree_and_its_traces(tmp_path, capsys):
         show_tree.main(show_tree.Config(trees=str(tmp_path / "trees.jsonl"), id="nope"))
 
 
-def test_readme_table_copies_report_rows(tmp_path, capsys):
-    """runs/readme_table.py: five columns of report.md's first table, between README's markers,
-    with the machine; --check says whether the README is up to date."""
+def test_readme_table_gathers_runs(tmp_path, capsys):
+    """runs/readme_table.py: every run's numbers (mean first), the matched-compute rows and the
+    research targets per run, between README's markers with the machine; --check says whether
+    the README is up to date; runs on other problems are refused."""
     readme_table = load_script("readme_table", "runs/readme_table.py")
-    (tmp_path / "report.md").write_text(
-        "# r\n\nHeld-out test problems: 2. pass@1 = mean.\n\n"
-        "| model | pass@1 (95% CI) | maj@k | pass@1, 3 numbers | pass@1, 4 numbers | "
-        "tokens/response |\n|---|---|---|---|---|---|\n"
-        "| Base | 20.0 (17.7–22.2) | 20.8 | 26.3 | 13.7 | 40.6 |\n"
-        "| ASTRO-SFT | 33.6 (30.7–36.3) | 37.0 | 44.4 | 22.8 | 337.7 |\n\n## next\n")
+    model = lambda name, p1, bal, trunc: dict(name=name, pass1=p1, balanced=bal, truncated=trunc,
+                                              tokens=40.0)
+    def run(d, astro_rl, diff):
+        d.mkdir()
+        common.write_json(str(d / "report.json"), dict(
+            split="test", problems=2, problems_by_level={"3": 1, "4": 1}, samples=3.0,
+            models=dict(base=model("Base", 0.2, 0.8, 0.0),
+                        sft_direct=model("Direct-SFT", 0.2, 0.8, 0.0),
+                        sft_astro=model("ASTRO-SFT", 0.3, 0.8, 0.05),
+                        rl_direct=model("Direct-RL", 0.25, 0.7, 0.0),
+                        rl_astro=model("ASTRO-RL", astro_rl, 0.9, 0.2)),
+            claims={"sft_astro<rl_astro": {"gain": astro_rl - 0.3, "ci95": [-0.1, 0.1]},
+                    "sft_direct<rl_direct": {"gain": 0.05, "ci95": [0.0, 0.1]}},
+            matched={"sft_astro": dict(direct="sft_direct", cap=4, diff=diff, ci95=[-0.1, 0.2],
+                                       svr=0.3 - diff, svr_tokens=100.0, budget=120.0)}))
+    run(tmp_path / "a", 0.4, 0.05)
+    run(tmp_path / "b", 0.2, -0.05)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results -->\nold\n<!-- /results -->\nafter\n")
-    cfg = dict(out=str(tmp_path), readme=str(readme))
+    cfg = dict(outs=f"{tmp_path}/a,{tmp_path}/b", readme=str(readme))
     with pytest.raises(SystemExit) as e:
         readme_table.main(readme_table.Config(**cfg, check=True))
     assert e.value.code == 1
     readme_table.main(readme_table.Config(**cfg))
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- results -->\nHeld-out test problems: 2.")
-    assert "| ASTRO-SFT | 33.6 (30.7–36.3) | 44.4 | 22.8 | 337.7 |\n<!-- /results -->\nafter\n" \
-        in text and "old" not in text and "Machine: " in text and "37.0" not in text
+    assert text.startswith("intro\n<!-- results -->\nHeld-out test problems: 2 (1 with 3 numbers")
+    assert "Machine: " in text and "\nold\n" not in text
+    assert text.endswith("<!-- /results -->\nafter\n")
+    assert "| ASTRO-RL | 30.0 (40.0 / 20.0) | 90.0 (90.0 / 90.0) | 20.0 (20.0 / 20.0) |" in text
+    assert ("| Direct-SFT, self-verified resampling at ASTRO-SFT's tokens (cap c = 4 / 4) | "
+            "30.0 (25.0 / 35.0) |") in text
+    assert "| ASTRO-SFT − that, paired 95% CI | +5.0 (-10.0 to +20.0) / -5.0 (-10.0 to +20.0) |" \
+        in text
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ")[1:] for ln in text.splitlines()}
+    assert rows["ASTRO-SFT > Direct-SFT's self-verified resampling at equal tokens"] \
+        == ["holds", "**no** |"]
+    assert rows["ASTRO-RL > ASTRO-SFT"] == ["holds", "**no** |"]
+    assert rows["Direct-RL > Direct-SFT"] == ["holds", "holds |"]
+    assert rows["ASTRO's balanced verification ≥ the base's (SFT and RL)"] == ["holds", "holds |"]
+    assert rows["every model truncated ≤ 10%"] == ["**no**", "**no** |"]
     with pytest.raises(SystemExit) as e:
         readme_table.main(readme_table.Config(**cfg, check=True))
     assert e.value.code == 0
+    other = json.loads((tmp_path / "b" / "report.json").read_text())
+    common.write_json(str(tmp_path / "b" / "report.json"), dict(other, split="val"))
+    with pytest.raises(common.UserError, match="b/report.json: 2 val problems, the first run "
+                                               "has 2 test"):
+        readme_table.main(readme_table.Config(**cfg))
+    with pytest.raises(common.UserError, match="c/report.json: file not found"):
+        readme_table.main(readme_table.Config(**dict(cfg, outs=f"{tmp_path}/c")))
     readme.write_text("no markers\n")
     with pytest.raises(common.UserError, match="no <!-- results -->"):
-        readme_table.main(readme_table.Config(**cfg))
+        readme_table.main(readme_table.Config(**dict(cfg, outs=f"{tmp_path}/a")))
 
 
 def test_main_job_smoke(tmp_path):

@@ -1,48 +1,55 @@
 """
-runs/readme_table.py — put the main job's results table into README.md, from out/report.md.
+runs/readme_table.py — put the main job's results into README.md: one table over one or more runs
+(seeds), from each run's report.json (runs/report.py writes it beside report.md).
 
-    python runs/readme_table.py --out=out            # after bash runs/countdown.sh
-    python runs/readme_table.py --out=out --check=True   # only say whether README.md is up to date
+    python runs/readme_table.py --outs=out                       # after bash runs/countdown.sh
+    python runs/readme_table.py --outs=out,out_seed2,out_seed3   # three seeds of the main job
+    python runs/readme_table.py --outs=out --check=True   # only say whether README.md is up to date
 
-Copies five columns of report.md's first table (one row per model) between README.md's
-`<!-- results -->` and `<!-- /results -->` lines, with the report's header line and the machine the
-job ran on (this machine: run it where the job ran). Numbers differ between CPUs (floating-point
-order), so the table always names its machine.
+Writes between README.md's `<!-- results -->` and `<!-- /results -->` lines: each model's pass@1,
+balanced verification accuracy, truncation and tokens in every run; the matched-compute rows
+(ASTRO against Direct's self-verified resampling at ASTRO's mean tokens, with the paired
+interval); and which of the research targets hold in each run. Numbers differ between CPUs
+(floating-point order), so the table names the machine it was made on: run it where the jobs ran.
 """
+import json
 import os
 import platform
-import re
 import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import common  # noqa: E402
 
-COLUMNS = ("model", "pass@1 (95% CI)", "pass@1, 3 numbers", "pass@1, 4 numbers", "tokens/response")
 BEGIN, END = "<!-- results -->", "<!-- /results -->"
+MATCHED = (("sft_astro", "sft_direct"), ("rl_astro", "rl_direct"))
 
 
 @dataclass
 class Config:
-    out: str = "out"            # the main job's output directory (reads <out>/report.md)
+    outs: str = "out"           # the main job's output directories, comma-separated (one per seed)
     readme: str = "README.md"   # the file to update
     check: bool = False         # only compare; exit 1 if README.md's table differs
 
 
-def first_table(path):
-    """(header cells, rows of cells) of the first markdown table in `path`."""
-    if not os.path.isfile(path):
-        raise common.UserError(f"{path}: file not found (run bash runs/countdown.sh first)")
-    lines = [ln.strip() for ln in open(path, encoding="utf-8")]
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), None)
-    if start is None:
-        raise common.UserError(f"{path}: no table")
-    table = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        table.append([c.strip() for c in ln.strip("|").split("|")])
-    return table[0], table[2:]
+def load_runs(outs):
+    """{out dir: report.json} for each run; all must cover the same problems."""
+    runs = {}
+    for out in [o.strip() for o in outs.split(",") if o.strip()]:
+        path = os.path.join(out, "report.json")
+        if not os.path.isfile(path):
+            raise common.UserError(f"{path}: file not found (run bash runs/countdown.sh, or "
+                                   f"python runs/report.py --out={out})")
+        with open(path, encoding="utf-8") as f:
+            runs[out] = json.load(f)
+    if not runs:
+        raise common.UserError("--outs names no directory")
+    first = next(iter(runs.values()))
+    for out, r in runs.items():
+        if (r["split"], r["problems"]) != (first["split"], first["problems"]):
+            raise common.UserError(f"{out}/report.json: {r['problems']} {r['split']} problems, "
+                                   f"the first run has {first['problems']} {first['split']}")
+    return runs
 
 
 def machine():
@@ -53,18 +60,66 @@ def machine():
     return f"{os.cpu_count()} cores, {cpu or 'unknown CPU'}, torch {torch.__version__}"
 
 
-def block(report):
-    header, rows = first_table(report)
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise common.UserError(f"{report}: the first table has no column {missing[0]!r}")
-    cols = [header.index(c) for c in COLUMNS]
-    about = next(ln.strip() for ln in open(report, encoding="utf-8") if ln.startswith("Held-out"))
-    about = re.sub(r" pass@1 = .*", "", about)
-    out = [BEGIN, f"{about} pass@1 in %, 95% bootstrap interval over problems.",
-           f"Machine: {machine()}.", "", "| " + " | ".join(COLUMNS) + " |",
-           "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(r[i] for i in cols) + " |" for r in rows]
+def cells(values, fmt):
+    """One cell: each run's value, ' / '-separated; with several runs, their mean first."""
+    vals = [v for v in values if v is not None]
+    each = " / ".join("–" if v is None else fmt(v) for v in values)
+    return each if len(values) == 1 or not vals else f"{fmt(sum(vals) / len(vals))} ({each})"
+
+
+def targets(r):
+    """The research targets, each True / False in one run (point estimates; the paired intervals
+    are in the rows above and in report.md)."""
+    m, c, t = r["models"], r["claims"], r["matched"].get("sft_astro", {})
+    bal = {k: m[k]["balanced"] for k in m}
+    return [("ASTRO-SFT > Direct-SFT's self-verified resampling at equal tokens",
+             t.get("diff") is not None and t["diff"] > 0),
+            ("ASTRO-RL > ASTRO-SFT", c.get("sft_astro<rl_astro", {}).get("gain", -1) > 0),
+            ("Direct-RL > Direct-SFT", c.get("sft_direct<rl_direct", {}).get("gain", -1) > 0),
+            ("ASTRO's balanced verification ≥ the base's (SFT and RL)",
+             None not in (bal.get("base"), bal.get("sft_astro"), bal.get("rl_astro"))
+             and min(bal["sft_astro"], bal["rl_astro"]) >= bal["base"]),
+            ("ASTRO's balanced verification rises through RL",
+             None not in (bal.get("sft_astro"), bal.get("rl_astro"))
+             and bal["rl_astro"] > bal["sft_astro"]),
+            ("every model truncated ≤ 10%", all(x["truncated"] <= 0.10 for x in m.values()))]
+
+
+def block(runs):
+    pct = lambda v: f"{100 * v:.1f}"
+    first = next(iter(runs.values()))
+    levels = ", ".join(f"{n} with {lv} numbers" for lv, n in first["problems_by_level"].items())
+    out = [BEGIN, f"Held-out {first['split']} problems: {first['problems']} ({levels}); "
+           f"{len(runs)} run{'s' if len(runs) > 1 else ''} of the main job ({', '.join(runs)}"
+           f"{': SEED= changes training and sampling, not the problems' if len(runs) > 1 else ''}"
+           "). Each cell: the mean over runs, then each run's value. Percentages; tokens per "
+           "response generated (tool-written and stop tokens included).", "",
+           f"Machine: {machine()}.", "",
+           "| model | pass@1 | balanced verification | truncated | tokens/response |",
+           "|---|---|---|---|---|"]
+    for key, x in first["models"].items():
+        col = lambda f: [r["models"].get(key, {}).get(f) for r in runs.values()]
+        out.append(f"| {x['name']} | {cells(col('pass1'), pct)} | {cells(col('balanced'), pct)} "
+                   f"| {cells(col('truncated'), pct)} | {cells(col('tokens'), '{:.0f}'.format)} |")
+    for a, d in MATCHED:
+        ms = [r["matched"].get(a, {}) for r in runs.values()]
+        if not any("diff" in x for x in ms):
+            continue
+        name = lambda k: first["models"][k]["name"]
+        svr = [x.get("svr") for x in ms]
+        caps = " / ".join(str(x.get("cap", "–")) for x in ms)
+        tokens = cells([x.get("svr_tokens") for x in ms], "{:.0f}".format)
+        out.append(f"| {name(d)}, self-verified resampling at {name(a)}'s tokens (cap c = {caps}) "
+                   f"| {cells(svr, pct)} | | | {tokens} |")
+        diffs = " / ".join(f"{100 * x['diff']:+.1f} ({100 * x['ci95'][0]:+.1f} to "
+                           f"{100 * x['ci95'][1]:+.1f})" if "diff" in x else "–" for x in ms)
+        out.append(f"| {name(a)} − that, paired 95% CI | {diffs} | | | |")
+    out += ["", "| research target | " + " | ".join(runs) + " |",
+            "|---|" + "---|" * len(runs)]
+    held = [targets(r) for r in runs.values()]
+    for i, (what, _) in enumerate(held[0]):
+        out.append(f"| {what} | " + " | ".join("holds" if h[i][1] else "**no**" for h in held)
+                   + " |")
     return "\n".join(out + [END])
 
 
@@ -72,15 +127,15 @@ def main(cfg):
     text = open(cfg.readme, encoding="utf-8").read()
     if BEGIN not in text or END not in text:
         raise common.UserError(f"{cfg.readme}: no {BEGIN} ... {END} lines to fill")
-    new = text[: text.index(BEGIN)] + block(os.path.join(cfg.out, "report.md")) \
-        + text[text.index(END) + len(END):]
+    runs = load_runs(cfg.outs)
+    new = text[: text.index(BEGIN)] + block(runs) + text[text.index(END) + len(END):]
     if cfg.check:
-        print("up to date" if new == text else f"{cfg.readme} differs from {cfg.out}/report.md")
+        print("up to date" if new == text else f"{cfg.readme} differs from the runs' report.json")
         sys.exit(0 if new == text else 1)
     with open(cfg.readme + ".tmp", "w", encoding="utf-8") as f:
         f.write(new)
     os.replace(cfg.readme + ".tmp", cfg.readme)
-    print(f"{cfg.readme}: results table from {cfg.out}/report.md")
+    print(f"{cfg.readme}: results of {', '.join(runs)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ MODELS = [("base", "Base policy (warm-up SFT, no search)"), ("sft_direct", "Dire
 NAMES = dict(MODELS)
 # The paper's claims: each pair ordered (b beats a), and by how much, per level.
 CLAIMS = [("base", "sft_direct"), ("sft_direct", "sft_astro"), ("rl_direct", "rl_astro"),
-          ("sft_astro", "rl_astro")]
+          ("sft_astro", "rl_astro"), ("sft_direct", "rl_direct")]
 # ASTRO against its Direct control at equal generated tokens.
 MATCHED = [("sft_direct", "sft_astro"), ("rl_direct", "rl_astro")]
 # The gains compared between the easiest and the hardest level.
@@ -171,47 +171,58 @@ def resampling(recs, by_id, cap):
     return np.array(out, dtype=float)
 
 
-def matched_table(got, preds, recs):
-    """ASTRO against Direct's self-verified resampling at equal mean generated tokens (prompt
-    excluded; tool-written and stop tokens included), per attempt cap c."""
+def matched(got, preds, recs, d, a):
+    """ASTRO (a) against Direct's (d) self-verified resampling, per attempt cap c: the rows of
+    resampling() per c and, at the largest c whose mean tokens fit a's, the paired difference.
+    None when the two did not run on the same problems."""
+    by_id = defaultdict(list)
+    for p in sorted(preds[d], key=lambda p: p["sample"]):
+        if p["sample"] >= 0 and p["id"] in recs:
+            by_id[p["id"]].append(p)
+    astro = problem_accuracy(preds[a])
+    if not by_id or by_id.keys() != astro.keys():
+        return None
+    budget = got[a]["mean_tokens"]
+    rows = [resampling(recs, by_id, c) for c in range(1, min(map(len, by_id.values())) + 1)]
+    out = dict(rows=rows, budget=budget, need=int(np.ceil(2 * budget / got[d]["mean_tokens"])),
+               cap=None)
+    fits = [c for c, r in enumerate(rows, 1) if r[:, 1].mean() <= budget]
+    if fits:
+        c = fits[-1]
+        diff = [astro[i] - x for i, x in zip(sorted(by_id), rows[c - 1][:, 0])]
+        out.update(cap=c, diff=float(np.mean(diff)), ci95=[float(x) for x in bootstrap_ci(diff)],
+                   svr=float(rows[c - 1][:, 0].mean()), svr_tokens=float(rows[c - 1][:, 1].mean()),
+                   maj=float(rows[c - 1][:, 2].mean()))
+    return out
+
+
+def matched_table(got, m):
+    """The matched-compute comparison of each (Direct, ASTRO) pair in m: (d, a) -> matched()."""
     lines = []
-    for d, a in [(d, a) for d, a in MATCHED if d in got and a in got]:
-        by_id = defaultdict(list)
-        for p in sorted(preds[d], key=lambda p: p["sample"]):
-            if p["sample"] >= 0 and p["id"] in recs:
-                by_id[p["id"]].append(p)
-        k, astro = min(map(len, by_id.values())), problem_accuracy(preds[a])
-        if by_id.keys() != astro.keys():
-            continue  # not the same problems
-        budget = got[a]["mean_tokens"]
-        need = int(np.ceil(2 * budget / got[d]["mean_tokens"]))
+    for (d, a), r in m.items():
+        budget, k = r["budget"], len(r["rows"])
         lines += ["", f"## {NAMES[a]} against {NAMES[d]}'s self-verified resampling, at equal "
                   "tokens", "", f"{NAMES[d]} draws up to c samples per problem and stops at the "
                   f"first it accepts itself (else keeps the last). {NAMES[a]}: pass@1 "
                   f"{pct(got[a]['pass@1'])} at {budget:.1f} tokens per problem. {k} samples per "
-                  f"problem drawn, {need} needed to reach twice {NAMES[a]}'s tokens"
-                  + ("" if k >= need else " (too few: the caps stop short)") + ".", "",
+                  f"problem drawn, {r['need']} needed to reach twice {NAMES[a]}'s tokens"
+                  + ("" if k >= r["need"] else " (too few: the caps stop short)") + ".", "",
                   "| cap c | self-verified resampling | its tokens/problem | maj@c | "
                   "pass@c (uses the grader) | its tokens/problem |", "|---|---|---|---|---|---|"]
-        rows = [resampling(recs, by_id, c) for c in range(1, k + 1)]
-        for c, r in enumerate(rows, 1):
-            m = r.mean(0)
-            lines.append(f"| {c} | {pct(m[0])} | {m[1]:.1f} | {pct(m[2])} | {pct(m[3])} | "
-                         f"{m[4]:.1f} |")
-        fits = [c for c, r in enumerate(rows, 1) if r[:, 1].mean() <= budget]
-        if not fits:
+        for c, rows in enumerate(r["rows"], 1):
+            x = rows.mean(0)
+            lines.append(f"| {c} | {pct(x[0])} | {x[1]:.1f} | {pct(x[2])} | {pct(x[3])} | "
+                         f"{x[4]:.1f} |")
+        if r["cap"] is None:
             lines += ["", f"Even one {NAMES[d]} sample costs more tokens than {NAMES[a]}."]
             continue
-        c = fits[-1]
-        diff = [astro[i] - x for i, x in zip(sorted(by_id), rows[c - 1][:, 0])]
-        lo, hi = bootstrap_ci(diff)
+        c, (lo, hi) = r["cap"], r["ci95"]
         bal = lambda key: pct((got[key].get("verification") or {}).get("balanced"))
         lines += ["", f"At equal tokens (c = {c}, the largest cap within {NAMES[a]}'s tokens): "
-                  f"{NAMES[a]} − self-verified resampling = {100 * np.mean(diff):+.1f} points "
+                  f"{NAMES[a]} − self-verified resampling = {100 * r['diff']:+.1f} points "
                   f"(paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}, bootstrap over problems); "
-                  f"{NAMES[d]} pass@1 {pct(got[d]['pass@1'])}, maj@{c} "
-                  f"{pct(rows[c - 1][:, 2].mean())}; balanced verification accuracy "
-                  f"{NAMES[a]} {bal(a)}, {NAMES[d]} {bal(d)}."]
+                  f"{NAMES[d]} pass@1 {pct(got[d]['pass@1'])}, maj@{c} {pct(r['maj'])}; "
+                  f"balanced verification accuracy {NAMES[a]} {bal(a)}, {NAMES[d]} {bal(d)}."]
     return lines
 
 
@@ -299,6 +310,26 @@ def example(cfg, evals):
     return []
 
 
+def numbers(cfg, rows, acc, m):
+    """The report's headline numbers as JSON (report.json beside report.md): what
+    runs/readme_table.py gathers across seeds."""
+    s0 = rows[0][2]
+    models = {key: dict(name=name, pass1=s["pass@1"], ci95=s["pass@1_ci95"],
+                        by_level=s["pass@1_by_level"], tokens=s["mean_tokens"],
+                        truncated=s["truncated"],
+                        balanced=(s.get("verification") or {}).get("balanced"))
+              for key, name, s in rows}
+    keep = ("cap", "diff", "ci95", "svr", "svr_tokens", "budget")
+    claims = {f"{a}<{b}": dict(gain=models[b]["pass1"] - models[a]["pass1"], ci95=[
+        float(x) for x in bootstrap_ci([acc[b][i] - acc[a][i] for i in sorted(acc[a])])])
+        for a, b in CLAIMS if a in acc and b in acc and acc[a] and acc[a].keys() == acc[b].keys()}
+    return dict(split=cfg.split, problems=s0["problems"],
+                problems_by_level=s0["problems_by_level"],
+                samples=s0["samples_per_problem"], models=models, claims=claims,
+                matched={a: dict(direct=d, **{k: r[k] for k in keep if k in r})
+                         for (d, a), r in m.items()})
+
+
 # ----------------------------------------------------------------------------- main
 
 def times_table(cfg):
@@ -339,9 +370,12 @@ def main(cfg):
     lines += ordering_table(pairs, got, acc, levels)
     lines += verification_table(rows)
     problems_path = os.path.join(cfg.out, "data", f"{cfg.split}.jsonl")
+    m = {}
     if os.path.exists(problems_path):
         recs = {r["id"]: r for r in tasks.read_problems(problems_path)}
-        lines += matched_table(got, preds, recs)
+        m = {(d, a): matched(got, preds, recs, d, a) for d, a in MATCHED if d in got and a in got}
+        m = {k: r for k, r in m.items() if r is not None}
+        lines += matched_table(got, m)
     lines += gains_table(cfg, gaps, acc, levels)
     lines += stats_tables(cfg)
     lines += example(cfg, evals)
@@ -353,6 +387,7 @@ def main(cfg):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+    common.write_json(path[:-len(".md")] + ".json", numbers(cfg, rows, acc, m))
     print(text)
 
 
