@@ -992,6 +992,7 @@ def test_countdown_steps_format():
 # ------------------------------------------------------------ data, tokenizer and calculator
 
 def small_prepare(out_dir, **kw):
+    kw.setdefault("warmup_wrong", 0.0)  # solutions only: the tests read the warm-up as solutions
     cfg = countdown_prepare.Config(out_dir=str(out_dir), train=140, warmup=250, level_mix=(2, 3),
                                    val=20, test=30, bpe_docs=250, **kw)
     return countdown_prepare.main(cfg)

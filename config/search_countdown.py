@@ -8,9 +8,9 @@
 problems = "data/countdown/train.jsonl"
 policy = "out/base"
 out_dir = "out/search"
-limit = 700                 # the first 700 problems of train.jsonl (shuffled: ~1/3 with 3 numbers,
-                            # ~2/3 with 4): over half of the trees are solved, enough traces for
-                            # the 10 SFT epochs that fit the budget
+limit = 1400                # the first 1400 problems of train.jsonl (shuffled: ~1/3 with 3
+                            # numbers, ~2/3 with 4): ~2.3k ASTRO traces; the SFT models need
+                            # the data (half as many traces leave ASTRO 2 points lower on val)
 num_simulations = 12        # rounds per tree; Countdown trees are shallow (3-4 steps), 12 covers
                             # k^2 paths
 k = 3                       # next steps per expansion: a shallow tree needs little width

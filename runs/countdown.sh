@@ -67,7 +67,7 @@ python search.py config/search_countdown.py --problems="$DATA/train.jsonl" --pol
 stage "linearize: ASTRO and Direct traces from the same trees"
 for mode in astro direct; do
   # shellcheck disable=SC2086
-  python linearize.py config/linearize_countdown.py --mode=$mode \
+  python linearize.py --mode=$mode \
     --trees="$OUT/search/trees.jsonl" --out="$OUT/linearize/$mode.jsonl" $LIN
 done
 

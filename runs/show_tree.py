@@ -26,7 +26,7 @@ import tasks  # noqa: E402
 class Config:
     trees: str = "out/search/trees.jsonl"  # search.py's output
     id: str = ""                 # tree id; "" = the first tree with a correct and a wrong terminal
-    linearize: str = "config/linearize_countdown.py"  # linearize's settings ("" = its defaults)
+    linearize: str = ""          # a linearize config file ("" = its defaults, as the main job)
     paths_only: bool = True      # only nodes on a trace's path (trees have hundreds of nodes)
     width: int = 60              # characters of step text shown per node
 

@@ -12,7 +12,9 @@ Writes (deterministic: fixed seeds, stable ids such as "cd4-test-00012"):
                                     positions) reach the target: a difficulty measure
   warmup.jsonl                      SFT conversations (README.md, "JSONL schemas") for the base
                                     policy: one random valid solution path per problem, no
-                                    backtracking; its problems are disjoint from every split, so
+                                    backtracking, or (a share warmup_wrong) one random legal
+                                    attempt ending on its true verdict, the loss on the verdict
+                                    only; its problems are disjoint from every split, so
                                     search/RL on train.jsonl never meets a problem the base saw
                                     solved
   confirm.jsonl                     with --confirm=N only: N fresh problems per level, as test but
@@ -87,10 +89,11 @@ class Config:
     train: int = 13000               # problems for search / RL, split over the levels by level_mix
     warmup: int = 30000              # warm-up SFT conversations (own problems, disjoint from the
                                      # splits), by level_mix
-    warmup_wrong: float = 0.0        # share of warm-up conversations that are one random legal
+    warmup_wrong: float = 0.5        # share of warm-up conversations that are one random legal
                                      # attempt, mostly wrong, ending on its true verdict (" != 54")
                                      # and stopping, with the loss on the verdict only: the base
-                                     # practises comparing with the target, not random moves
+                                     # practises comparing with the target (~15k verdicts), not
+                                     # random moves
     level_mix: tuple = (1, 2)        # relative share of each level in train and warmup (3-number
                                      # problems are few)
     min_solutions: tuple = (1, 8)    # per level: keep only problems with at least this many
