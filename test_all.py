@@ -1353,6 +1353,101 @@ def test_math_pairs(monkeypatch):
     assert not wrong, wrong
 
 
+# (reference, prediction) pairs of equivalent forms the grader accepts in both directions: either
+# side may carry the form.
+FORMS = [
+    # --- answers written as assignments: a name on one side only is dropped; named tuples bind
+    ("(1,2)", "(x,y)=(1,2)"), ("(x, y) = (-1, \\frac{1}{2})", "(-1, 0.5)"),
+    ("(a,b,c)=(1,2,3)", "(1, 2, 3)"), ("(x,y)=(1,2)", "(y,x)=(2,1)"),
+    ("(x,y)=(1,2)", "y = 2, x = 1"), ("(x,y) = (3,-4)", "x=3,y=-4"), ("1,2", "x=1, x=2"),
+    ("(2,5]", "x \\in (2,5]"),
+    # --- repeating decimals
+    ("\\frac{1}{3}", "0.\\overline{3}"), ("\\frac16", "0.1\\overline{6}"), ("1", "0.\\overline{9}"),
+    ("\\frac{1}{7}", "0.\\overline{142857}"), ("0.\\overline{3}", "0.\\overline{33}"),
+    ("0.\\overline{3}", "0.3\\overline{3}"), ("\\frac13", ".\\overline{3}"),
+    ("\\frac13", "0.\\overline 3"), ("-\\frac{1}{3}", "-0.\\overline{3}"),
+    ("\\frac{5}{3}", "1.\\overline{6}"), ("\\frac{4}{33}", "0.\\overline{12}"),
+    ("\\frac{37}{300}", "0.12\\overline{3}"), ("33.\\overline{3}\\%", "\\frac{1}{3}"),
+    # --- a scalar factored out of a matrix
+    ("\\begin{pmatrix}2\\\\4\\end{pmatrix}", "2\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\begin{pmatrix}1/3\\\\2/3\\end{pmatrix}",
+     "\\frac{1}{3}\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\begin{pmatrix}-1\\\\-2\\end{pmatrix}", "-\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\begin{pmatrix}2x\\\\4\\end{pmatrix}", "2\\begin{pmatrix}x\\\\2\\end{pmatrix}"),
+    ("\\begin{pmatrix}\\sqrt2\\\\2\\end{pmatrix}",
+     "\\sqrt{2}\\begin{pmatrix}1\\\\ \\sqrt2\\end{pmatrix}"),
+    ("\\begin{pmatrix}2&0\\\\0&2\\end{pmatrix}", "2\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}"),
+    ("2\\begin{pmatrix}1\\\\2\\end{pmatrix}", "4\\begin{pmatrix}1/2\\\\1\\end{pmatrix}"),
+    ("\\begin{pmatrix}3\\\\6\\end{pmatrix}", "3\\cdot\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    # --- unicode math
+    ("\\sqrt{2}", "√2"), ("\\sqrt{23}", "√23"), ("2\\sqrt{3}", "2√3"), ("\\sqrt{x+1}", "√(x+1)"),
+    ("2", "∛8"), ("\\frac{\\pi}{2}", "π/2"), ("2\\pi", "2π"), ("\\pi r^2", "πr²"), ("6", "2×3"),
+    ("12", "3·4"), ("\\frac12", "1÷2"), ("-5", "−5"), ("x \\le 3", "x≤3"), ("3 \\le x", "3≤x"),
+    ("x \\geq -1", "x ≥ −1"), ("x \\ne 2", "x≠2"), ("(-\\infty, 2]", "(−∞, 2]"),
+    ("(0,1)\\cup(2,3)", "(0,1) ∪ (2,3)"), ("[1,2]", "x ∈ [1,2]"),
+]
+
+# (reference, prediction) near misses the grader rejects in both directions.
+NEAR_MISSES = [
+    # --- off by one
+    ("(1,2)", "(x,y)=(1,3)"), ("\\frac{1}{3}", "1.\\overline{3}"), ("\\sqrt{2}", "√3"),
+    ("\\begin{pmatrix}2\\\\4\\end{pmatrix}", "2\\begin{pmatrix}1\\\\3\\end{pmatrix}"), ("6", "2×4"),
+    # --- sign flip
+    ("\\frac{1}{3}", "-0.\\overline{3}"), ("(x,y)=(1,2)", "(1,-2)"), ("5", "−5"),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "-\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("x \\ge -1", "x ≥ 1"),
+    # --- a missing root
+    ("1,2,3", "1,2"), ("1,2,3", "x=1, x=2"), ("1 \\pm \\sqrt{2}", "1+√2"),
+    # --- wrong interval bracket
+    ("[1,2]", "(1,2]"), ("[1,2]", "x \\in (1,2]"), ("(-\\infty, 2]", "(−∞, 2)"),
+    ("(1,2)", "(x,y)=[1,2]"),
+    # --- swapped tuple order
+    ("(1,2)", "(x,y)=(2,1)"), ("(x,y)=(1,2)", "(y,x)=(1,2)"), ("(x,y)=(1,2)", "x=2,y=1"),
+    ("x=1,y=2", "x=2,y=1"),
+    # --- a different repeating block, or none
+    ("0.\\overline{3}", "0.\\overline{6}"), ("0.1\\overline{6}", "0.\\overline{16}"),
+    ("0.\\overline{12}", "0.\\overline{21}"), ("0.\\overline{3}", "0.3"),
+    ("0.\\overline{3}", "0.33"), ("\\frac{4}{33}", "\\overline{12}"),
+    # --- a wrong scalar factor or shape
+    ("\\begin{pmatrix}2\\\\4\\end{pmatrix}", "3\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\begin{pmatrix}1/3\\\\2/3\\end{pmatrix}", "3\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\begin{pmatrix}2\\\\4\\end{pmatrix}", "2\\begin{pmatrix}1\\\\2\\\\0\\end{pmatrix}"),
+    ("\\begin{pmatrix}2x\\\\4\\end{pmatrix}", "2\\begin{pmatrix}x\\\\4\\end{pmatrix}"),
+    # --- a different variable is a different claim (x=1 and y=1 are different lines)
+    ("x=1", "y=1"), ("(x,y)=(1,2)", "(x,z)=(1,2)"), ("(x,y)=(1,2)", "x=1"),
+    ("(x,y)=(1,2)", "(x,y,z)=(1,2,3)"),
+    # --- unicode
+    ("\\frac{\\pi}{2}", "π/3"), ("2\\pi", "π"), ("\\pi", "3.14"), ("x \\le 3", "x<3"),
+    ("x \\le 3", "x≥3"), ("\\sqrt{23}", "√2·3"), ("(0,1)\\cup(2,3)", "(0,1)∪(2,4)"),
+]
+
+
+def test_math_forms_and_near_misses(monkeypatch):
+    monkeypatch.setattr(math_task, "SYMPY_TIMEOUT", 60.0)  # equivalence logic only, as above
+    monkeypatch.setattr(math_task, "MATH_TIME_LIMIT", 120.0)
+    got = lambda g, p: (math_task.math_equal(g, p), math_task.math_equal(p, g))
+    missed = [(g, p, r) for g, p in FORMS if (r := got(g, p)) != (True, True)]
+    accepted = [(g, p, r) for g, p in NEAR_MISSES if (r := got(g, p)) != (False, False)]
+    assert not missed and not accepted, (missed, accepted)
+
+
+def test_math_hostile_inputs_bounded():
+    m = "\\begin{pmatrix}1\\\\2\\end{pmatrix}"
+    hostile = [  # huge exponents, deep nesting, very long strings, in each new form
+        "2^{10^{10}}", "(x,y)=(9^{9^{9}},1)", "9^{9^{9}}" + m, "(10!)!" + m, "√" * 75 + "2",
+        "√" * 300 + "2", "∛" * 100 + "8", "(" * 190 + "1" + ")" * 190, "(x,y)=" * 60 + "(1,2)",
+        "\\sqrt{" * 60 + "2" + "}" * 60, "x=" * 150 + "1", "\\frac{1}{" * 50 + "2" + "}" * 50 + m,
+        "0.\\overline{" + "9" * 300 + "}", "0.\\overline{" + "3" * 100_000 + "}", "π" * 100_000,
+        "√2" * 5000, "(x,y)=(" + "1," * 10_000 + "1)", "\\begin{pmatrix}" + "1&" * 150 + "1" + m,
+    ]
+    math_task.math_equal("1", "2")  # warm the worker so its start is not timed
+    for h in hostile:
+        for g in ("5", "(1,2)", m, "x=1"):
+            t = time.time()
+            assert not math_task.math_equal(g, h) and not math_task.math_equal(h, g)
+            assert time.time() - t < 2.0, (g, h[:80])
+
+
 def test_math_verify_agreement():
     agree, differ = 0, []
     for g, p, want in PAIRS:

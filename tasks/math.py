@@ -24,7 +24,11 @@ SYMPY_TIMEOUT = 2.0    # seconds per symbolic comparison; the worker is killed p
 
 # ----------------------------------------------------------------------------- normalization
 
-_REPLACE = [("\\left", ""), ("\\right", ""), ("\\quad", " "), ("\\qquad", " "),
+# unicode math first (a space after a command keeps it apart from a following letter: "πr")
+_REPLACE = [("−", "-"), ("×", "*"), ("·", "*"), ("÷", "/"), ("π", "\\pi "), ("∞", "\\infty "),
+            ("≤", "\\le "), ("≥", "\\ge "), ("≠", "\\ne "), ("∪", "\\cup "), ("∈", "\\in "),
+            ("²", "^2"), ("³", "^3"), ("√", "\\sqrt"), ("∛", "\\sqrt[3]"),
+            ("\\left", ""), ("\\right", ""), ("\\quad", " "), ("\\qquad", " "),
             ("\\displaystyle", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
             ("\\cfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""),
             ("\\degree", ""), ("°", ""), ("\\$", ""), ("$", ""), ("\\%", "%"), ("{,}", ","),
@@ -41,15 +45,16 @@ _TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operat
                       r"\s*\{([^{}]*)\}")
 
 
-def normalize_math(s):
+def normalize_math(s, keep_name=False):
     """(canonical string, had a percent sign) of a LaTeX answer: strips presentation (\\left,
     spacing, \\text, units, degrees, $), unifies \\dfrac/\\tfrac, \\frac12, \\sqrt2, x^{2}, .5,
-    1,000, "x = 5" -> "5", (C) -> C."""
+    unicode (√2, π, ×, −, ≤), 1,000, "x = 5" -> "5" (unless keep_name), (C) -> C."""
     s = s.strip()
     if len(s) > MATH_MAX_CHARS:
         return s, False
     s = _TEXT_RE.sub(r" \1 ", s)
     s = re.sub(r"(?<!\\)\\[,;:! ]", " ", s)  # spacing commands, not the row break \\ before a space
+    s = re.sub(r"([√∛])\s*(\d+(?:\.\d+)?|[a-zA-Z])", r"\1{\2}", s)  # √23 is √{23}, not √{2}3
     for a, b in _REPLACE:
         s = s.replace(a, b)
     pct = "%" in s
@@ -63,11 +68,13 @@ def normalize_math(s):
     s = re.sub(r"\\frac(\w)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\w)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"([\^_])\{(\w)\}", r"\1\2", s)
-    s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
+    s = re.sub(r"\\overline(\d)", r"\\overline{\1}", s)
+    s = re.sub(r"(?<![\d.])\.(\d|\\overline)", r"0.\1", s)
     s = re.sub(r"(?<=[\d}])\.$", "", s)
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
-    s = strip_var(s)
+    if not keep_name:
+        s = split_var(s)[1]
     if m := re.fullmatch(r"\(([A-E])\)", s):
         s = m.group(1)
     if re.fullmatch(r"[A-Za-z][A-Za-z ]+", s):
@@ -75,11 +82,41 @@ def normalize_math(s):
     return s, pct
 
 
-def strip_var(s):
-    """'x=5' -> '5', 'x\\in[1,2]' -> '[1,2]': a bare variable name on the left is not part of the
-    answer."""
-    m = re.fullmatch(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w)?(?:=|\\in)([^=]+)", s)
-    return m.group(1) if m else s
+# the name of an answer: a bare variable, or a tuple of them, left of = or \in
+_VAR = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w)?"
+_NAMED = re.compile(rf"({_VAR}|\({_VAR}(?:,{_VAR})+\))(?:=|\\in(?![a-zA-Z]))([^=]+)")
+
+
+def split_var(s):
+    """(name, value): 'x=5' -> ('x', '5'), 'x\\in[1,2]' -> ('x', '[1,2]'), '(x,y)=(1,2)' ->
+    ('(x,y)', '(1,2)'); (None, s) when no bare variable (or tuple of them) is on the left."""
+    m = _NAMED.fullmatch(s)
+    return m.groups() if m else (None, s)
+
+
+def _names_differ(na, nb):
+    """Both sides name what they answer, differently: x=1 and y=1 are different claims."""
+    return na is not None and nb is not None and na != nb
+
+
+def _unname(na, a, nb, b):
+    """The values a and b of answers named na and nb: a name only one side gives is dropped; a
+    tuple of names is bound to its values when the other side names values too, so (x,y)=(1,2),
+    (y,x)=(2,1) and y=2,x=1 agree. None if the names differ."""
+    tup = lambda n: n is not None and n[0] == "("
+    names = lambda n: sorted(n[1:-1].split(","))
+    if _names_differ(na, nb) and not (tup(na) and tup(nb) and names(na) == names(nb)):
+        return None
+    a = _bind(na, a) if tup(na) and (nb or "=" in b) else a
+    b = _bind(nb, b) if tup(nb) and (na or "=" in a) else b
+    return None if a is None or b is None else (a, b)
+
+
+def _bind(name, value):
+    """'(x,y)', '(1,2)' -> 'x=1,y=2' (a set of named values); None if the counts differ."""
+    names, (kind, vals) = name[1:-1].split(","), _elements(value)
+    return ",".join(f"{n}={v}" for n, v in zip(names, vals)) \
+        if kind == "()" and len(vals) == len(names) else None
 
 
 def _top_split(s, sep):
@@ -104,11 +141,12 @@ def _top_split(s, sep):
 def _elements(s):
     """(kind, elements) of a compound answer, or (None, [s]) for a scalar. Kinds: "set" (bare list,
     \\{..\\}, union of intervals, a +- b: unordered), "(]"-style tuples/intervals (ordered),
-    "matrix RxC" (ordered)."""
-    if m := re.fullmatch(r"\\begin\{pmatrix\}(.*)\\end\{pmatrix\}", s):
-        rows = [r.split("&") for r in m.group(1).split("\\\\")]
+    "matrix RxC" (ordered; a scalar in front multiplies each entry: 2\\begin{pmatrix}..)."""
+    if m := re.fullmatch(r"((?:(?!pmatrix).)*?)\\begin\{pmatrix\}(.*)\\end\{pmatrix\}", s):
+        rows = [r.split("&") for r in m.group(2).split("\\\\")]
         if len({len(r) for r in rows}) == 1:
-            return f"matrix {len(rows)}x{len(rows[0])}", [e for r in rows for e in r]
+            c = m.group(1).removesuffix("*")
+            return f"matrix {len(rows)}x{len(rows[0])}", [_times(c, e) for r in rows for e in r]
     if len(parts := _top_split(s, "\\cup")) > 1:
         return "set", parts
     kind, inner = "set", s
@@ -123,6 +161,15 @@ def _elements(s):
     return (None, [s]) if len(parts) == 1 else (kind, parts)  # "(5)" and "5" are scalars
 
 
+def _times(c, e):
+    """The entry e scaled by c: exact when both are plain numbers, else a product for sympy."""
+    if not c:
+        return e
+    c = "-1" if c == "-" else c
+    x, y = _number(c), _number(e)
+    return str(x * y) if x is not None and y is not None else f"({c})*({e})"
+
+
 def _balanced_inside(s):
     """True if the bracket opening s closes only at its very end (so "(a+5)(b+2)" is not one
     group)."""
@@ -135,12 +182,18 @@ def _balanced_inside(s):
 
 
 def _number(s):
-    """Exact Fraction of a plain number: 5, -0.25, 3/4, \\frac{3}{4}, -\\frac{3}{4}, 1\\frac{4}{5};
-    else None."""
+    """Exact Fraction of a plain number: 5, -0.25, 3/4, \\frac{3}{4}, -\\frac{3}{4}, 1\\frac{4}{5},
+    0.1\\overline{6} (repeating decimal); else None."""
     if len(s) > 60:
         return None
     if re.fullmatch(r"-?\d+(\.\d+)?", s):
         return Fraction(s)
+    if m := re.fullmatch(r"(-?)(\d+)\.(\d*)\\overline\{(\d+)\}", s):
+        sign, whole, fixed, block = m.groups()  # 0.1\overline{6} = 1/10 + 6/90
+        shift = 10 ** len(fixed)
+        v = int(whole) + Fraction(int(fixed or 0), shift) \
+            + Fraction(int(block), (10 ** len(block) - 1) * shift)
+        return -v if sign else v
     if m := (re.fullmatch(r"(-?)(\d+)?\\frac\{(\d+)\}\{(\d+)\}", s)
              or re.fullmatch(r"(-?)()(\d+)/(\d+)", s)):
         sign, whole, p, q = m.groups()
@@ -172,13 +225,15 @@ def to_sympy_str(s):
 
     def arg(d):  # a {group} or a single token, as for \frac12 and x^2
         nonlocal pos
+        if d > 20:
+            raise ValueError("too deep")  # \sqrt\sqrt..2 nests without braces
         if pos < len(toks) and toks[pos] == "{":
             pos += 1
             return seq(d + 1, "}")
         if pos >= len(toks):
             raise ValueError("missing argument")
         pos += 1
-        return operand(toks[pos - 1], d)
+        return operand(toks[pos - 1], d + 1)
 
     def operand(t, d):
         nonlocal pos
@@ -322,7 +377,10 @@ def sympy_equal(a, b, timeout=SYMPY_TIMEOUT):
 def _scalar_equal(a, b, pct, deadline):
     # "(55)" -> "55"
     unwrap = lambda x: x[1:-1] if x[:1] == "(" and x[-1:] == ")" and _balanced_inside(x) else x
-    a, b = unwrap(strip_var(a)), unwrap(strip_var(b))
+    (na, a), (nb, b) = split_var(a), split_var(b)
+    if _names_differ(na, nb):
+        return False
+    a, b = unwrap(a), unwrap(b)
     if a == b:
         return True
     x, y = _number(a), _number(b)
@@ -341,13 +399,18 @@ def _scalar_equal(a, b, pct, deadline):
 def math_equal(gt, pred):
     """Is the predicted answer equivalent to the reference? Element-wise for tuples/intervals
     (ordered, same brackets), sets and lists (unordered) and matrices; percent answers also match
-    x/100 and 100x."""
+    x/100 and 100x. A named answer (x=1, (x,y)=(1,2)) matches its bare value or the same names'
+    values; different names never match."""
     deadline = time.monotonic() + MATH_TIME_LIMIT
-    (a, pa), (b, pb) = normalize_math(pred), normalize_math(gt)
+    (a, pa), (b, pb) = normalize_math(pred, keep_name=True), normalize_math(gt, keep_name=True)
     if a == b:
         return True
     if not a or not b or len(a) > MATH_MAX_CHARS or len(b) > MATH_MAX_CHARS:
         return False
+    (na, a), (nb, b) = split_var(a), split_var(b)
+    if (ab := _unname(na, a, nb, b)) is None:
+        return False
+    a, b = ab
     (ka, ea), (kb, eb) = _elements(a), _elements(b)
     if ka is None and kb is None:
         return _scalar_equal(a, b, pa or pb, deadline)
