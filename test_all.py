@@ -1385,6 +1385,8 @@ FORMS = [
     ("12", "3·4"), ("\\frac12", "1÷2"), ("-5", "−5"), ("x \\le 3", "x≤3"), ("3 \\le x", "3≤x"),
     ("x \\geq -1", "x ≥ −1"), ("x \\ne 2", "x≠2"), ("(-\\infty, 2]", "(−∞, 2]"),
     ("(0,1)\\cup(2,3)", "(0,1) ∪ (2,3)"), ("[1,2]", "x ∈ [1,2]"),
+    # --- numeric agreement of exact values
+    ("\\sqrt{2}+\\sqrt{3}", "\\sqrt{5+2\\sqrt{6}}"), ("\\pi^{50}", "\\pi^{48}\\pi^2"),
 ]
 
 # (reference, prediction) near misses the grader rejects in both directions.
@@ -1419,6 +1421,9 @@ NEAR_MISSES = [
     # --- unicode
     ("\\frac{\\pi}{2}", "π/3"), ("2\\pi", "π"), ("\\pi", "3.14"), ("x \\le 3", "x<3"),
     ("x \\le 3", "x≥3"), ("\\sqrt{23}", "√2·3"), ("(0,1)\\cup(2,3)", "(0,1)∪(2,4)"),
+    # --- numerically close, or beyond floating point, but not equal
+    ("10^{10}", "10000000001"), ("10^{999}", "1"), ("\\infty", "5"), ("\\pi", "3.14159265358979"),
+    ("\\pi^{50}", "\\pi^{50}+1"), ("(\\sqrt{2}+1)^{60}", "(\\sqrt{2}+1)^{60}+1"),
 ]
 
 

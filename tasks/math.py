@@ -299,19 +299,26 @@ def to_sympy_str(s):
 def _sympy_equal(a, b):
     """(Runs in the worker process.) Symbolic/numeric equality of two to_sympy_str strings."""
     import sympy
-    from sympy.parsing.sympy_parser import parse_expr, standard_transformations
+    from sympy.parsing.sympy_parser import parse_expr, rationalize, standard_transformations
     names = {n: getattr(sympy, n) for n in ("sqrt", "sin", "cos", "tan", "cot", "sec", "csc",
                                             "asin", "acos", "atan", "log", "exp", "factorial", "pi",
                                             "oo", "Integer", "Float", "Rational", "Symbol")}
     names["__builtins__"] = {}
     local = {c: sympy.Symbol(c) for c in string.ascii_letters}
     x, y = (parse_expr(v, local_dict=local, global_dict=names,
-                       transformations=standard_transformations) for v in (a, b))
+                       transformations=standard_transformations + (rationalize,))
+            for v in (a, b))  # decimals as exact rationals: 3.14159265358979 is not pi
     if x == y:
         return True
+    if x.is_Rational and y.is_Rational:
+        return False  # exact numbers that differ: 10^{10} and 10000000001
     if not (x.free_symbols or y.free_symbols):
-        vx, vy = complex(sympy.N(x, 30)), complex(sympy.N(y, 30))
-        return abs(vx - vy) <= 1e-9 * max(1.0, abs(vy))
+        vx, vy = sympy.N(x, 30), sympy.N(y, 30)  # sympy floats: 10^{999} does not overflow
+        if not (vx.is_finite and vy.is_finite):
+            return False  # \infty equals only itself (x == y above)
+        close = abs(vx - vy) <= 1e-20 * max(1, abs(vy))  # 30 digits of exact inputs
+        # past 1e15 a close value may still differ by 1 (\pi^{50} and \pi^{50}+1): exact only
+        return bool(close) and (abs(vy) < 1e15 or sympy.simplify(x - y) == 0)
     return sympy.simplify(x - y) == 0
 
 
