@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import Counter
 
 import math_verify
@@ -40,6 +41,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
 import common
@@ -118,6 +120,7 @@ def load_script(name, path):
 
 countdown_prepare = load_script("countdown_prepare", "data/countdown/prepare.py")
 math_prepare = load_script("math_prepare", "data/math/prepare.py")
+bench_plan = load_script("bench_plan", "bench/plan.py")
 
 
 # ==================================================================================================
@@ -2511,6 +2514,139 @@ def test_ddp_and_fsdp_match_one_process(setup):
             for key in ("loss", "val_loss"):
                 assert (key in r1) == (key in r2)
                 assert r1.get(key, 0) == pytest.approx(r2.get(key, 0), rel=1e-5)
+
+
+# ------------------------------------------------------------ the GPU memory plan (bench/plan.py)
+
+class _Bf16Casts(TorchDispatchMode):
+    """Records the bf16 copies autocast makes of parameters; alive() = the bytes still held."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.nn.Parameter) \
+                and out.dtype == torch.bfloat16:
+            self.copies.append(weakref.ref(out))
+        return out
+
+    def alive(self):
+        return sum(t.untyped_storage().nbytes() for r in self.copies if (t := r()) is not None)
+
+
+def _storage_bytes(tensors):
+    """Bytes of the distinct storages under the local shards of `tensors` (FSDP2 keeps a group's
+    gradients as views of one buffer: counted once)."""
+    from torch.distributed.tensor import DTensor
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in local}.values())
+
+
+def _plan_worker(rank, world, port, shapes, out):
+    """sft.wrap's FSDP2 (per block, then the root; blocks recomputed) on each shape: the bytes of
+    the bf16 weight copies alive at the end of an autocast forward, then of the weights, gradients
+    and AdamW state this rank holds after one step."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    got = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        raw = model.Llama(shape)
+        sft.wrap(raw, sft.Config(fsdp=True, grad_checkpoint=True), world, rank, "cpu")
+        opt = common.make_optimizer(raw, 1e-3, 0.1)
+        casts = _Bf16Casts()
+        with common.autocast("cpu", torch.bfloat16):
+            with casts:
+                logits = raw(torch.randint(0, shape.vocab_size, (2, 9)))
+            cached = casts.alive()
+        logits.square().mean().backward()
+        opt.step()
+        ps = list(raw.parameters())
+        got.append((cached, {"weights": _storage_bytes(ps),
+                             "gradients": _storage_bytes(p.grad for p in ps),
+                             "optimizer": _storage_bytes(v for st in opt.state.values()
+                                                         for v in st.values())}))
+    out.put((rank, got))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_plan_training_state_matches_fully_shard():
+    """The plan's fp32 weights, gradients and AdamW state per GPU are what rank 0 holds under FSDP2
+    at 2 ranks after one step (the other rank holds no more), for an odd vocabulary (uneven
+    shards) and tied embeddings; its autocast cache is the bf16 weight copies alive at the end of
+    the checkpointed forward (every Linear's, whole)."""
+    shapes = [model.ModelConfig(dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=37,
+                                multiple_of=8, max_seq_len=16, tie_embeddings=tie)
+              for tie in (False, True)]
+    ctx = torch.multiprocessing.get_context("fork")  # fork: no re-import of torch and this file
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_plan_worker, args=(r, 2, port, shapes, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for i, shape in enumerate(shapes):
+        plan = bench_plan.fsdp_state(shape, 2)
+        assert got[0][i][1] == plan
+        assert all(got[1][i][1][k] <= plan[k] for k in plan)
+        assert got[0][i][0] == got[1][i][0] == bench_plan.autocast_cache(shape)
+    assert got[0][1][1]["weights"] < got[0][0][1]["weights"]  # the tied matrix is held once
+    # one GPU: the whole state, 16 bytes per parameter and a step per tensor
+    ps = list(model.Llama(shapes[0]).parameters())
+    assert bench_plan.fsdp_state(shapes[0], 1)["optimizer"] == 8 * sum(p.numel() for p in ps) \
+        + 4 * len(ps)
+
+
+def test_plan_kv_cache_matches_generate(monkeypatch):
+    """The plan's KV cache is the one generate.generate allocates: min(batch_size, samples) rows
+    of the prompt plus max_new_tokens, in the weights' dtype; split over kv heads under tensor
+    parallelism."""
+    shape = model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                              max_seq_len=64)
+    # 6 samples of 5-token prompts: 4 rows, then all 6
+    planned = [bench_plan.kv_cache(shape, rows, 5, 11) for rows in (4, 6)]
+    assert bench_plan.kv_cache(shape, 6, 5, 11, tp=2) * 2 == planned[1]  # kv heads split in two
+    # 5 + 11 positions, and 60 + 11 capped at max_seq_len 64: generate pads both to a multiple of
+    # 8, plus 8
+    assert bench_plan.kv_cache(shape, 6, 60, 11) == planned[1] // 24 * 72
+    made = []
+
+    class Recorded(generate.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(sum(t.numel() * t.element_size() for t in self.k + self.v))
+
+    monkeypatch.setattr(generate, "KVCache", Recorded)
+    torch.manual_seed(0)
+    net = model.Llama(shape).to(torch.bfloat16)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    for batch_size, want in zip((4, 16), planned):
+        made.clear()
+        generate.generate(net, prompts, 2, max_new_tokens=11, batch_size=batch_size)
+        assert made == [want]
+
+
+def test_plan_prints_one_table_per_stage(capsys):
+    """bench/plan.py prints an aligned table per stage, a column per model, and the GPUs needed;
+    a bad model name is a UserError."""
+    cfg = common.parse_config(bench_plan.Config, ["--model=all", "--stage=all", "--gpus=8"])
+    bench_plan.main(cfg)
+    text = capsys.readouterr().out
+    for stage in bench_plan.STAGES:
+        assert f"\n{stage} on 8 GPUs: " in "\n" + text
+    assert text.count("GPUs needed (80 GB each)") == 4
+    assert "Llama-3.1-70B" in text and "KV cache (bf16, TP)" in text
+    tables = text.split("\n\n")
+    assert all(len({len(line) for line in t.splitlines()[1:]}) == 1 for t in tables)  # aligned
+    with pytest.raises(common.UserError, match="model must be one of"):
+        bench_plan.main(common.parse_config(bench_plan.Config, ["--model=13B"]))
 
 
 # ==================================================================================================
