@@ -285,8 +285,8 @@ def plan_sft(shape, n, c):
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"], **tr}
     keep = list(rows)[:3]
-    setup = (f"{shards(n)}, micro-batch {c.sft_micro_batch} x {c.sft_seq_len} tokens, "
-             f"recompute {c.sft_grad_checkpoint}")
+    setup = (f"{shards(n)}; micro-batch {c.sft_micro_batch} x {c.sft_seq_len} tokens"
+             + "; recompute" * c.sft_grad_checkpoint)
     return Plan(rows, {"forward end": keep + list(FORWARD), "backward": keep + list(BACKWARD)},
                 setup)
 
@@ -308,9 +308,9 @@ def plan_rl(shape, n, c):
                                             tp),
             "decode logits": decode_logits(shape, gen_rows), **tr}
     keep = list(rows)[:5]
-    setup = (f"{shards(n)}, generation TP {tp} x {groups} groups, {gen_rows} rows of "
-             f"{c.prompt_len} + {c.rl_max_new_tokens} tokens per group, micro-batch "
-             f"{c.rl_micro_batch}, recompute {c.rl_grad_checkpoint}")
+    setup = (f"{shards(n)}; generation TP {tp} x {groups}: {gen_rows} rows of {c.prompt_len}+"
+             f"{c.rl_max_new_tokens} tokens; micro-batch {c.rl_micro_batch}"
+             + "; recompute" * c.rl_grad_checkpoint)
     return Plan(rows, {"generation": keep + ["KV cache (bf16, TP)", "decode logits"],
                        "forward end": keep + list(FORWARD), "backward": keep + list(BACKWARD)},
                 setup)
@@ -325,7 +325,7 @@ def plan_decode(shape, n, c, rows, new_tokens, context, prefix_mb=0):
              "decode logits": decode_logits(shape, rows)}
     if prefix_mb:
         rows_["prefix cache (bf16, TP)"] = prefix_mb * 2**20 // tp
-    setup = f"TP {tp}, {rows} rows of {context} + {new_tokens} tokens"
+    setup = f"TP {tp}: {rows} rows of {context}+{new_tokens} tokens"
     return Plan(rows_, {"decode": list(rows_)}, setup)
 
 
