@@ -1,6 +1,7 @@
 """
-The Llama 3 tokenizer and chat format: tiktoken BPE from a ranks file ("<base64 token> <rank>" per
-line, as Meta ships tokenizer.model) plus Llama 3.1's 256 special tokens.
+Tokenizers and chat formats: tiktoken BPE from a ranks file ("<base64 token> <rank>" per line, as
+Meta ships tokenizer.model) plus Llama 3.1's 256 special tokens, or from the parts hf_tokenizer.py
+reads out of a Hugging Face tokenizer.json; the chat format is Llama 3's or ChatML's.
 
     from tokenizer import Tokenizer
     tok = Tokenizer("data/countdown/tokenizer.model")  # written by data/countdown/prepare.py
@@ -11,7 +12,8 @@ line, as Meta ships tokenizer.model) plus Llama 3.1's 256 special tokens.
 
 The chat format renders exactly the given messages, with no injected "Cutting Knowledge Date" system
 header (HF's template adds one; llama-models' ChatFormat does not). Content is not stripped (as in
-llama-models), so traces keep their trailing delimiters.
+llama-models), so traces keep their trailing delimiters. ChatML renders
+"<|im_start|>role\ncontent<|im_end|>\n" per message, also without an injected system message.
 """
 import base64
 import binascii
@@ -52,32 +54,48 @@ def read_ranks(path):
     return ranks
 
 
-class Tokenizer:
-    """Llama 3 tokenizer: tiktoken BPE from a ranks file plus 256 special tokens, ids n_base + i."""
+LLAMA3, CHATML = "llama3", "chatml"  # the chat formats render_chat writes
+TURN_END = {LLAMA3: "<|eot_id|>", CHATML: "<|im_end|>"}  # the token that ends each message
 
-    def __init__(self, path):
+
+class Tokenizer:
+    """tiktoken BPE plus special tokens and a chat format. Tokenizer(path) reads a ranks file with
+    Llama 3's pattern, 256 special tokens (ids n_base + i) and chat format; with `ranks` given,
+    path names the file they came from (hf_tokenizer.py reads a Hugging Face tokenizer.json) and
+    the other arguments say the pattern, {name: id} special tokens, chat format (LLAMA3, CHATML
+    or None), bos/eos names and the files save copies."""
+
+    def __init__(self, path, ranks=None, pat_str=PAT_STR, specials=None, chat_format=LLAMA3,
+                 bos="<|begin_of_text|>", eos="<|end_of_text|>", files=None):
         self.path = str(path)
-        ranks = read_ranks(self.path)
-        self.specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=PAT_STR,
-                                     mergeable_ranks=ranks, special_tokens=self.specials)
-        self.n_vocab = len(ranks) + len(SPECIAL_TOKENS)
-        self.bos_id = self.specials["<|begin_of_text|>"]
-        self.eos_id = self.specials["<|end_of_text|>"]
-        self.eot_id, self.eom_id = self.specials["<|eot_id|>"], self.specials["<|eom_id|>"]
-        self.stop_ids = {self.eot_id, self.eom_id, self.eos_id}
+        if ranks is None:
+            ranks = read_ranks(self.path)
+            specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.ranks, self.specials, self.chat_format = ranks, specials, chat_format
+        self.files = files or {"tokenizer.model": self.path}  # {name in a checkpoint: source}
+        self.enc = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=pat_str,
+                                     mergeable_ranks=ranks, special_tokens=specials)
+        self.n_vocab = self.enc.max_token_value + 1
+        self.bos_id, self.eos_id = specials.get(bos), specials.get(eos)
+        self.eot_id = specials.get(TURN_END[chat_format]) if chat_format else None
+        self.eom_id = specials.get("<|eom_id|>") if chat_format == LLAMA3 else None
+        self.stop_ids = {i for i in (self.eot_id, self.eom_id, self.eos_id) if i is not None}
         self._bytes = None
 
     def save(self, out_dir):
-        """Copy the ranks file to out_dir/tokenizer.model, atomically (unless it is that file)."""
-        dst = os.path.join(out_dir, "tokenizer.model")
-        if not (os.path.exists(dst) and os.path.samefile(self.path, dst)):
-            tmp = f"{dst}.tmp{os.getpid()}"
-            shutil.copyfile(self.path, tmp)
-            os.replace(tmp, dst)
+        """Copy the tokenizer's files into out_dir, atomically (unless out_dir holds them)."""
+        for name, src in self.files.items():
+            dst = os.path.join(out_dir, name)
+            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+                tmp = f"{dst}.tmp{os.getpid()}"
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
 
-    def encode(self, text):
-        return self.enc.encode_ordinary(text)  # special-token strings in text stay plain text
+    def encode(self, text, specials=False):
+        """Text -> ids; special-token strings in text stay plain text unless specials=True."""
+        if specials:
+            return self.enc.encode(text, allowed_special="all")
+        return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -88,27 +106,37 @@ class Tokenizer:
     def ids_containing(self, s):
         """Ids of every token whose bytes contain the string s."""
         if self._bytes is None:
-            self._bytes = [self.enc.decode_single_token_bytes(i) for i in range(self.n_vocab)]
+            ids = sorted({*self.ranks.values(), *self.specials.values()})
+            self._bytes = {i: self.enc.decode_single_token_bytes(i) for i in ids}
         b = s.encode("utf-8")
-        return {i for i, t in enumerate(self._bytes) if b in t}
+        return {i for i, t in self._bytes.items() if b in t}
 
     def _header(self, role):
+        """The ids before a message's content: Llama 3's <|start_header_id|>role<|end_header_id|>
+        and a blank line, or ChatML's <|im_start|>role and a newline."""
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"unknown chat role {role!r}")
-        return [self.specials["<|start_header_id|>"], *self.encode(role),
-                self.specials["<|end_header_id|>"], *self.encode("\n\n")]
+        if self.chat_format == LLAMA3:
+            return [self.specials["<|start_header_id|>"], *self.encode(role),
+                    self.specials["<|end_header_id|>"], *self.encode("\n\n")]
+        if self.chat_format == CHATML:
+            return [self.specials["<|im_start|>"], *self.encode(role + "\n")]
+        raise ValueError(f"{self.path}: the tokenizer has no chat format")
 
     def render_chat(self, messages):
-        """Llama 3 chat format -> (ids, mask); mask is 1 on assistant content and its <|eot_id|>,
-        from character loss_from of the content on where a message has one (the text before it
-        is context: encoded on its own, no loss)."""
-        ids, mask = [self.bos_id], [0]
+        """Chat format -> (ids, mask); mask is 1 on assistant content and its end-of-turn token
+        (<|eot_id|> or <|im_end|>), from character loss_from of the content on where a message
+        has one (the text before it is context: encoded on its own, no loss). Llama 3 starts
+        with <|begin_of_text|>; ChatML adds a newline (no loss) after each <|im_end|>."""
+        ids, mask = ([self.bos_id], [0]) if self.chat_format == LLAMA3 else ([], [])
+        after = self.encode("\n") if self.chat_format == CHATML else []
         for m in messages:
             k, text = m.get("loss_from", 0), m["content"]
             h, before = self._header(m["role"]), self.encode(text[:k])
             body = self.encode(text[k:]) + [self.eot_id]
-            ids += h + before + body
+            ids += h + before + body + after
             mask += [0] * (len(h) + len(before)) + [int(m["role"] == "assistant")] * len(body)
+            mask += [0] * len(after)
         return ids, mask
 
     def render_prompt(self, messages):
