@@ -1,5 +1,5 @@
 """
-Model weights in and out, in three layouts: ours (model.pt + tokenizer.model), Meta's originals
+Model weights in and out, in three layouts: ours (model.pt + tokenizer), Meta's originals
 (params.json + consolidated.*.pth, model-parallel shards merged) and Hugging Face's (config.json +
 *.safetensors, sharded or not). Every stage loads its policy with load_model.
 
@@ -28,6 +28,7 @@ import os
 
 import torch
 
+import hf_tokenizer
 from common import UserError, torch_save
 from model import Llama, ModelConfig, ROPE_SCALING, ffn_hidden
 from tokenizer import Tokenizer
@@ -257,13 +258,24 @@ def _load_hf(path, where):
     return cfg, {k: hf[h][0] for h, k in names.items()}
 
 
+def _load_tokenizer(path, hf):
+    """The tokenizer of a checkpoint dir: tokenizer.model (tiktoken ranks; in an HF dir also
+    original/tokenizer.model), else a byte-level BPE tokenizer.json."""
+    names = ["tokenizer.model", *(["original/tokenizer.model"] if hf else []), "tokenizer.json"]
+    found = next((n for n in names if os.path.isfile(os.path.join(path, n))), None)
+    if found is None:
+        raise UserError(f"{path}: no tokenizer found ({', '.join(names)})")
+    if found == "tokenizer.json":
+        return hf_tokenizer.load(os.path.join(path, found))
+    return Tokenizer(os.path.join(path, found))
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from our checkpoint dir, a Meta original dir or a Hugging Face dir (see
     the top). Weights stay memory-mapped until moved: modules are built on the meta device and the
     tensors assigned."""
     path = os.path.expanduser(str(path))
     j = lambda *p: os.path.join(path, *p)
-    tok_path = j("tokenizer.model")
     if os.path.isfile(j("model.pt")):
         where = j("model.pt")
         ck = _torch_load(where)
@@ -281,16 +293,15 @@ def load_model(path, device="cpu", dtype=torch.float32):
         sd = join_qkv(sd, cfg)
     elif os.path.isfile(j("config.json")):
         where = j("config.json")
-        if not os.path.isfile(tok_path):
-            tok_path = j("original", "tokenizer.model")  # where Hugging Face's Llama repos keep it
         cfg, sd = _load_hf(path, where)
         sd = join_qkv(sd, cfg)
     else:
         raise UserError(f"{path}: no model.pt (ours), params.json (Meta) or config.json "
                         "(Hugging Face) found")
-    tok = Tokenizer(tok_path)
-    if tok.n_vocab != cfg.vocab_size:
-        raise UserError(f"{tok_path}: tokenizer has {tok.n_vocab} tokens but the model ({where}) "
+    tok = _load_tokenizer(path, hf=where.endswith("config.json"))
+    padded = "tokenizer.json" in tok.files and tok.n_vocab < cfg.vocab_size  # HF pads embeddings
+    if tok.n_vocab != cfg.vocab_size and not padded:
+        raise UserError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but the model ({where}) "
                         f"has vocab_size {cfg.vocab_size}")
     if cfg.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
@@ -305,7 +316,8 @@ def load_model(path, device="cpu", dtype=torch.float32):
 
 
 def save_checkpoint(out_dir, model, tokenizer, config: dict):
-    """Ours: out_dir/tokenizer.model, then (last) out_dir/model.pt {model_config, model, config}."""
+    """Ours: the tokenizer's files (tokenizer.model, or tokenizer.json and tokenizer_config.json),
+    then (last) out_dir/model.pt {model_config, model, config}."""
     model = getattr(model, "_orig_mod", model)
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save(out_dir)
@@ -315,7 +327,8 @@ def save_checkpoint(out_dir, model, tokenizer, config: dict):
 
 
 def export_hf(model, tokenizer, out_dir):
-    """Hugging Face's layout: config.json, model.safetensors, generation_config.json, tokenizer."""
+    """Hugging Face's layout: config.json, model.safetensors, generation_config.json, the
+    tokenizer's own files and tokenizer.json + tokenizer_config.json (chat template included)."""
     model = getattr(model, "_orig_mod", model)
     cfg = model.cfg
     os.makedirs(out_dir, exist_ok=True)
@@ -338,3 +351,4 @@ def export_hf(model, tokenizer, out_dir):
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(ids, f, indent=2)
     tokenizer.save(out_dir)
+    hf_tokenizer.export(tokenizer, out_dir)

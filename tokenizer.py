@@ -72,6 +72,7 @@ class Tokenizer:
             ranks = read_ranks(self.path)
             specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.ranks, self.specials, self.chat_format = ranks, specials, chat_format
+        self.pat_str = pat_str
         self.files = files or {"tokenizer.model": self.path}  # {name in a checkpoint: source}
         self.enc = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=pat_str,
                                      mergeable_ranks=ranks, special_tokens=specials)
