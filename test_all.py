@@ -37,6 +37,7 @@ import math_verify
 import numpy as np
 import pytest
 import tiktoken
+import tokenizers
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ import checkpoint
 import common
 import eval as evaluate  # the stage eval.py; its own name would shadow the builtin eval
 import generate
+import hf_tokenizer
 import linearize
 import model
 import rl
@@ -322,6 +324,122 @@ def test_byte_tokenizer_chat_mask_and_specials(tmp_path):
     bad.write_text("YQ== 0\nnot-base64!! 1\n")
     with pytest.raises(common.UserError, match="bad.model:2"):
         tokenizer.Tokenizer(bad)
+
+
+# a small byte-level BPE trained by the tokenizers library: the reference for hf_tokenizer.load
+BPE_CORPUS = ["Hello world! 12345 and 3.14159, don't   stop\n\n  ünïcödé 日本語 😀",
+              "def f(x):\n    return x**2\t\tok", "I'm sure they'll say it's fine",
+              "The year 2024 had 366 days;  spaces   and\r\nnewlines."] * 40
+BPE_TEXTS = ["Hello  world!!  123456789 x", "  lead\n\n\n trail  ", "ünïcödé 日本語 😀 émoji 👍🏽",
+             "a 1  2   3 3.14", "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>", "don't I'M 'll",
+             "\t\t\n x", "", "x<|im_end|>y <|im_start|>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def bpe_tokenizer_json(d, pre="gpt2", chat_template=None):
+    """Train a 400-token byte-level BPE with the tokenizers library, pre-tokenizer `pre`: "gpt2"
+    (ByteLevel's regex), "digits" (Digits, then ByteLevel) or "split" (Llama 3's regex, then
+    ByteLevel); save d/tokenizer.json (and a tokenizer_config.json with chat_template). Returns
+    the library's Tokenizer."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers as pt, trainers
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=pre != "split")
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = {"gpt2": byte_level,
+                       "digits": pt.Sequence([pt.Digits(individual_digits=True), byte_level]),
+                       "split": pt.Sequence([pt.Split(Regex(tokenizer.PAT_STR), "isolated"),
+                                             byte_level])}[pre]
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(BPE_CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pt.ByteLevel.alphabet()))
+    os.makedirs(d, exist_ok=True)
+    t.save(os.path.join(d, "tokenizer.json"))
+    if chat_template is not None:
+        cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+               "chat_template": chat_template}
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return t
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "digits", "split"])
+def test_hf_tokenizer_json_ids_match_the_tokenizers_library(tmp_path, pre):
+    ref = bpe_tokenizer_json(tmp_path, pre)
+    tok = hf_tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.n_vocab == ref.get_vocab_size() and tok.specials == {s: i for i, s in
+                                                                   enumerate(SPECIALS)}
+    for t in BPE_TEXTS:
+        assert tok.encode(t, specials=True) == ref.encode(t, add_special_tokens=False).ids, t
+        assert tok.decode(tok.encode(t)) == t and 1 not in tok.encode(t)  # specials: plain text
+    # ChatML from the special tokens: <|im_end|> ends a turn, <|endoftext|> the text
+    assert tok.chat_format == tokenizer.CHATML and tok.stop_ids == {0, 2} and tok.eot_id == 2
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    want = ref.encode(text + "<|im_start|>assistant\n", add_special_tokens=False).ids
+    assert tok.render_prompt(msgs) == want
+    ids, mask = tok.render_chat(msgs + [{"role": "assistant", "content": "4 it is"}])
+    assert ids == ref.encode(text + "<|im_start|>assistant\n4 it is<|im_end|>\n",
+                             add_special_tokens=False).ids
+    assert [i for i, k in zip(ids, mask) if k] == tok.encode("4 it is") + [2]
+
+
+def test_hf_tokenizer_json_refusals(tmp_path):
+    """Tokenizers this reader does not cover: one UserError naming the file and the field."""
+    bpe_tokenizer_json(tmp_path)
+    good = json.loads((tmp_path / "tokenizer.json").read_text())
+    path = tmp_path / "bad" / "tokenizer.json"
+    path.parent.mkdir()
+
+    def refused(change, match):
+        data = copy.deepcopy(good)
+        change(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(common.UserError, match=match) as e:
+            hf_tokenizer.load(path)
+        assert str(path) in str(e.value)
+
+    metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always"}
+    sp = "SentencePiece-style tokenizers are not"
+    refused(lambda d: d.update(pre_tokenizer=metaspace, decoder=metaspace), "Metaspace.*" + sp)
+    refused(lambda d: d["model"].update(byte_fallback=True), "model.byte_fallback.*" + sp)
+    refused(lambda d: d["model"].update(type="Unigram"), "model.type is 'Unigram'.*" + sp)
+    refused(lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer")
+    refused(lambda d: d["model"]["merges"].reverse(), r"model.merges\[1\].*merge order")
+    refused(lambda d: d["model"]["vocab"].pop("Ġ"), r"model.vocab: no token for byte\(s\) \[32\]")
+    refused(lambda d: d.update(added_tokens=[{"id": "x"}]), "added_tokens")
+    path.write_text("{")
+    with pytest.raises(common.UserError, match="not valid JSON"):
+        hf_tokenizer.load(path)
+
+
+def test_hf_tokenizer_chat_format_from_the_template(tmp_path):
+    # a template that names ChatML's tokens decides; the config's bos/eos are read
+    bpe_tokenizer_json(tmp_path, chat_template="{% for m in messages %}<|im_start|>...")
+    tok = hf_tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.chat_format == tokenizer.CHATML and tok.bos_id == 1 and tok.eos_id == 0
+    # a template in another format: no chat format, encode still works, rendering refuses
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] ..."}))
+    tok = hf_tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.chat_format is None and tok.stop_ids == {0} and tok.encode("ab")
+    with pytest.raises(ValueError, match="no chat format"):
+        tok.render_prompt([{"role": "user", "content": "x"}])
+
+
+def test_real_llama3_tokenizer_json_round_trip(tmp_path):
+    """Meta's ranks -> our tokenizer.json: the tokenizers library encodes like tiktoken, and
+    reading it back gives the same tokenizer (ranks, specials, chat format, stops)."""
+    path = llama_models_reference()[0]
+    tok = tokenizer.Tokenizer(path)
+    data = hf_tokenizer.tokenizer_json(tok)
+    ref = tokenizers.Tokenizer.from_str(json.dumps(data))
+    for t in ["Hello, world!", "  spaces\n\nand\ttabs 12345 ünïcödé 日本語", "   \n\n\n  x",
+              "x<|eot_id|>y <|begin_of_text|>"]:
+        assert tok.encode(t, specials=True) == ref.encode(t, add_special_tokens=False).ids
+    assert ref.encode("hi").ids == [128000, 6151]  # BOS in front, as Meta's tokenizer.json
+    assert len(data["model"]["merges"]) > 127000
+    common.write_json(tmp_path / "tokenizer.json", data)
+    back = hf_tokenizer.load(tmp_path / "tokenizer.json")
+    assert back.ranks == tok.ranks and back.specials == tok.specials
+    assert (back.chat_format, back.stop_ids, back.bos_id) == (tokenizer.LLAMA3, tok.stop_ids,
+                                                                tok.bos_id)
 
 
 # ==================================================================================================
