@@ -631,6 +631,65 @@ def test_export_hf_round_trip(tmp_path):
         assert torch.equal(back(idx), m(idx))
 
 
+@pytest.mark.parametrize("fmt", ["llama3", "chatml"])
+def test_export_hf_opens_in_transformers_alone(tmp_path, fmt):
+    """An export's tokenizer.json + tokenizer_config.json: AutoTokenizer encodes like ours (special
+    tokens, the rendered chat prompt), AutoModelForCausalLM greedy-decodes like generate."""
+    if fmt == "llama3":
+        tok = tiny_tokenizer(tmp_path / "tokenizer.model", step_tokens=True)
+    else:
+        bpe_tokenizer_json(tmp_path / "src")
+        tok = hf_tokenizer.load(tmp_path / "src" / "tokenizer.json")
+    m = random_model(seed=4, vocab_size=tok.n_vocab)
+    out = tmp_path / "hf"
+    checkpoint.export_hf(m, tok, out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    specials = list(tok.specials)[:3]
+    texts = ["Hello  world!!\n\n 12345", "ünïcödé 日本語", f"a{specials[1]}b {specials[2]}\n\n"]
+    for t in texts:
+        assert hf_tok(t, add_special_tokens=False)["input_ids"] == tok.encode(t, specials=True)
+        assert hf_tok.decode(tok.encode(t)) == t
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?\n"}]
+    prompt = tok.render_prompt(msgs)
+    got = transformers_chat_ids(hf_tok, msgs)
+    assert got == prompt
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    [[s]] = generate.generate(m, [prompt], max_new_tokens=16, temperature=0, stop_ids=tok.stop_ids)
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
+    assert s.tokens == want.tolist()
+    # and our loader reads the export back, with the same tokenizer
+    back, tok2 = checkpoint.load_model(out)
+    assert tok2.render_prompt(msgs) == prompt and tok2.stop_ids == tok.stop_ids
+
+
+def transformers_chat_ids(hf_tok, msgs):
+    """transformers' rendered chat prompt as ids (apply_chat_template may return a mapping)."""
+    out = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_hf_dir_with_only_tokenizer_json_loads(tmp_path):
+    """A Hugging Face dir whose tokenizer is a byte-level BPE tokenizer.json (as SmolLM2's): the
+    model loads with it (ChatML), save_checkpoint carries it, a padded embedding is accepted."""
+    d = tmp_path / "hf"
+    bpe_tokenizer_json(d, "digits", chat_template="{% for m in messages %}<|im_start|>...")
+    tok = hf_tokenizer.load(d / "tokenizer.json")
+    ref = random_model(seed=5, vocab_size=tok.n_vocab + 8)  # embeddings padded past the vocab
+    hf_model(ref).save_pretrained(d)
+    m, tok2 = checkpoint.load_model(d)
+    idx = torch.randint(0, tok.n_vocab, (1, 20))
+    assert torch.allclose(m(idx), ref(idx), atol=1e-5)
+    assert tok2.chat_format == tokenizer.CHATML and tok2.stop_ids == {0, 2}
+    checkpoint.save_checkpoint(tmp_path / "ck", m, tok2, {})
+    assert sorted(os.listdir(tmp_path / "ck")) == ["model.pt", "tokenizer.json",
+                                                   "tokenizer_config.json"]
+    _, tok3 = checkpoint.load_model(tmp_path / "ck")
+    assert tok3.encode("a 12  b") == tok.encode("a 12  b") and tok3.bos_id == 1
+    os.remove(d / "tokenizer.json")
+    with pytest.raises(common.UserError, match="no tokenizer found"):
+        checkpoint.load_model(d)
+
+
 def test_save_checkpoint_round_trip_and_errors(tmp_path):
     tok = tiny_tokenizer(tmp_path / "bytes.model")
     m = random_model(seed=11, tie_embeddings=True)
@@ -672,7 +731,8 @@ def test_broken_hf_and_meta_checkpoints(tmp_path):
         checkpoint.load_model(tmp_path / "hf")
     os.remove(tmp_path / "hf" / "model.safetensors.index.json")
     os.remove(tmp_path / "hf" / "tokenizer.model")
-    with pytest.raises(common.UserError, match="tokenizer.model"):
+    os.remove(tmp_path / "hf" / "tokenizer.json")
+    with pytest.raises(common.UserError, match="no tokenizer found.*tokenizer.model"):
         checkpoint.load_model(tmp_path / "hf")
     write_meta(m, tok, tmp_path / "meta")
     (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"garbage")
