@@ -3698,6 +3698,8 @@ def test_imports_form_a_dag():
     graph = import_graph()
     assert {"tasks", "common", "generate", "checkpoint"} <= graph["eval"]  # the graph is read
     assert {"tasks.countdown", "tasks.math"} <= graph["tasks"]  # relative imports too
+    assert graph["hf_tokenizer"] == {"common", "tokenizer"}
+    assert "hf_tokenizer" in graph["checkpoint"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph))
 
