@@ -172,9 +172,15 @@ def chat_format(specials, template):
     return None
 
 
+def _beside(path, name):
+    """{name: path of the file name in path's folder} when that file exists, else {}."""
+    p = os.path.join(os.path.dirname(path), name)
+    return {name: p} if os.path.isfile(p) else {}
+
+
 def load(path):
-    """A Tokenizer from a byte-level BPE tokenizer.json (and the tokenizer_config.json beside it:
-    bos/eos tokens and the chat template)."""
+    """A Tokenizer from a byte-level BPE tokenizer.json (and the files beside it: bos/eos tokens and
+    the chat template from tokenizer_config.json, or the template from chat_template.jinja)."""
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: tokenizer file not found")
@@ -184,15 +190,18 @@ def load(path):
     _refuse_sentencepiece(data, path)
     specials = _added_tokens(data, path)
     ranks, pat = _ranks(data["model"], specials, path), _pattern(data.get("pre_tokenizer"), path)
-    cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-    cfg = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    files = {"tokenizer.json": path, **_beside(path, "tokenizer_config.json"),
+             **_beside(path, "chat_template.jinja")}
+    cfg = read_json(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
     cfg = cfg if isinstance(cfg, dict) else {}
-    fmt = chat_format(specials, _template(cfg))
+    template = _template(cfg)
+    if not template and "chat_template.jinja" in files:
+        with open(files["chat_template.jinja"], encoding="utf-8", errors="replace") as f:
+            template = f.read()
+    fmt = chat_format(specials, template)
     bos = "<|begin_of_text|>" if fmt == LLAMA3 else _token_name(cfg.get("bos_token"))
     eos = next((e for e in ("<|end_of_text|>", "<|endoftext|>") if e in specials),
                _token_name(cfg.get("eos_token")))
-    files = {"tokenizer.json": path, **({"tokenizer_config.json": cfg_path}
-                                        if os.path.isfile(cfg_path) else {})}
     try:
         return Tokenizer(path, ranks=ranks, pat_str=pat, specials=specials, chat_format=fmt,
                          bos=bos, eos=eos, files=files)

@@ -421,6 +421,12 @@ def test_hf_tokenizer_chat_format_from_the_template(tmp_path):
     assert tok.chat_format is None and tok.stop_ids == {0} and tok.encode("ab")
     with pytest.raises(ValueError, match="no chat format"):
         tok.render_prompt([{"role": "user", "content": "x"}])
+    # a template of its own file (as transformers saves it), the config without one
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (tmp_path / "chat_template.jinja").write_text("{{ '<|im_start|>' + m['role'] }}...")
+    tok = hf_tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.chat_format == tokenizer.CHATML and sorted(tok.files) == [
+        "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_real_llama3_tokenizer_json_round_trip(tmp_path):
