@@ -119,10 +119,10 @@ def _ranks(model, added, path):
     if not isinstance(vocab, dict):
         raise UserError(f"{path}: model.vocab must be an object of token -> id")
     for s, i in vocab.items():
+        if not isinstance(i, int) or (i not in taken and any(c not in u2b for c in s)):
+            raise UserError(f"{path}: model.vocab: {s!r} is not a byte-level token with an int id")
         if i in taken:
             continue
-        if not isinstance(i, int) or any(c not in u2b for c in s):
-            raise UserError(f"{path}: model.vocab: {s!r} is not a byte-level token with an int id")
         ranks[bytes(u2b[c] for c in s)] = i
     if len(set(ranks.values())) != len(ranks):
         raise UserError(f"{path}: model.vocab: two tokens share an id")
@@ -138,7 +138,8 @@ def _check_merge_order(merges, vocab, path):
     seen, last = set(), -1
     for n, m in enumerate(merges):
         pair = m.split(" ") if isinstance(m, str) else m
-        token = "".join(pair) if isinstance(pair, list) and len(pair) == 2 else None
+        ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+        token = "".join(pair) if ok else None
         if token not in vocab:
             raise UserError(f"{path}: model.merges[{n}]: {m!r} does not make a vocab token")
         if token not in seen:
