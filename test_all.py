@@ -3430,7 +3430,12 @@ def test_report_paired_interval(tmp_path):
                                                    "ci95": [lo, hi]}
     assert numbers["models"]["base"]["pass1"] == pytest.approx(sum(hits["base"]) / 120)
     # the self-verification table: a row per model, dashes without decisions
-    assert "| Direct-SFT | – | – | – | – | – | – |" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "| Direct-SFT | – | – | – | – | – | – |" in text
+    # the research targets of this run (no RL model here: those cannot hold)
+    assert "## Research targets (this run)" in text
+    assert "| Direct-RL > Direct-SFT | **no** |" in text
+    assert "| every model truncated ≤ 10% | holds |" in text
     report = load_script("report", "runs/report.py")
     v = {"answer_lines": 5, "false_accept": 0.5, "false_reject": 1 / 3, "balanced": 7 / 12,
          "false_accept_ci95": [0.0, 1.0], "false_reject_ci95": None,

@@ -18,8 +18,10 @@ import platform
 import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 import common  # noqa: E402
+from report import targets  # noqa: E402  (report.md lists the same targets per run)
 
 BEGIN, END = "<!-- results -->", "<!-- /results -->"
 MATCHED = (("sft_astro", "sft_direct"), ("rl_astro", "rl_direct"))
@@ -65,24 +67,6 @@ def cells(values, fmt):
     vals = [v for v in values if v is not None]
     each = " / ".join("–" if v is None else fmt(v) for v in values)
     return each if len(values) == 1 or not vals else f"{fmt(sum(vals) / len(vals))} ({each})"
-
-
-def targets(r):
-    """The research targets, each True / False in one run (point estimates; the paired intervals
-    are in the rows above and in report.md)."""
-    m, c, t = r["models"], r["claims"], r["matched"].get("sft_astro", {})
-    bal = {k: m[k]["balanced"] for k in m}
-    return [("ASTRO-SFT > Direct-SFT's self-verified resampling at equal tokens",
-             t.get("diff") is not None and t["diff"] > 0),
-            ("ASTRO-RL > ASTRO-SFT", c.get("sft_astro<rl_astro", {}).get("gain", -1) > 0),
-            ("Direct-RL > Direct-SFT", c.get("sft_direct<rl_direct", {}).get("gain", -1) > 0),
-            ("ASTRO's balanced verification ≥ the base's (SFT and RL)",
-             None not in (bal.get("base"), bal.get("sft_astro"), bal.get("rl_astro"))
-             and min(bal["sft_astro"], bal["rl_astro"]) >= bal["base"]),
-            ("ASTRO's balanced verification rises through RL",
-             None not in (bal.get("sft_astro"), bal.get("rl_astro"))
-             and bal["rl_astro"] > bal["sft_astro"]),
-            ("every model truncated ≤ 10%", all(x["truncated"] <= 0.10 for x in m.values()))]
 
 
 def block(runs):

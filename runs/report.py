@@ -330,6 +330,30 @@ def numbers(cfg, rows, acc, m):
                          for (d, a), r in m.items()})
 
 
+def targets(r):
+    """The research targets, each (what, True / False) in one run, from report.json's numbers r
+    (point estimates; the paired intervals are in the tables above them)."""
+    m, c, t = r["models"], r["claims"], r["matched"].get("sft_astro", {})
+    bal = {k: m[k]["balanced"] for k in m}
+    return [("ASTRO-SFT > Direct-SFT's self-verified resampling at equal tokens",
+             t.get("diff") is not None and t["diff"] > 0),
+            ("ASTRO-RL > ASTRO-SFT", c.get("sft_astro<rl_astro", {}).get("gain", -1) > 0),
+            ("Direct-RL > Direct-SFT", c.get("sft_direct<rl_direct", {}).get("gain", -1) > 0),
+            ("ASTRO's balanced verification ≥ the base's (SFT and RL)",
+             None not in (bal.get("base"), bal.get("sft_astro"), bal.get("rl_astro"))
+             and min(bal["sft_astro"], bal["rl_astro"]) >= bal["base"]),
+            ("ASTRO's balanced verification rises through RL",
+             None not in (bal.get("sft_astro"), bal.get("rl_astro"))
+             and bal["rl_astro"] > bal["sft_astro"]),
+            ("every model truncated ≤ 10%", all(x["truncated"] <= 0.10 for x in m.values()))]
+
+
+def targets_table(r):
+    """report.md's list of the research targets: which hold in this run."""
+    return ["", "## Research targets (this run)", "", "| target | |", "|---|---|"] + [
+        f"| {what} | {'holds' if ok else '**no**'} |" for what, ok in targets(r)]
+
+
 # ----------------------------------------------------------------------------- main
 
 def times_table(cfg):
@@ -376,6 +400,8 @@ def main(cfg):
         m = {(d, a): matched(got, preds, recs, d, a) for d, a in MATCHED if d in got and a in got}
         m = {k: r for k, r in m.items() if r is not None}
         lines += matched_table(got, m)
+    summary = numbers(cfg, rows, acc, m)
+    lines += targets_table(summary)
     lines += gains_table(cfg, gaps, acc, levels)
     lines += stats_tables(cfg)
     lines += example(cfg, evals)
@@ -387,7 +413,7 @@ def main(cfg):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
-    common.write_json(path[:-len(".md")] + ".json", numbers(cfg, rows, acc, m))
+    common.write_json(path[:-len(".md")] + ".json", summary)
     print(text)
 
 
