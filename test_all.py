@@ -3459,6 +3459,34 @@ def test_rl_config_files():
     assert math_.dtype == "bfloat16" and math_.train.startswith("data/math/")
 
 
+def test_math_recipe_configs_agree():
+    """The MATH recipe's configs (README, "Real Llama 3 models on GPUs") hand each stage's output
+    to the next and agree on lengths: linearize caps conversations at SFT's seq_len, eval's budget
+    is at least RL's and SFT's; Psi' is the paper's (8 unanimous verdicts), the Direct arm reads
+    the ASTRO arm's verdicts, and each Direct config differs from its ASTRO one only in its data."""
+    def parse(cls, *names):
+        return common.parse_config(cls, [os.path.join(ROOT, "config", f"{n}_llama_math.py")
+                                         for n in names])
+    search_ = parse(search.Config, "search")
+    lin, lin_d = parse(linearize.Config, "linearize"), parse(linearize.Config, "linearize",
+                                                             "linearize_direct")
+    sft_a, sft_d = parse(sft.Config, "sft"), parse(sft.Config, "sft", "sft_direct")
+    rl_a, rl_d = parse(rl.Config, "rl"), parse(rl.Config, "rl", "rl_direct")
+    ev = parse(evaluate.Config, "eval")
+    assert lin.trees == lin_d.trees == os.path.join(search_.out_dir, "trees.jsonl")
+    assert sft_a.init == sft_d.init == search_.policy  # whose tokenizer counts linearize's cap
+    assert (sft_a.data, sft_d.data) == (lin.out, lin_d.out) and lin_d.mode == "direct"
+    assert (rl_a.init, rl_d.init) == (sft_a.out_dir, sft_d.out_dir)
+    assert ev.init == rl_a.out_dir and rl_a.train == search_.problems
+    assert 0 < lin.max_tokens == lin_d.max_tokens <= sft_a.seq_len == sft_d.seq_len
+    assert ev.max_new_tokens >= max(rl_a.max_new_tokens, rl_d.max_new_tokens, sft_a.seq_len)
+    assert (lin.judge_n, lin.judge_unanimous) == (8, True)
+    assert lin.self_eval == lin_d.self_eval  # "" = next to out, the same folder:
+    assert os.path.dirname(lin.out) == os.path.dirname(lin_d.out)
+    for a, d, diff in ((lin, lin_d, {"mode", "out"}), (sft_a, sft_d, {"data", "out_dir"}),
+                       (rl_a, rl_d, {"init", "out_dir"})):
+        assert {k for k, v in dataclasses.asdict(a).items() if getattr(d, k) != v} == diff
+
 
 # ==================================================================================================
 # eval.py: sampling, grading and the summary
