@@ -11,9 +11,9 @@ Per tree (a JSON line of search.py, schema in README.md, "JSONL schemas"):
   1. DFS the tree: correct terminals Psi (reward 1) and incorrect terminals Lambda (reward 0).
   2. Psi' = Psi filtered by min_q and, when judge_n > 0, by the paper's self-evaluation (Appendix
      A.1, selfeval.py): the search policy judges each terminal's root->terminal solution judge_n
-     times, and the terminal stays only if all verdicts say correct. The verdicts go to a file
-     that a killed run resumes from and the Direct arm reads. Off by default: Countdown's verifier
-     is exact, so Psi' = Psi.
+     times (at most judge_per_tree terminals per tree), and the terminal stays only if all
+     verdicts say correct. The verdicts go to a file that a killed run resumes from and the Direct
+     arm reads. Off by default: Countdown's verifier is exact, so Psi' = Psi.
   3. For each k in cfg.ks: n* ~ Psi', k incorrect terminals with pairwise distinct answers (distinct
      under the task's grader: math_equal for MATH, exact text for Countdown) in random
      order, visit them in turn (n* last). Each root->terminal path adds only its nodes not yet
@@ -74,6 +74,9 @@ class Config:
     judge_unanimous: bool = True  # keep a terminal if all verdicts say correct (the paper), or
                                   # (False) more than half
     judge_prompt: str = JUDGE_PROMPT  # the user turn after the solution that asks for a verdict
+    judge_per_tree: int = 0  # judge at most this many correct terminals per tree, drawn at random
+                             # (the rest leave Psi'); 0 = all. A tree gives at most len(ks) n*,
+                             # and keeping rollouts makes its correct terminals many.
     judge_policy: str = ""   # the judge's checkpoint; "" = the search policy (self-evaluation)
     judge_temperature: float = 1.0  # sampled verdicts, so the N of them can disagree
     judge_max_new_tokens: int = 1024  # room for the judge's check before its \boxed{} verdict
@@ -84,8 +87,8 @@ class Config:
     dtype: str = "float32"   # the judge's: float32 | bfloat16 | float16
 
     ranges = dict(q_high=(0.0, None), min_q=(0.0, 1.0), tries=(1, None), max_tokens=(0, None),
-                  judge_n=(0, None), judge_temperature=(0.0, None), judge_max_new_tokens=(1, None),
-                  judge_chunk=(1, None), judge_batch_size=(1, None))
+                  judge_n=(0, None), judge_per_tree=(0, None), judge_temperature=(0.0, None),
+                  judge_max_new_tokens=(1, None), judge_chunk=(1, None), judge_batch_size=(1, None))
 
 
 NODE_FIELDS = ("id", "parent", "text", "terminal", "answer", "reward", "Q", "source")
@@ -386,29 +389,39 @@ def load_tokenizer(cfg):
     return checkpoint.load_tokenizer(where)
 
 
+def to_judge(tree, cfg):
+    """The correct terminals of a tree that the policy judges: those that pass min_q, at most
+    judge_per_tree of them (a seeded draw, the same in both arms), in DFS order."""
+    good = correct_terminals(tree["nodes"], cfg.min_q)
+    if cfg.judge_per_tree and len(good) > cfg.judge_per_tree:
+        rng = random.Random(f"{cfg.seed}:{tree['id']}:judge")
+        good = sorted(rng.sample(good, cfg.judge_per_tree), key=good.index)
+    return good
+
+
 def self_evaluation(trees, cfg, out, judge=None):
-    """Psi' verdicts {(tree id, terminal): [verdict] * judge_n} for every correct terminal that
-    passes min_q, its solution being its plain root->terminal path (selfeval.judge_all)."""
+    """Psi' verdicts {(tree id, terminal): [verdict] * judge_n} of each terminal to_judge gives,
+    its solution being its plain root->terminal path (selfeval.judge_all)."""
     policy = cfg.judge_policy or search_policy(cfg)
     if not policy:
         raise common.UserError(f"judge_n={cfg.judge_n} needs a judge: set judge_policy, or keep "
                                f"search.py's config.json next to {cfg.trees}")
     requests = [(t["id"], n, t["problem"], linearize(t, [n], cfg.q_high, reflect=False)[0])
-                for t in trees for n in correct_terminals(t["nodes"], cfg.min_q)]
+                for t in trees for n in to_judge(t, cfg)]
     path = cfg.self_eval or os.path.join(os.path.dirname(out), "self_eval.jsonl")
     return selfeval.judge_all(requests, cfg, path, policy, judge)
 
 
 def psi_prime(tree, cfg, verdicts, stats):
-    """Psi' of a tree: its correct terminals that pass min_q and, when judged, the
-    self-evaluation."""
-    good = correct_terminals(tree["nodes"], cfg.min_q)
+    """Psi' of a tree: its correct terminals that pass min_q and, when the policy judges, those of
+    them it judged (to_judge) that pass the self-evaluation."""
     if verdicts is None:
-        return good
-    votes = [verdicts[tree["id"], t] for t in good]
-    kept = [t for t, v in zip(good, votes) if selfeval.passes(v, cfg.judge_unanimous)]
-    stats["judged"] += len(good)
-    stats["judge_rejected"] += len(good) - len(kept)
+        return correct_terminals(tree["nodes"], cfg.min_q)
+    judged = to_judge(tree, cfg)
+    votes = [verdicts[tree["id"], t] for t in judged]
+    kept = [t for t, v in zip(judged, votes) if selfeval.passes(v, cfg.judge_unanimous)]
+    stats["judged"] += len(judged)
+    stats["judge_rejected"] += len(judged) - len(kept)
     stats["verdicts_unclear"] += sum(x is None for v in votes for x in v)
     return kept
 

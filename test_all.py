@@ -2563,6 +2563,14 @@ def test_self_evaluation_filters_psi_and_resumes(tmp_path):
     assert s["judge_rejected"] == 1
     assert any("z \\boxed{24}" in r["messages"][1]["content"]
                for r in read_records(tmp_path / "m.jsonl"))
+    # at most one judged terminal per tree: p4 keeps one of its two, the same in every run
+    per_tree = dict(kw, judge_per_tree=1, self_eval=str(tmp_path / "one.jsonl"))
+    calls = []
+    s = linearize.main(linearize.Config(out=str(tmp_path / "o.jsonl"), **per_tree),
+                       judge=scripted_judge(trees, calls))
+    assert calls[0][0] == ["p1", "p2", "p4"] and s["judged"] == 3
+    linearize.main(linearize.Config(out=str(tmp_path / "o2.jsonl"), **per_tree), judge=fail)
+    assert (tmp_path / "o2.jsonl").read_bytes() == (tmp_path / "o.jsonl").read_bytes()
     with pytest.raises(common.UserError, match=r"self_eval.jsonl:1: judge: .*\(judge_n\)"):
         linearize.main(linearize.Config(out=str(tmp_path / "x.jsonl"), **{**kw, "judge_n": 4}))
     # killed after two chunks of one terminal, the last line torn: the rerun judges the chunks

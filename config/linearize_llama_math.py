@@ -10,6 +10,8 @@ ks = (0, 1, 1, 2)  # the paper's mix: one direct trace and three with backtracki
 max_tokens = 8192  # config/sft_llama_math.py's seq_len: SFT never meets a longer conversation
 judge_n = 8  # the paper's N
 judge_unanimous = True  # the paper keeps a terminal only if all N verdicts say correct
+judge_per_tree = 8  # twice the 4 n* a tree gives: with rollouts kept, a tree can hold hundreds
+                    # of correct terminals, and each costs 8 judge samples
 judge_batch_size = 64  # rows of ~3k tokens (solution + 1024 new): an 8B policy's bf16 KV cache
                        # (0.13 MB a token) takes ~25 GB
 dtype = "bfloat16"  # GPUs: bf16 judge weights and KV cache
