@@ -258,9 +258,14 @@ def _load_hf(path, where):
     return cfg, {k: hf[h][0] for h, k in names.items()}
 
 
-def _load_tokenizer(path, hf):
-    """The tokenizer of a checkpoint dir: tokenizer.model (tiktoken ranks; in an HF dir also
-    original/tokenizer.model), else a byte-level BPE tokenizer.json."""
+def load_tokenizer(path):
+    """The tokenizer load_model gives with a checkpoint dir's weights: tokenizer.model (tiktoken
+    ranks; in a Hugging Face dir also original/tokenizer.model), else a byte-level BPE
+    tokenizer.json. A path to one of those files loads that file."""
+    path = os.path.expanduser(str(path))
+    if os.path.isfile(path):
+        return hf_tokenizer.load(path) if path.endswith(".json") else Tokenizer(path)
+    hf = not any(os.path.isfile(os.path.join(path, n)) for n in ("model.pt", "params.json"))
     names = ["tokenizer.model", *(["original/tokenizer.model"] if hf else []), "tokenizer.json"]
     found = next((n for n in names if os.path.isfile(os.path.join(path, n))), None)
     if found is None:
@@ -298,7 +303,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     else:
         raise UserError(f"{path}: no model.pt (ours), params.json (Meta) or config.json "
                         "(Hugging Face) found")
-    tok = _load_tokenizer(path, hf=where.endswith("config.json"))
+    tok = load_tokenizer(path)
     padded = "tokenizer.json" in tok.files and tok.n_vocab < cfg.vocab_size  # HF pads embeddings
     if tok.n_vocab != cfg.vocab_size and not padded:
         raise UserError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but the model ({where}) "

@@ -4,21 +4,29 @@ thought explores wrong branches, reflects, backtracks and ends at a correct answ
 
     python linearize.py                             # ASTRO traces -> out/linearize/astro.jsonl
     python linearize.py config/linearize_direct.py  # Direct baseline -> out/linearize/direct.jsonl
-    python linearize.py --trees=t.jsonl --out=o.jsonl --seed=1 \\
-        --tokenizer=data/countdown/tokenizer.model
+    python linearize.py --trees=t.jsonl --out=o.jsonl --seed=1 --max_tokens=0  # no length cap
+    python linearize.py config/linearize_llama_math.py  # MATH: the policy judges Psi' first
 
 Per tree (a JSON line of search.py, schema in README.md, "JSONL schemas"):
   1. DFS the tree: correct terminals Psi (reward 1) and incorrect terminals Lambda (reward 0).
-  2. Psi' = Psi filtered by min_q (the paper's self-evaluation filter; with an exact verifier we
-     keep Psi' = Psi).
-  3. For each k in cfg.ks: n* ~ Psi', k incorrect terminals with pairwise distinct answers in random
+  2. Psi' = Psi filtered by min_q and, when judge_n > 0, by the paper's self-evaluation (Appendix
+     A.1, selfeval.py): the search policy judges each terminal's root->terminal solution judge_n
+     times (at most judge_per_tree terminals per tree), and the terminal stays only if all
+     verdicts say correct. The verdicts go to a file that a killed run resumes from and the Direct
+     arm reads. Off by default: Countdown's verifier is exact, so Psi' = Psi.
+  3. For each k in cfg.ks: n* ~ Psi', k incorrect terminals with pairwise distinct answers (distinct
+     under the task's grader: math_equal for MATH, exact text for Countdown) in random
      order, visit them in turn (n* last). Each root->terminal path adds only its nodes not yet
      written, so it continues from the deepest written node it shares: a backtrack there (a restart
      if that node is the root).
   4. Text: step texts in order; before each backtrack the reflection line REFLECT NOT_SURE
      GO_BACK/RESTART; after high-Q steps of n*'s path and after n* the line REFLECT SEEMS_RIGHT
      (the phrases are common.py's).
-  5. Replay every trace against its tree (check_trace); any error is a bug and stops the run.
+  5. Drop conversations (prompt + trace, counted as sft.py renders them) longer than max_tokens,
+     the SFT's seq_len, so SFT never meets one; the stats count them (too_long). The tokenizer is
+     --tokenizer's, else the search policy's (search.py's config.json next to the trees names it),
+     loaded as the stages load it; with neither, the run stops before it writes anything.
+  6. Replay every trace against its tree (check_trace); any error is a bug and stops the run.
 Choices the paper leaves open are documented where they are made (Config, answer_key, astro_traces,
 direct_traces, step_text, restate).
 """
@@ -28,9 +36,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import checkpoint
 import common
+import selfeval
 import tasks  # the one prompt renderer and step delimiter of each task
 from common import GO_BACK, NOT_SURE, REFLECT, RESTART, SEEMS_RIGHT
+
+JUDGE_PROMPT = ("Check the solution above step by step. Is it correct: every step valid and the "
+                "final answer right? End with \\boxed{yes} if it is correct, else \\boxed{no}.")
 
 
 @dataclass
@@ -46,20 +59,42 @@ class Config:
                              # at all (it would be direct).
     q_high: float = 0.75     # positive reflection after a step of n*'s path with Q >= q_high (MCTS
                              # nodes only: a rollout-only node's Q is not an M-rollout mean)
-    min_q: float = 0.0       # Psi': keep a correct terminal only if every MCTS node on its path has
-                             # Q >= min_q
+    min_q: float = 0.0       # keep a correct terminal only if every MCTS node on its path has
+                             # Q >= min_q (before the self-evaluation, judge_n)
     tries: int = 4           # re-draws of a trace slot that came out identical to an earlier one
     seed: int = 1337         # per-tree RNG = Random(f"{seed}:{tree id}"): order and resume do not
                              # matter
-    tokenizer: str = ""      # tokenizer.model path: report lengths in tokens, enables max_tokens
-    max_tokens: int = 0      # drop traces longer than this many tokens (0 = no cap)
+    tokenizer: str = ""      # counts tokens as sft.py will: a checkpoint dir or tokenizer file
+                             # (checkpoint.load_tokenizer); "" = the search policy's (`policy` in
+                             # search.py's config.json next to the trees)
+    max_tokens: int = 448    # drop conversations (prompt + trace, as sft.py renders them) longer
+                             # than this: the SFT's seq_len (config/sft_astro.py); 0 = no cap
+    judge_n: int = 0         # Psi' (selfeval.py): verdicts per correct terminal, the paper's N = 8;
+                             # 0 = none: Countdown's verifier is exact, so Psi' = Psi
+    judge_unanimous: bool = True  # keep a terminal if all verdicts say correct (the paper), or
+                                  # (False) more than half
+    judge_prompt: str = JUDGE_PROMPT  # the user turn after the solution that asks for a verdict
+    judge_per_tree: int = 0  # judge at most this many correct terminals per tree, drawn at random
+                             # (the rest leave Psi'); 0 = all. A tree gives at most len(ks) n*,
+                             # and keeping rollouts makes its correct terminals many.
+    judge_policy: str = ""   # the judge's checkpoint; "" = the search policy (self-evaluation)
+    judge_temperature: float = 1.0  # sampled verdicts, so the N of them can disagree
+    judge_max_new_tokens: int = 1024  # room for the judge's check before its \boxed{} verdict
+    judge_chunk: int = 256   # terminals per generate call; each chunk's verdicts are saved at once
+    judge_batch_size: int = 256  # rows decoded at once in generate
+    self_eval: str = ""      # the verdicts file; "" = self_eval.jsonl next to out (both arms)
+    device: str = ""         # the judge's; "" = cuda if available, else cpu
+    dtype: str = "float32"   # the judge's: float32 | bfloat16 | float16
 
-    ranges = dict(q_high=(0.0, None), min_q=(0.0, 1.0), tries=(1, None), max_tokens=(0, None))
+    ranges = dict(q_high=(0.0, None), min_q=(0.0, 1.0), tries=(1, None), max_tokens=(0, None),
+                  judge_n=(0, None), judge_per_tree=(0, None), judge_temperature=(0.0, None),
+                  judge_max_new_tokens=(1, None), judge_chunk=(1, None), judge_batch_size=(1, None))
 
 
 NODE_FIELDS = ("id", "parent", "text", "terminal", "answer", "reward", "Q", "source")
 STATS = ("skipped_no_correct", "skipped_min_q", "slots_no_wrong", "k_capped", "duplicates",
-         "too_long")
+         "too_long", "too_long_direct", "judged", "judge_rejected", "skipped_self_eval",
+         "verdicts_unclear")
 
 
 def read_trees(path):
@@ -135,9 +170,15 @@ def terminals(nodes):
 
 
 def answer_key(node):
-    """What 'distinct wrong answers' compares: the stripped answer; None (no answer) is one value of
-    its own."""
+    """A terminal's answer as text, stripped; None (no answer) is one value of its own."""
     return None if node["answer"] is None else str(node["answer"]).strip()
+
+
+def distinct(rec, answers):
+    """Whether wrong answers are pairwise different under the task's grader (tasks.same_answer:
+    on MATH math_equal, so 1/2 and 0.5 are one answer; on Countdown the text)."""
+    return not any(tasks.same_answer(rec, a, b) for i, a in enumerate(answers)
+                   for b in answers[:i])
 
 
 def step_text(node, delim, rec):
@@ -203,11 +244,11 @@ def correct_terminals(nodes, min_q):
                                    if nodes[n]["source"] == "mcts")]
 
 
-def astro_traces(tree, cfg, stats):
+def astro_traces(tree, cfg, stats, good=None):
     """The ASTRO traces of one tree: one per k in cfg.ks, minus slots without wrong terminals and
-    duplicates."""
+    duplicates. good: Psi' (default: the correct terminals that pass min_q)."""
     nodes, rng = tree["nodes"], random.Random(f"{cfg.seed}:{tree['id']}")
-    good = correct_terminals(nodes, cfg.min_q)
+    good = correct_terminals(nodes, cfg.min_q) if good is None else good
     groups = {}  # wrong answer -> its terminals, in DFS order
     for t in terminals(nodes)[1]:
         groups.setdefault(answer_key(nodes[t]), []).append(t)
@@ -219,13 +260,16 @@ def astro_traces(tree, cfg, stats):
         stats["k_capped"] += k > len(groups)
         k = min(k, len(groups))
         for _ in range(cfg.tries):
-            # distinct answers, in random order
-            wrong = [rng.choice(groups[a]) for a in rng.sample(list(groups), k)]
+            # distinct answers, in random order; a draw of answers the grader deems one (1/2 and
+            # 0.5 on MATH) is drawn again, as is a trace drawn before
+            answers = rng.sample(list(groups), k)
+            wrong = [rng.choice(groups[a]) for a in answers]
             order = wrong + [rng.choice(good)]
             text, meta = linearize(tree, order, cfg.q_high)
-            if text not in seen:
+            fresh = text not in seen and distinct(tree["problem"], answers)
+            if fresh:
                 break
-        if text in seen:  # identical traces would only up-weight one trace of this problem
+        if not fresh:  # identical traces would only up-weight one trace of this problem
             stats["duplicates"] += 1
             continue
         seen.add(text)
@@ -233,13 +277,14 @@ def astro_traces(tree, cfg, stats):
     return traces
 
 
-def direct_traces(tree, cfg, astro):
+def direct_traces(tree, cfg, astro, good=None):
     """The Direct baseline for one tree, from its ASTRO traces `astro`: per ASTRO trace a plain
     root->n* path (distinct n* while there are enough, then cycling through them again: equal
     example counts matter more than dedup), and per wrong attempt in it that attempt alone, ending
     on its answer line's true verdict (" != 24") and stopping. So both sets teach the same verdicts,
-    and the arms differ only in what follows a rejection: going back in context, or nothing."""
-    good = correct_terminals(tree["nodes"], cfg.min_q)
+    and the arms differ only in what follows a rejection: going back in context, or nothing.
+    good: Psi', as in astro_traces."""
+    good = correct_terminals(tree["nodes"], cfg.min_q) if good is None else good
     count = len(astro)
     picks = random.Random(f"{cfg.seed}:{tree['id']}:direct").sample(good, min(count, len(good)))
     traces = [linearize(tree, [picks[j % len(picks)]], cfg.q_high, reflect=False)
@@ -255,14 +300,15 @@ def check_trace(tree, trace, rejected=False):
     yet written child of the current node (answer lines with the grader's verdict), a backtrack must
     leave a wrong terminal and land on a written node, no wrong answer may repeat, a positive
     reflection must follow a step, and the trace must end at a correct terminal (rejected=True:
-    or be one attempt ending at a wrong one, the Direct set's rejections)."""
+    or be one attempt ending at a wrong one, the Direct set's rejections). A repeat is the same
+    answer under the grader (distinct)."""
     nodes, rec = tree["nodes"], tree["problem"]
     delim, kids = tasks.step_delimiter(rec), children(nodes)
     wrong = lambda n: nodes[n]["terminal"] and nodes[n]["reward"] != 1
     # Replay states (pos, node, landing, written, wrong answers): more than one only where a
     # restatement or a step text is ambiguous in this tree; the trace is valid if any of them
     # replays it to the end.
-    stack, failure = [(0, 0, None, frozenset([0]), frozenset())], (-1, "")
+    stack, failure = [(0, 0, None, frozenset([0]), ())], (-1, "")
     while stack:
         pos, cur, landing, written, seen = stack.pop()
         # report the branch that got farthest
@@ -301,82 +347,157 @@ def check_trace(tree, trace, rejected=False):
                 failure = fail(f"{trace[pos:pos + 40]!r} is not a new step below node(s) {here}")
             for c in match:
                 a = answer_key(nodes[c])
-                if wrong(c) and a in seen:
+                if wrong(c) and not distinct(rec, [*seen, a]):
                     failure = fail(f"wrong answer {a!r} repeated (node {c})")
                     continue
                 stack.append((pos + len(step_text(nodes[c], delim, rec)), c, None, written | {c},
-                              seen | {a} if wrong(c) else seen))
+                              seen + (a,) if wrong(c) else seen))
     return [failure[1]]
 
 
 # ----------------------------------------------------------------------------- main
 
 def check_config(cfg):
+    common.check_ranges(cfg)
     if cfg.mode not in ("astro", "direct"):
         raise common.UserError(f"mode must be 'astro' or 'direct', got {cfg.mode!r}")
     if not cfg.ks or any(type(k) is not int or k < 0 for k in cfg.ks):
         raise common.UserError(f"ks must be non-negative ints, got {cfg.ks!r}")
-    if cfg.max_tokens and not cfg.tokenizer:
-        raise common.UserError("max_tokens needs --tokenizer=<tokenizer.model>")
 
 
-def tree_records(tree, cfg, stats, ntok):
+def search_policy(cfg):
+    """The checkpoint that grew the trees: `policy` in the config.json search.py writes next to
+    them ("" if there is none)."""
+    path = os.path.join(os.path.dirname(cfg.trees), "config.json")
+    policy = common.read_json(path).get("policy") if os.path.isfile(path) else None
+    return policy if isinstance(policy, str) else ""
+
+
+def load_tokenizer(cfg):
+    """The tokenizer sft.py will render the conversations with, for the cap (none without one
+    unless --tokenizer names it): cfg.tokenizer, else the search policy's, loaded as load_model
+    loads it (tokenizer.model or tokenizer.json). A cap without one is a UserError, before any
+    work."""
+    if not cfg.max_tokens:
+        return checkpoint.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    where = cfg.tokenizer or search_policy(cfg)
+    if not where:
+        raise common.UserError(
+            f"max_tokens={cfg.max_tokens} needs a tokenizer to count tokens: no --tokenizer, and "
+            f"no search policy in {os.path.join(os.path.dirname(cfg.trees), 'config.json')}; "
+            "pass --tokenizer=<checkpoint dir or tokenizer file>, or --max_tokens=0")
+    return checkpoint.load_tokenizer(where)
+
+
+def to_judge(tree, cfg):
+    """The correct terminals of a tree that the policy judges: those that pass min_q, at most
+    judge_per_tree of them (a seeded draw, the same in both arms), in DFS order."""
+    good = correct_terminals(tree["nodes"], cfg.min_q)
+    if cfg.judge_per_tree and len(good) > cfg.judge_per_tree:
+        rng = random.Random(f"{cfg.seed}:{tree['id']}:judge")
+        good = sorted(rng.sample(good, cfg.judge_per_tree), key=good.index)
+    return good
+
+
+def self_evaluation(trees, cfg, out, judge=None):
+    """Psi' verdicts {(tree id, terminal): [verdict] * judge_n} of each terminal to_judge gives,
+    its solution being its plain root->terminal path (selfeval.judge_all)."""
+    policy = cfg.judge_policy or search_policy(cfg)
+    if not policy:
+        raise common.UserError(f"judge_n={cfg.judge_n} needs a judge: set judge_policy, or keep "
+                               f"search.py's config.json next to {cfg.trees}")
+    requests = [(t["id"], n, t["problem"], linearize(t, [n], cfg.q_high, reflect=False)[0])
+                for t in trees for n in to_judge(t, cfg)]
+    path = cfg.self_eval or os.path.join(os.path.dirname(out), "self_eval.jsonl")
+    return selfeval.judge_all(requests, cfg, path, policy, judge)
+
+
+def psi_prime(tree, cfg, verdicts, stats):
+    """Psi' of a tree: its correct terminals that pass min_q and, when the policy judges, those of
+    them it judged (to_judge) that pass the self-evaluation."""
+    if verdicts is None:
+        return correct_terminals(tree["nodes"], cfg.min_q)
+    judged = to_judge(tree, cfg)
+    votes = [verdicts[tree["id"], t] for t in judged]
+    kept = [t for t, v in zip(judged, votes) if selfeval.passes(v, cfg.judge_unanimous)]
+    stats["judged"] += len(judged)
+    stats["judge_rejected"] += len(judged) - len(kept)
+    stats["verdicts_unclear"] += sum(x is None for v in votes for x in v)
+    return kept
+
+
+def tree_records(tree, cfg, stats, tok, verdicts=None):
     """The conversation records of one tree (none if it has no usable correct terminal), each trace
-    replayed against the tree first."""
-    if not correct_terminals(tree["nodes"], cfg.min_q):  # no correct terminal passes min_q: skip
-        stats["skipped_min_q" if terminals(tree["nodes"])[0] else "skipped_no_correct"] += 1
+    replayed against the tree first; tok counts tokens as sft.py renders a conversation."""
+    nodes, prompt = tree["nodes"], tasks.prompt_messages(tree["problem"])
+    good = psi_prime(tree, cfg, verdicts, stats)
+    if not good:  # no correct terminal, none that passes min_q, or none the judge accepts
+        reason = ("no_correct" if not terminals(nodes)[0] else
+                  "min_q" if not correct_terminals(nodes, cfg.min_q) else "self_eval")
+        stats[f"skipped_{reason}"] += 1
         return []
-    traces = astro_traces(tree, cfg, stats)
+    chat = lambda text: prompt + [{"role": "assistant", "content": text}]
+
+    def fit(traces, key):  # the traces whose conversation fits max_tokens; the rest counted
+        kept = [t for t in traces if len(tok.render_chat(chat(t[0]))[0]) <= cfg.max_tokens]
+        stats[key] += len(traces) - len(kept)
+        return kept
+
+    traces = astro_traces(tree, cfg, stats, good)
     if cfg.max_tokens:  # before direct mode counts them, so both sets match per tree
-        stats["too_long"] += len(traces)
-        traces = [t for t in traces if ntok(t[0]) <= cfg.max_tokens]
-        stats["too_long"] -= len(traces)
-    if cfg.mode == "direct":  # not length-filtered: one path, rarely the longer
-        traces = direct_traces(tree, cfg, traces)
+        traces = fit(traces, "too_long")
+    if cfg.mode == "direct":
+        traces = direct_traces(tree, cfg, traces, good)
+        if cfg.max_tokens:  # a direct path is rarely the longer one, but SFT must never meet one
+            traces = fit(traces, "too_long_direct")
     records = []
     for j, (text, meta, *_) in enumerate(traces):
         errors = check_trace(tree, text, rejected=cfg.mode == "direct")
         if errors:  # our own output failed the replay: a bug in this file, never silently written
             raise RuntimeError(f"linearize bug, tree {tree['id']!r} trace {j}: {errors}\n{text}")
-        messages = tasks.prompt_messages(tree["problem"]) + [{"role": "assistant", "content": text}]
-        records.append({"id": f"{tree['id']}#{j}", "messages": messages,
+        records.append({"id": f"{tree['id']}#{j}", "messages": chat(text),
                         "meta": {**meta, "mode": cfg.mode}})
     return records
 
 
-def summarize(cfg, trees, records, stats, ntok):
-    """The statistics written next to the output (<out without .jsonl>.stats.json)."""
+def summarize(cfg, trees, records, stats, tok):
+    """The statistics written next to the output (<out without .jsonl>.stats.json); with a
+    tokenizer, mean_tokens (of a trace) and max_conversation_tokens (prompt + trace, as SFT sees
+    it)."""
     n, texts = max(len(records), 1), [r["messages"][-1]["content"] for r in records]
     mean = lambda key: sum(r["meta"][key] for r in records) / n
+    lengths = dict(mean_tokens=None, max_conversation_tokens=None, tokenizer=None)
+    if tok:
+        lengths = dict(mean_tokens=sum(len(tok.encode(t)) for t in texts) / n,
+                       max_conversation_tokens=max((len(tok.render_chat(r["messages"])[0])
+                                                    for r in records), default=0),
+                       tokenizer=tok.path)
     return dict(mode=cfg.mode, trees=len(trees), traces=len(records), **stats,
                 traces_by_k=dict(sorted(Counter(r["meta"]["k"] for r in records).items())),
                 backtracks_per_trace=mean("backtracks"), restarts_per_trace=mean("restarts"),
                 positive_per_trace=mean("positive"), solved_share=mean("solved"),
-                mean_chars=sum(map(len, texts)) / n,
-                mean_tokens=sum(map(ntok, texts)) / n if cfg.tokenizer else None,
-                config=common.config_dict(cfg))
+                mean_chars=sum(map(len, texts)) / n, **lengths, config=common.config_dict(cfg))
 
 
-def main(cfg):
+def main(cfg, judge=None):
+    """judge: the judge of Psi' (selfeval.py), for tests; None = the policy (when judge_n > 0)."""
     check_config(cfg)
     out = cfg.out or f"out/linearize/{cfg.mode}.jsonl"
-    tok = None
-    if cfg.tokenizer:
-        from tokenizer import Tokenizer  # only for token counts
-        tok = Tokenizer(cfg.tokenizer)
-    ntok = lambda text: len(tok.encode(text)) if tok else 0
+    tok = load_tokenizer(cfg)
     trees = read_trees(cfg.trees)
+    verdicts = self_evaluation(trees, cfg, out, judge) if cfg.judge_n else None
 
     records, stats = [], Counter(dict.fromkeys(STATS, 0))
     for tree in trees:
-        records += tree_records(tree, cfg, stats, ntok)
+        records += tree_records(tree, cfg, stats, tok, verdicts)
 
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     common.write_jsonl(out, records)
-    summary = summarize(cfg, trees, records, stats, ntok)
+    summary = summarize(cfg, trees, records, stats, tok)
     common.write_json(os.path.splitext(out)[0] + ".stats.json", summary)
     print(f"{cfg.trees}: {len(trees)} trees ({summary['skipped_no_correct']} without a correct "
-          f"terminal) -> {len(records)} {cfg.mode} traces in {out}")
+          f"terminal) -> {len(records)} {cfg.mode} traces in {out} ({summary['too_long']} ASTRO "
+          f"traces over max_tokens={cfg.max_tokens} dropped)")
     print({k: round(v, 2) if isinstance(v, float) else v
            for k, v in summary.items() if k != "config"})
     return summary

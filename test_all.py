@@ -53,6 +53,7 @@ import linearize
 import model
 import rl
 import search
+import selfeval
 import sft
 import tasks
 import tasks.math as math_task
@@ -2246,7 +2247,7 @@ def make_trees():
 
 def test_main_end_to_end_direct_matches_and_determinism(tmp_path):
     write_jsonl(tmp_path / "trees.jsonl", make_trees())
-    kw = dict(trees=str(tmp_path / "trees.jsonl"), seed=3)
+    kw = dict(trees=str(tmp_path / "trees.jsonl"), seed=3, max_tokens=0)
     s = linearize.main(linearize.Config(out=str(tmp_path / "astro.jsonl"), **kw))
     astro = read_records(tmp_path / "astro.jsonl")
     assert s["trees"] == 3 and s["skipped_no_correct"] == 1 and s["traces"] == len(astro) > 2
@@ -2276,7 +2277,7 @@ def test_main_end_to_end_direct_matches_and_determinism(tmp_path):
     assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "astro.jsonl").read_bytes()
     write_jsonl(tmp_path / "rev.jsonl", make_trees()[::-1])
     linearize.main(linearize.Config(out=str(tmp_path / "rev_out.jsonl"),
-                                    trees=str(tmp_path / "rev.jsonl"), seed=3))
+                                    trees=str(tmp_path / "rev.jsonl"), seed=3, max_tokens=0))
     by_id = lambda rs: {r["id"]: r for r in rs}
     assert by_id(read_records(tmp_path / "rev_out.jsonl")) == by_id(astro)
 
@@ -2306,7 +2307,8 @@ def test_bad_input_errors(tmp_path):
         edit(bad)
         write_jsonl(path, [countdown_tree("p1"), bad])
         with pytest.raises(common.UserError, match=msg.replace("[", r"\[").replace("]", r"\]")):
-            linearize.main(linearize.Config(trees=str(path), out=str(tmp_path / "o.jsonl")))
+            linearize.main(linearize.Config(trees=str(path), out=str(tmp_path / "o.jsonl"),
+                                            max_tokens=0))
     with pytest.raises(common.UserError, match="mode"):
         linearize.main(linearize.Config(mode="bogus"))
 
@@ -2355,7 +2357,7 @@ def test_random_trees_replay_cleanly(tmp_path):
     rng = random.Random(0)
     trees = [random_tree(rng, f"r{i}") for i in range(40)]
     write_jsonl(tmp_path / "trees.jsonl", trees)
-    s = linearize.main(linearize.Config(trees=str(tmp_path / "trees.jsonl"),
+    s = linearize.main(linearize.Config(trees=str(tmp_path / "trees.jsonl"), max_tokens=0,
                                         out=str(tmp_path / "a.jsonl"), ks=(0, 1, 2, 3)))
     # main replays each
     assert s["traces"] > 40 and s["backtracks_per_trace"] > 1 and s["restarts_per_trace"] > 0
@@ -2386,23 +2388,252 @@ def test_steps_verbatim_and_positive_reflection_only_at_line_ends():
 
 
 def test_token_lengths_and_max_tokens(tmp_path):
-    tok = tiny_tokenizer(tmp_path / "tok.model")  # byte-level: one token per byte of ASCII text
+    """The cap counts a conversation as sft.py renders it (prompt + trace), with the tokenizer the
+    stages load: --tokenizer's, else the search policy's (search.py's config.json next to the trees
+    names it: tokenizer.model, original/tokenizer.model or a ChatML tokenizer.json); with neither,
+    the run stops before it writes anything."""
     write_jsonl(tmp_path / "trees.jsonl", make_trees())
-    kw = dict(trees=str(tmp_path / "trees.jsonl"), tokenizer=tok.path)
-    s = linearize.main(linearize.Config(out=str(tmp_path / "all.jsonl"), **kw))
-    assert s["mean_tokens"] == s["mean_chars"] and s["too_long"] == 0
-    cap = min(len(r["messages"][1]["content"]) for r in read_records(tmp_path / "all.jsonl")
-              if r["meta"]["k"] == 1)
+    kw = dict(trees=str(tmp_path / "trees.jsonl"))
+    with pytest.raises(common.UserError, match=r"max_tokens=448 needs a tokenizer.*config\.json"):
+        linearize.main(linearize.Config(out=str(tmp_path / "x.jsonl"), **kw))
+    assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(common.UserError, match="nowhere: no tokenizer found"):
+        linearize.main(linearize.Config(tokenizer=str(tmp_path / "nowhere"), **kw))
+    (tmp_path / "policy" / "original").mkdir(parents=True)  # where a Hugging Face dir keeps it
+    tok = tiny_tokenizer(tmp_path / "policy" / "original" / "tokenizer.model")  # a token per byte
+    common.write_json(str(tmp_path / "config.json"), {"policy": str(tmp_path / "policy")})
+    s = linearize.main(linearize.Config(out=str(tmp_path / "all.jsonl"), max_tokens=10**6, **kw))
+    every = read_records(tmp_path / "all.jsonl")
+    length = lambda r: len(tok.render_chat(r["messages"])[0])
+    assert s["mean_tokens"] == s["mean_chars"] and s["too_long"] == 0 and s["tokenizer"] == tok.path
+    assert s["max_conversation_tokens"] == max(map(length, every))
+    cap = min(length(r) for r in every if r["meta"]["k"] == 1)
     s = linearize.main(linearize.Config(out=str(tmp_path / "cut.jsonl"), max_tokens=cap, **kw))
     kept = read_records(tmp_path / "cut.jsonl")
-    assert s["too_long"] > 0 and all(len(r["messages"][1]["content"]) <= cap for r in kept)
+    # the same conversations, minus those over the cap, and the stats count them
+    assert [r["messages"] for r in kept] == [r["messages"] for r in every if length(r) <= cap]
+    assert s["too_long"] == len(every) - len(kept) > 0 and s["max_conversation_tokens"] <= cap
     assert {r["meta"]["k"] for r in kept} == {0, 1}
-    linearize.main(linearize.Config(out=str(tmp_path / "d.jsonl"), max_tokens=cap, mode="direct",
-                                    **kw))
+    s = linearize.main(linearize.Config(out=str(tmp_path / "d.jsonl"), max_tokens=cap,
+                                        mode="direct", **kw))
     # a correct path per kept ASTRO trace, and each of its wrong attempts alone
     assert len(read_records(tmp_path / "d.jsonl")) == len(kept) + sum(r["meta"]["k"] for r in kept)
-    with pytest.raises(common.UserError, match="max_tokens needs"):
-        linearize.main(linearize.Config(trees=kw["trees"], max_tokens=10))
+    assert s["too_long_direct"] == 0
+    # a Hugging Face policy with only a tokenizer.json (ChatML): counted in its chat format
+    bpe_tokenizer_json(tmp_path / "hf", chat_template="{% for m in messages %}<|im_start|>...")
+    common.write_json(str(tmp_path / "config.json"), {"policy": str(tmp_path / "hf")})
+    s = linearize.main(linearize.Config(out=str(tmp_path / "hf.jsonl"), max_tokens=10**6, **kw))
+    chatml = hf_tokenizer.load(tmp_path / "hf" / "tokenizer.json")
+    assert chatml.chat_format == tokenizer.CHATML and s["tokenizer"] == chatml.path
+    assert s["max_conversation_tokens"] == max(len(chatml.render_chat(r["messages"])[0])
+                                               for r in read_records(tmp_path / "hf.jsonl"))
+
+
+def test_direct_conversation_over_the_cap_dropped(tmp_path):
+    """A Direct path may be longer than the ASTRO trace it stands for (another correct terminal):
+    it is dropped and counted too, since SFT would refuse it."""
+    tok = tiny_tokenizer(tmp_path / "tok.model")  # a token per byte
+    tree = countdown_tree("p9")  # node 7 becomes a second, long correct terminal
+    tree["nodes"][7].update(text="x" * 400 + " \\boxed{24}\n", answer="24", reward=1.0)
+    dropped = 0
+    for seed in range(20):
+        stats = Counter()
+        cfg = linearize.Config(ks=(0,), seed=seed, max_tokens=300, mode="direct")
+        records = linearize.tree_records(tree, cfg, stats, tok)
+        assert all(len(tok.render_chat(r["messages"])[0]) <= 300 for r in records)
+        assert len(records) + stats["too_long_direct"] + stats["too_long"] == 1
+        dropped += stats["too_long_direct"]
+    assert dropped > 0
+
+
+def test_countdown_main_job_linearize_bytes_unchanged(tmp_path):
+    """The main job's call (runs/countdown.sh: no config file, so the cap is config/sft_astro.py's
+    seq_len, counted with the search policy's tokenizer) writes these pinned bytes, the output of
+    linearize without a cap on these trees, when no trace is over the cap."""
+    small_prepare(tmp_path / "data")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "tokenizer.model").write_bytes(
+        (tmp_path / "data" / "tokenizer.model").read_bytes())
+    (tmp_path / "search").mkdir()
+    common.write_json(str(tmp_path / "search" / "config.json"), {"policy": str(tmp_path / "base")})
+    write_jsonl(tmp_path / "search" / "trees.jsonl", make_trees())
+    digests = dict(astro="c1e7d6f923c8758186d0c218745b897a823529a59a7a226343a71e93269f14e1",
+                   direct="bde3e3cf85737bcb712e90c1957de202d6b835cef04ce77abaf92cd268ad1b42")
+    for mode, digest in digests.items():
+        out = tmp_path / f"{mode}.jsonl"
+        s = linearize.main(common.parse_config(linearize.Config, [
+            f"--mode={mode}", f"--trees={tmp_path}/search/trees.jsonl", f"--out={out}"]))
+        assert s["tokenizer"] == str(tmp_path / "base" / "tokenizer.model")
+        assert s["too_long"] == s["too_long_direct"] == s["judged"] == 0
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    for arm in ("sft_astro", "sft_direct"):  # runs/countdown.sh: config/sft_astro.py + the arm's
+        names = [os.path.join(ROOT, "config", f"{n}.py") for n in dict.fromkeys(["sft_astro", arm])]
+        assert linearize.Config().max_tokens == common.parse_config(sft.Config, names).seq_len
+
+
+def test_math_wrong_answers_distinct_under_the_grader():
+    """MATH: wrong answers the grader deems one (\\frac{1}{2}, 0.5, 1/2) are one wrong answer: no
+    trace visits two of them (a draw of two is drawn again; a slot that needs more distinct answers
+    than there are is dropped), and check_trace rejects a trace that does. Countdown compares the
+    answer's text."""
+    steps = ["We halve. \\boxed{\\frac{1}{2}}", "We guess. \\boxed{0.5}", "Or \\boxed{1/2}",
+             "We add. \\boxed{3}", "We multiply. \\boxed{7}"]
+    nodes = [node(0, None, "")] + [node(i + 1, 0, t, answer=t.split("boxed{")[1][:-1],
+                                        reward=int(i == 4)) for i, t in enumerate(steps)]
+    tree = {"id": "m", "problem": {"id": "m", "problem": "2+5?", "answer": "7"}, "nodes": nodes,
+            "stats": {}}
+    for seed in range(10):  # two wrong answers: one of the three halves and 3
+        stats = Counter()
+        traces = linearize.astro_traces(tree, linearize.Config(seed=seed, ks=(2,), tries=50), stats)
+        assert [m["k"] for _, m, _ in traces] == [2] and "\\boxed{3}" in traces[0][0]
+        assert linearize.check_trace(tree, traces[0][0]) == []
+    stats = Counter()  # three distinct wrong answers do not exist: the slot is dropped
+    assert linearize.astro_traces(tree, linearize.Config(ks=(3,)), stats) == []
+    assert stats["duplicates"] == 1
+    repeated, _ = linearize.linearize(tree, [1, 2, 5], q_high=0.75)
+    assert any("repeated" in e for e in linearize.check_trace(tree, repeated))
+    countdown_rec = countdown_tree()["problem"]
+    assert tasks.same_answer(tree["problem"], "0.5", "\\frac{1}{2}")
+    assert not tasks.same_answer(countdown_rec, "2", "2.0")
+    assert tasks.same_answer(countdown_rec, " 2", "2")
+    assert tasks.same_answer(countdown_rec, None, None)
+    assert not tasks.same_answer(tree["problem"], None, "0")
+
+
+# ----------------------------------------------------------------------------- Psi' (selfeval.py)
+
+def judged_trees():
+    """make_trees() plus p4, whose node 6 also has a correct terminal 9 ("z \\boxed{24}")."""
+    p4 = countdown_tree("p4")
+    p4["nodes"].append(node(9, 6, "z \\boxed{24}\n", answer="24", reward=1.0))
+    return make_trees() + [p4]
+
+
+# the scripted verdicts: p1's terminal all yes, p2's mostly no, p4's 5 all yes and 9 one short
+VERDICTS = {("p1", 5): [True] * 8, ("p2", 5): [True] * 3 + [False] * 5,
+            ("p4", 5): [True] * 8, ("p4", 9): [True] * 7 + [None]}
+
+
+def scripted_judge(trees, calls):
+    """A judge that answers VERDICTS for each (problem, solution) it is given, checking that the
+    solution is the terminal's plain path, and records (tree ids, n, seed) per call."""
+    solution = {(t["id"], linearize.linearize(t, [n], 0.75, reflect=False)[0]): (t["id"], n)
+                for t in trees for n in linearize.terminals(t["nodes"])[0]}
+
+    def judge(items, n, seed):
+        keys = [solution[rec["id"], text] for rec, text in items]
+        calls.append(([k[0] for k in keys], n, seed))
+        return [VERDICTS[k][:n] for k in keys]
+    return judge
+
+
+def test_self_evaluation_filters_psi_and_resumes(tmp_path):
+    """Psi': each correct terminal judged judge_n times, kept only on unanimous "correct" (or a
+    majority, judge_unanimous=False); a tree left without one is skipped. The verdicts file is
+    read by the Direct arm and by reruns without judging again, resumes after a kill (a torn line
+    judged again) to the same bytes, and refuses other judge settings."""
+    trees = judged_trees()
+    write_jsonl(tmp_path / "trees.jsonl", trees)
+    common.write_json(str(tmp_path / "config.json"), {"policy": "the-search-policy"})
+    kw = dict(trees=str(tmp_path / "trees.jsonl"), max_tokens=0, judge_n=8, seed=5)
+    calls = []
+    s = linearize.main(linearize.Config(out=str(tmp_path / "a.jsonl"), **kw),
+                       judge=scripted_judge(trees, calls))
+    assert calls == [(["p1", "p2", "p4", "p4"], 8, 5)]  # one chunk: every terminal, 8 verdicts
+    assert (s["judged"], s["judge_rejected"], s["verdicts_unclear"]) == (4, 2, 1)
+    assert (s["skipped_self_eval"], s["skipped_no_correct"]) == (1, 1)
+    astro = read_records(tmp_path / "a.jsonl")
+    assert {r["id"].split("#")[0] for r in astro} == {"p1", "p4"}
+    assert not any("z \\boxed{24}" in r["messages"][1]["content"] for r in astro)  # 9 is out
+    lines = read_records(tmp_path / "self_eval.jsonl")
+    assert [(r["tree"], r["node"], r["verdicts"]) for r in lines] == [
+        (t, n, v) for (t, n), v in VERDICTS.items()]
+    assert lines[0]["judge"]["policy"] == "the-search-policy"
+    # the Direct arm and a rerun read the verdicts: no judging
+    fail = lambda *a: pytest.fail("judged again")
+    s = linearize.main(linearize.Config(out=str(tmp_path / "d.jsonl"), mode="direct", **kw),
+                       judge=fail)
+    assert {r["id"].split("#")[0] for r in read_records(tmp_path / "d.jsonl")} == {"p1", "p4"}
+    assert s["judge_rejected"] == 2
+    linearize.main(linearize.Config(out=str(tmp_path / "a2.jsonl"), **kw), judge=fail)
+    assert (tmp_path / "a2.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    # a majority suffices: p4's 9 (7 of 8) stays, p2's 5 (3 of 8) does not
+    s = linearize.main(linearize.Config(out=str(tmp_path / "m.jsonl"), judge_unanimous=False,
+                                        **kw), judge=fail)
+    assert s["judge_rejected"] == 1
+    assert any("z \\boxed{24}" in r["messages"][1]["content"]
+               for r in read_records(tmp_path / "m.jsonl"))
+    # at most one judged terminal per tree: p4 keeps one of its two, the same in every run
+    per_tree = dict(kw, judge_per_tree=1, self_eval=str(tmp_path / "one.jsonl"))
+    calls = []
+    s = linearize.main(linearize.Config(out=str(tmp_path / "o.jsonl"), **per_tree),
+                       judge=scripted_judge(trees, calls))
+    assert calls[0][0] == ["p1", "p2", "p4"] and s["judged"] == 3
+    linearize.main(linearize.Config(out=str(tmp_path / "o2.jsonl"), **per_tree), judge=fail)
+    assert (tmp_path / "o2.jsonl").read_bytes() == (tmp_path / "o.jsonl").read_bytes()
+    with pytest.raises(common.UserError, match=r"self_eval.jsonl:1: judge: .*\(judge_n\)"):
+        linearize.main(linearize.Config(out=str(tmp_path / "x.jsonl"), **{**kw, "judge_n": 4}))
+    # killed after two chunks of one terminal, the last line torn: the rerun judges the chunks
+    # that miss a verdict, with their own seeds, and the file is an uninterrupted run's
+    one = dict(kw, judge_chunk=1, self_eval=str(tmp_path / "k.jsonl"))
+    whole = scripted_judge(trees, [])
+
+    def killed(items, n, seed):
+        if seed == 7:
+            raise KeyboardInterrupt
+        return whole(items, n, seed)
+    with pytest.raises(KeyboardInterrupt):
+        linearize.main(linearize.Config(out=str(tmp_path / "k.out.jsonl"), **one), judge=killed)
+    with open(tmp_path / "k.jsonl", "a") as f:
+        f.write('{"tree": "p4", "no')
+    calls = []
+    linearize.main(linearize.Config(out=str(tmp_path / "k.out.jsonl"), **one),
+                   judge=scripted_judge(trees, calls))
+    assert calls == [(["p4"], 8, 7), (["p4"], 8, 8)]
+    assert (tmp_path / "k.out.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    calls = []
+    linearize.main(linearize.Config(out=str(tmp_path / "u.jsonl"), **dict(
+        one, self_eval=str(tmp_path / "u_verdicts.jsonl"))), judge=scripted_judge(trees, calls))
+    assert [c[2] for c in calls] == [5, 6, 7, 8]
+    assert (tmp_path / "k.jsonl").read_bytes() == (tmp_path / "u_verdicts.jsonl").read_bytes()
+    with open(tmp_path / "k.jsonl", "a") as f:
+        f.write('{"tree": "p1", "node": 5, "verdicts": [true], "judge": %s}\n'
+                % json.dumps(read_records(tmp_path / "k.jsonl")[0]["judge"]))
+    with pytest.raises(common.UserError, match=r"k.jsonl:5: verdicts: must be 8 of"):
+        linearize.main(linearize.Config(out=str(tmp_path / "x.jsonl"), **one), judge=fail)
+    with pytest.raises(common.UserError, match="judge_n=8 needs a judge"):
+        (tmp_path / "config.json").unlink()
+        linearize.main(linearize.Config(out=str(tmp_path / "x.jsonl"), **kw))
+
+
+def test_self_evaluation_with_a_real_policy(tmp_path, monkeypatch):
+    """The real judge: the search policy (loaded from search.py's config.json) samples n replies
+    per terminal through generate, on [task prompt, solution, judge prompt], with the chunk's
+    seed; each reply's last \\boxed{} is its verdict."""
+    tok = tiny_tokenizer(tmp_path / "tokenizer.model")
+    net = tiny_model(vocab_size=tok.n_vocab, max_seq_len=1024)
+    checkpoint.save_checkpoint(str(tmp_path / "policy"), net, tok, {})
+    trees = make_trees()
+    write_jsonl(tmp_path / "trees.jsonl", trees)
+    common.write_json(str(tmp_path / "config.json"), {"policy": str(tmp_path / "policy")})
+    replies = []
+    monkeypatch.setattr(selfeval, "parse_verdict", lambda r: replies.append(r) or True)
+    cfg = linearize.Config(trees=str(tmp_path / "trees.jsonl"), out=str(tmp_path / "a.jsonl"),
+                           max_tokens=0, judge_n=3, judge_max_new_tokens=5, device="cpu", seed=2)
+    s = linearize.main(cfg)
+    assert s["judged"] == 2 and s["traces"] > 0  # p1 and p2: 3 verdicts each, all "correct"
+    solutions = [linearize.linearize(t, [5], 0.75, reflect=False)[0] for t in trees[:2]]
+    prompts = [tok.render_prompt(tasks.prompt_messages(t["problem"]) + [
+        {"role": "assistant", "content": sol}, {"role": "user", "content": linearize.JUDGE_PROMPT}])
+        for t, sol in zip(trees, solutions)]
+    outs = generate.generate(net, prompts, 3, max_new_tokens=5, temperature=1.0,
+                             stop_ids=tok.stop_ids, seed=2)
+    assert replies == [tok.decode(x.tokens) for out in outs for x in out] and len(replies) == 6
+    assert [len(r["verdicts"]) for r in read_records(tmp_path / "self_eval.jsonl")] == [3, 3]
+    monkeypatch.undo()
+    assert selfeval.parse_verdict("So it holds. \\boxed{Yes.}") is True
+    assert selfeval.parse_verdict("\\boxed{yes} then \\boxed{no}") is False
+    assert selfeval.parse_verdict("\\boxed{maybe}") is None and selfeval.parse_verdict("") is None
 
 
 # ==================================================================================================
@@ -3234,6 +3465,35 @@ def test_rl_config_files():
     changed = {k for k, v in dataclasses.asdict(direct).items() if v != getattr(astro, k)}
     assert changed == {"init", "out_dir"}
     assert math_.dtype == "bfloat16" and math_.train.startswith("data/math/")
+
+
+def test_math_recipe_configs_agree():
+    """The MATH recipe's configs (README, "Real Llama 3 models on GPUs") hand each stage's output
+    to the next and agree on lengths: linearize caps conversations at SFT's seq_len, eval's budget
+    is at least RL's and SFT's; Psi' is the paper's (8 unanimous verdicts), the Direct arm reads
+    the ASTRO arm's verdicts, and each Direct config differs from its ASTRO one only in its data."""
+    def parse(cls, *names):
+        return common.parse_config(cls, [os.path.join(ROOT, "config", f"{n}_llama_math.py")
+                                         for n in names])
+    search_ = parse(search.Config, "search")
+    lin, lin_d = parse(linearize.Config, "linearize"), parse(linearize.Config, "linearize",
+                                                             "linearize_direct")
+    sft_a, sft_d = parse(sft.Config, "sft"), parse(sft.Config, "sft", "sft_direct")
+    rl_a, rl_d = parse(rl.Config, "rl"), parse(rl.Config, "rl", "rl_direct")
+    ev = parse(evaluate.Config, "eval")
+    assert lin.trees == lin_d.trees == os.path.join(search_.out_dir, "trees.jsonl")
+    assert sft_a.init == sft_d.init == search_.policy  # whose tokenizer counts linearize's cap
+    assert (sft_a.data, sft_d.data) == (lin.out, lin_d.out) and lin_d.mode == "direct"
+    assert (rl_a.init, rl_d.init) == (sft_a.out_dir, sft_d.out_dir)
+    assert ev.init == rl_a.out_dir and rl_a.train == search_.problems
+    assert 0 < lin.max_tokens == lin_d.max_tokens <= sft_a.seq_len == sft_d.seq_len
+    assert ev.max_new_tokens >= max(rl_a.max_new_tokens, rl_d.max_new_tokens, sft_a.seq_len)
+    assert (lin.judge_n, lin.judge_unanimous) == (8, True)
+    assert lin.self_eval == lin_d.self_eval  # "" = next to out, the same folder:
+    assert os.path.dirname(lin.out) == os.path.dirname(lin_d.out)
+    for a, d, diff in ((lin, lin_d, {"mode", "out"}), (sft_a, sft_d, {"data", "out_dir"}),
+                       (rl_a, rl_d, {"init", "out_dir"})):
+        assert {k for k, v in dataclasses.asdict(a).items() if getattr(d, k) != v} == diff
 
 
 # ==================================================================================================

@@ -8,9 +8,9 @@ GPUs a stage needs. A plan computed from shapes and configs: nothing here runs o
 Models (--model): 1B, 8B, 70B are Llama-3.2-1B (tied embeddings), Llama-3.1-8B and Llama-3.1-70B,
 their public configs' shapes in model.ModelConfig (SwiGLU width from model.ffn_hidden, parameters
 from model.Llama built on the meta device); "all" prints one column each. Batches and lengths come
-from config/sft_llama_math.py, config/rl_llama_math.py, config/search_llama_math.py and eval.py's
-defaults; every one is a --key=value override below (prompt_len, the longest rendered prompt, is
-an assumption of the plan: no config sets it).
+from config/sft_llama_math.py, config/rl_llama_math.py, config/search_llama_math.py and
+config/eval_llama_math.py; every one is a --key=value override below (prompt_len, the longest
+rendered prompt, is an assumption of the plan: no config sets it).
 
 The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_node)):
 - sft: sft.py with fsdp=True and its config: fp32 weights, gradients and AdamW's exp_avg and
@@ -101,7 +101,7 @@ def stage_config(cfg_class, name):
 SFT = stage_config(sft.Config, "sft_llama_math.py")
 RL = stage_config(rl.Config, "rl_llama_math.py")
 SEARCH = stage_config(search.Config, "search_llama_math.py")
-EVAL = evaluate.Config()  # no GPU config file: eval.py's defaults
+EVAL = stage_config(evaluate.Config, "eval_llama_math.py")
 
 # the public configs' shapes; rope scaling and norm epsilon change no tensor's size
 LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072)
@@ -147,7 +147,7 @@ class Config:
     search_path_len: int = 2048    # tokens of the path a rollout continues (at most a solution;
                                    # max_depth * max_step_tokens = 7680 bounds it)
     search_prefix_cache_mb: int = SEARCH.prefix_cache_mb
-    # eval: eval.py's defaults
+    # eval: config/eval_llama_math.py
     eval_batch_size: int = EVAL.batch_size
     eval_max_new_tokens: int = EVAL.max_new_tokens
 

@@ -9,7 +9,8 @@ out_dir = "out/rl_llama_math"  # this run's own directory
 prompts_per_step = 64  # 8 per GPU on 8 GPUs
 group_size = 4  # the paper's G
 temperature = 1.0
-max_new_tokens = 4096  # room for long MATH traces with backtracking
+max_new_tokens = 4096  # room for long MATH traces with backtracking; the eval gives as much or
+                       # more (config/eval_llama_math.py; a test checks)
 gen_batch_size = 128  # rows of up to 4096 new tokens: the KV cache bounds the batch
 filter_samples = 8  # keep the "moderately difficult" prompts, as the paper
 filter_limit = 8192  # the filter grades this many shuffled problems: a bounded up-front cost

@@ -3,7 +3,7 @@
 # a Hugging Face dir).
 #   torchrun --standalone --nproc_per_node=8 search.py config/search_llama_math.py
 problems = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
-policy = "out/llama_math_policy"  # placeholder: the Llama 3.x Instruct policy
+policy = "/path/to/Llama-3.1-8B-Instruct"  # placeholder: the Llama 3.x Instruct policy (SFT's init)
 out_dir = "out/search_llama_math"  # this search's own directory
 limit = 0
 num_simulations = 32        # not given by the paper; 32-64 is our guess

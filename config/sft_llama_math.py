@@ -12,12 +12,12 @@
 # Token budget: 1 epoch of the traces; e.g. 36k traces (the paper's 36.1K) x ~1.5k tokens = ~54M
 # tokens.
 init = "/path/to/Llama-3.1-8B-Instruct"  # or Llama-3.2-1B-Instruct, Llama-3.2-3B-Instruct
-data = "out/math_linearize/astro.jsonl"  # linearize.py output for MATH trees (README, "The MATH
-                                         # pipeline")
+data = "out/math_linearize/astro.jsonl"  # config/linearize_llama_math.py's traces (capped at
+                                         # seq_len there)
 val_data = ""  # "" = hold out val_frac of the problems
 out_dir = "out/sft_llama_math"  # this run's own directory
 loss_on = "all"  # as the paper (no masking); see config/sft_astro.py for the trade-off
-seq_len = 8192  # the paper's max sequence length
+seq_len = 8192  # the paper's max sequence length; linearize's max_tokens (a test checks)
 epochs = 1.0
 max_steps = 0  # 0: one epoch decides the step count
 batch_size = 64  # rows of up to 8192 tokens: ~0.5M tokens per step

@@ -112,6 +112,17 @@ def answer_key(rec, pred):
     return math_task.normalize_math(pred)[0]
 
 
+def same_answer(rec, a, b):
+    """Whether two answers to a problem are one answer under the task's grader: MATH, math_equal
+    (\\frac{1}{2} and 0.5 are one); Countdown, the exact (stripped) text. None (no answer) equals
+    only None."""
+    if a is None or b is None:
+        return a is b
+    if "numbers" in rec:
+        return a.strip() == b.strip()
+    return math_task.math_equal(a, b)
+
+
 def decisions(rec, response, stopped):
     """[(correct, accepted)] for each answer line (one holding \\boxed{) of a response: correct is
     the grader's judgement of that line's box; accepted is the policy's decision: on Countdown the
