@@ -2761,16 +2761,27 @@ def _tp_outputs(net):
 
 
 def _tp_model_worker(rank, world, port, out):
-    """model.tensor_parallel over `world` ranks on each of TP_SHAPES: _tp_outputs and the rows of
-    this rank's wqkv shard; and the refusal of a shape whose kv heads do not split in two."""
+    """model.tensor_parallel over `world` ranks on each of TP_SHAPES: _tp_outputs, the rows of this
+    rank's wqkv shard, the bytes of its weights and of the first KV cache generate allocates; and
+    the refusal of a shape whose kv heads do not split in two."""
     _torchrun_env(rank, world, port)
     torch.distributed.init_process_group("gloo")
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,))
+    made = []
+
+    class Recorded(generate.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(sum(t.numel() * t.element_size() for t in self.k + self.v))
+
+    generate.KVCache = Recorded  # this forked process's own module
     got = []
     for shape in TP_SHAPES:
+        made.clear()
         net = model.tensor_parallel(_sharp_model(shape), mesh, "tiny")
-        got.append((*_tp_outputs(net), net.layers[0].attention.wqkv.weight.to_local().size(0)))
+        got.append((*_tp_outputs(net), net.layers[0].attention.wqkv.weight.to_local().size(0),
+                    _storage_bytes(net.parameters()), made[0]))
     with pytest.raises(common.UserError, match="tiny: n_heads 4, n_kv_heads 1 .* tp=2"):
         model.tensor_parallel(tiny_model(n_kv_heads=1), mesh, "tiny")
     out.put((rank, got))
@@ -2782,14 +2793,20 @@ def test_tensor_parallel_matches_one_process():
     """2 ranks (gloo) each holding half the heads, SwiGLU units and vocabulary (tied embeddings
     and an uneven vocabulary too): logits within 1e-5 of the whole model in one process; the same
     greedy and sampled tokens (the KV cache and a PrefixCache's extension, each holding a rank's
-    one kv head of two), equal on both ranks."""
+    one kv head of two), equal on both ranks; the weights and KV cache a rank holds are
+    bench/plan.py's TP rows."""
     got = _run_ranks(2, _tp_model_worker)
     for i, shape in enumerate(TP_SHAPES):
         net = _sharp_model(shape)
         logits, toks, heads = _tp_outputs(net)
         assert heads == {2}
+        # bench/plan.py's TP rows: rank 0 holds the plan's weights (the other rank no more) and
+        # the KV cache of 6 rows of a 7-token prompt + 8 new tokens
+        weights = bench_plan.tensor_parallel(net.cfg, 2, itemsize=4)
+        kv = bench_plan.kv_cache(net.cfg, 6, 7, 8, tp=2, dtype=torch.float32)
+        assert got[0][i][4:] == (weights, kv) and got[1][i][4] <= weights
         for rank in (0, 1):
-            tp_logits, tp_toks, tp_heads, rows = got[rank][i]
+            tp_logits, tp_toks, tp_heads, rows = got[rank][i][:4]
             np.testing.assert_allclose(tp_logits, logits, atol=1e-5, rtol=0)
             assert tp_toks == toks and tp_heads == {1}
             assert rows == net.layers[0].attention.wqkv.weight.size(0) // 2
