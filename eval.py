@@ -246,7 +246,7 @@ def write_predictions(cfg, todo, total, n, want, pred_path):
                 continue
             if any(got != every[r - r % cfg.tp] for r, got in enumerate(every)):
                 raise RuntimeError("the ranks of a tp group sampled different answers")
-            f.write("".join(line + "\n" for lines in every[::cfg.tp] for line in lines))
+            f.write("".join(line + "\n" for part in every[::cfg.tp] for line in part))
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(todo[c:c + cfg.chunk * dp]))

@@ -8,6 +8,7 @@ checkpoint.py loads and saves it (ours, Meta's, Hugging Face's); generate.py sam
     logits = net(idx)                # idx (B, T) token ids -> fp32 logits (B, T, vocab)
     logits = net(idx, doc=doc_ids)   # packed rows: attention stays inside each document
     logits = net(idx, doc=doc_ids, keep=targets != -1)  # (n, vocab): only where a loss is taken
+    model.tensor_parallel(net, tp_mesh, "out/base")  # inference, tensor parallel (--tp)
 
 Conventions (each pinned by a test in test_all.py):
 - Rotary embeddings rotate the first half of each head against the second (HF's layout), so HF
