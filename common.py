@@ -290,6 +290,24 @@ def dist_setup():
     return rank, world, local
 
 
+def inference_mesh(tp, device):
+    """(dp rank, dp size, tp mesh or None) of a generating stage (search, eval): the processes as a
+    (dp, tp) grid whose tp groups are consecutive ranks (the GPUs of one node). Each tp group holds
+    one copy of the model, tensor parallel over its ranks (model.tensor_parallel), and every rank
+    of it generates the same tokens; the data is split across the dp groups. tp = 1: no mesh,
+    every process is its own dp group."""
+    rank, world, _ = dist_setup()
+    if world % tp:
+        raise UserError(f"tp={tp} must divide the number of processes ({world}; torchrun "
+                        "--nproc_per_node sets it)")
+    if tp == 1:
+        return rank, world, None
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(torch.device(device).type, (world // tp, tp),
+                            mesh_dim_names=("dp", "tp"))
+    return mesh.get_local_rank("dp"), world // tp, mesh["tp"]
+
+
 def all_reduce(t, world, op="SUM"):
     """The tensor t reduced (in place) over all ranks."""
     if world > 1:
@@ -297,11 +315,11 @@ def all_reduce(t, world, op="SUM"):
     return t
 
 
-def gather(obj, world):
-    """Every rank's obj, on every rank."""
+def gather(obj, world, group=None):
+    """Every rank's obj, on every rank (of `group`, of `world` ranks; None: all)."""
     out = [obj] * world
     if world > 1:
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 

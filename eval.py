@@ -6,12 +6,16 @@ eval.py — the evaluation of a checkpoint on a problem file: sampled answers, g
     python eval.py --init=out/base --temperature=0      # greedy decoding only
     python eval.py --init=/models/Llama-3.1-8B-Instruct --data=data/math/math500.jsonl \\
         --num_samples=16 --max_new_tokens=4096 --device=cuda --dtype=bfloat16
+    torchrun --standalone --nproc_per_node=8 eval.py --tp=2 ...   # 4 copies of TP over 2 GPUs
 
 Output: out/eval/<init name>-<data name>/ (or --out_dir): predictions.jsonl (every sample: id,
 sample index (-1 = the extra greedy one), response, pred, correct, tokens, backtracks, reflections,
 stopped), appended as problems finish, so a killed eval resumes and skips finished problems;
 summary.json (atomic); a printed table. Prompts, tools and graders are the tasks package's
-(tasks/__init__.py).
+(tasks/__init__.py). Under torchrun the ranks form tp groups of --tp consecutive ranks, each one
+copy of the model, tensor parallel (model.tensor_parallel); the groups take consecutive chunks of
+problems, every rank of a group samples the same tokens (the chunk's seed, the same logits), and
+rank 0 writes each round of chunks in problem order: the file a single process writes.
 
 Metrics: pass@1 = mean over problems of the share of correct samples, with a 95%
 percentile-bootstrap interval over problems (problems are what varies between benchmark draws; 1000
@@ -27,11 +31,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
 import common
 import generate
 import checkpoint
+import model
 import tasks
 
 
@@ -55,9 +61,12 @@ class Config:
     compile: bool = False            # torch.compile the decode step
     oracle: bool = False             # ablation: Countdown's tool also writes the grader's verdict
                                      # on the answer line (the policy then only follows it)
+    tp: int = 1                      # tensor parallel degree under torchrun: ranks per copy of
+                                     # the model (a node's GPUs); the other ranks data parallel
 
     ranges = dict(limit=(0, None), num_samples=(1, None), temperature=(0.0, None), top_p=(0.0, 1.0),
-                  top_k=(0, None), max_new_tokens=(1, None), chunk=(1, None), batch_size=(1, None))
+                  top_k=(0, None), max_new_tokens=(1, None), chunk=(1, None), batch_size=(1, None),
+                  tp=(1, None))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -211,24 +220,36 @@ def print_summary(s, title):
 
 def write_predictions(cfg, todo, total, n, want, pred_path):
     """Sample the problems `todo` ([(index, record)]) chunk by chunk, grade every answer and append
-    the predictions to pred_path: one write and fsync per chunk, not per sample."""
-    device, dtype = common.device_and_dtype(cfg)
-    net, tok = checkpoint.load_model(cfg.init, device=device, dtype=dtype)
+    the predictions to pred_path: one write and fsync per chunk, not per sample. Under torchrun a
+    round gives one chunk to each dp group; rank 0 gathers the round and writes it in order."""
+    rank, world, local = common.dist_setup()
+    device, dtype = common.device_and_dtype(cfg, local)
+    dp_rank, dp, mesh = common.inference_mesh(cfg.tp, device)
+    tp = mesh is not None  # then each rank moves only its shards (and the norms) to device
+    net, tok = checkpoint.load_model(cfg.init, device="cpu" if tp else device, dtype=dtype)
+    if tp:
+        model.tensor_parallel(net, mesh, cfg.init).to(device)
     net.eval()
     runs = ([(0, dict(num_samples=n, temperature=cfg.temperature, top_p=cfg.top_p,
                       top_k=cfg.top_k))]
             + ([(-1, dict(num_samples=1, temperature=0.0))] if -1 in want else []))
-    with open(pred_path, "a", encoding="utf-8") as f, \
-            tqdm(total=total, initial=total - len(todo), desc="eval", unit="problem") as bar:
-        for c in range(0, len(todo), cfg.chunk):
-            chunk = todo[c:c + cfg.chunk]
-            results = sample_chunk(cfg, net, tok, chunk, runs)
+    with open(pred_path if rank == 0 else os.devnull, "a", encoding="utf-8") as f, \
+            tqdm(total=total, initial=total - len(todo), desc="eval", unit="problem",
+                 disable=rank != 0) as bar:
+        for c in range(0, len(todo), cfg.chunk * dp):
+            chunk = todo[c + dp_rank * cfg.chunk:c + (dp_rank + 1) * cfg.chunk]
+            results = sample_chunk(cfg, net, tok, chunk, runs) if chunk else []
             lines = [json.dumps(prediction(tok, r, j, s), ensure_ascii=False)
                      for (_, r), res in zip(chunk, results) for j, s in res]
-            f.write("".join(line + "\n" for line in lines))
+            every = common.gather(lines, world)  # rank r is rank r % tp of dp group r // tp
+            if rank != 0:
+                continue
+            if any(got != every[r - r % cfg.tp] for r, got in enumerate(every)):
+                raise RuntimeError("the ranks of a tp group sampled different answers")
+            f.write("".join(line + "\n" for part in every[::cfg.tp] for line in part))
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(chunk))
+            bar.update(len(todo[c:c + cfg.chunk * dp]))
 
 
 def sample_chunk(cfg, net, tok, chunk, runs):
@@ -262,7 +283,23 @@ def prediction(tok, rec, j, s):
 
 # ----------------------------------------------------------------------------- main
 
+def resume(settings, settings_path, pred_path, want):
+    """The ids of the problems whose samples `want` are all in pred_path; the predictions of the
+    others are dropped from it (a partly written problem is redone from scratch)."""
+    common.write_json(settings_path, settings)
+    done = common.resume_jsonl(pred_path)
+    got = defaultdict(set)
+    for p in done:
+        got[p["id"]].add(p["sample"])
+    finished = {i for i, s in got.items() if s >= want}
+    if any(p["id"] not in finished for p in done):
+        common.write_jsonl(pred_path, [p for p in done if p["id"] in finished])
+    return finished
+
+
 def main(cfg):
+    """The summary on rank 0 (None on the other ranks under torchrun)."""
+    rank, world, _ = common.dist_setup()
     problems = tasks.read_problems(cfg.data)[:cfg.limit or None]
     data_name = os.path.splitext(os.path.basename(cfg.data))[0]
     name = f"{os.path.basename(os.path.normpath(cfg.init))}-{data_name}"
@@ -286,18 +323,16 @@ def main(cfg):
     pred_path = os.path.join(out_dir, "predictions.jsonl")
     if os.path.exists(settings_path) and os.path.exists(pred_path):
         common.check_same_run(common.read_json(settings_path), settings, pred_path)
-    common.write_json(settings_path, settings)
-    done = common.resume_jsonl(pred_path)
-    got = defaultdict(set)
-    for p in done:
-        got[p["id"]].add(p["sample"])
-    finished = {i for i, s in got.items() if s >= want}
-    if any(p["id"] not in finished for p in done):
-        common.write_jsonl(pred_path, [p for p in done if p["id"] in finished])
-    todo = [(i, r) for i, r in enumerate(problems) if r["id"] not in finished]
+    # rank 0 keeps the files; the other ranks learn from it which problems are finished
+    finished = [resume(settings, settings_path, pred_path, want) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(finished, src=0)
+    todo = [(i, r) for i, r in enumerate(problems) if r["id"] not in finished[0]]
 
     if todo:
         write_predictions(cfg, todo, len(problems), n, want, pred_path)
+    if rank != 0:
+        return None
 
     preds = common.resume_jsonl(pred_path)
     summary = summarize(preds, problems)

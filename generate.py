@@ -38,10 +38,11 @@ from tqdm import tqdm
 class KVCache:
     """Preallocated keys/values of the rows in flight: per layer (B, n_kv, S, hd). Each row holds
     its own sequence at its own positions (prompts differ in length), so rows never wait for each
-    other."""
+    other. Under tensor parallelism (tp ranks, model.tensor_parallel) a rank keeps its
+    n_kv_heads / tp heads."""
 
-    def __init__(self, cfg, B, S, device, dtype):
-        shape = (B, cfg.n_kv_heads, S, cfg.dim // cfg.n_heads)
+    def __init__(self, cfg, B, S, device, dtype, tp=1):
+        shape = (B, cfg.n_kv_heads // tp, S, cfg.dim // cfg.n_heads)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
 
@@ -271,7 +272,8 @@ class Prefixes:
         if not any(start):
             return self.model.prefill(ids.to(dev))
         w = self.model.tok_embeddings.weight
-        kv = KVCache(self.model.cfg, len(seqs), max(start) + T, dev, w.dtype)
+        kv = KVCache(self.model.cfg, len(seqs), max(start) + T, dev, w.dtype,
+                     self.model.tp)
         for r, (segs, n) in enumerate(hits):
             for layer, (k, v) in enumerate(self.cache.get(segs) if n else []):
                 kv.k[layer][r, :, :n], kv.v[layer][r, :, :n] = k, v
@@ -347,7 +349,7 @@ class Batch:
         self.prompts, self.max_new_tokens = prompts, max_new_tokens
         self.max_seq_len = cfg.max_seq_len
         self.dev = dev = w.device
-        self.cache = KVCache(cfg, B, S, dev, w.dtype)
+        self.cache = KVCache(cfg, B, S, dev, w.dtype, model.tp)
         self.tok, self.pos, self.limit = (torch.zeros(B, dtype=torch.long, device=dev)
                                           for _ in range(3))
         self.live = torch.zeros(B, dtype=torch.bool, device=dev)

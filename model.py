@@ -8,6 +8,7 @@ checkpoint.py loads and saves it (ours, Meta's, Hugging Face's); generate.py sam
     logits = net(idx)                # idx (B, T) token ids -> fp32 logits (B, T, vocab)
     logits = net(idx, doc=doc_ids)   # packed rows: attention stays inside each document
     logits = net(idx, doc=doc_ids, keep=targets != -1)  # (n, vocab): only where a loss is taken
+    model.tensor_parallel(net, tp_mesh, "out/base")  # inference, tensor parallel (--tp)
 
 Conventions (each pinned by a test in test_all.py):
 - Rotary embeddings rotate the first half of each head against the second (HF's layout), so HF
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import common
 
 
 ROPE_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -201,6 +204,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    tp = 1  # tensor parallel degree: tensor_parallel() sets it; each rank holds 1/tp of the heads
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.dim % cfg.n_heads == 0 and cfg.n_heads % cfg.n_kv_heads == 0
@@ -292,3 +297,43 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, (cache.k[i], cache.v[i], rows, pos))
         return self.output(self.norm(x))[:, 0].float()
+
+
+def tensor_parallel(net, mesh, where):
+    """Shard net for inference Megatron-style over the 1-D device mesh `mesh` of tp ranks
+    (torch.distributed.tensor.parallel): each rank keeps n_heads/tp query heads and n_kv_heads/tp
+    key/value heads (wqkv's rows, colwise; wo's columns, rowwise) and hidden/tp SwiGLU units (w13's
+    rows, colwise; w2's columns, rowwise), a slice of the vocabulary of the embedding (rowwise) and
+    of the output layer (colwise, its logits gathered whole on every rank); the norms stay whole.
+    Attention runs on the local heads, so the keys/values a rank keeps (generate.KVCache,
+    PrefixCache) are its heads only; one all-reduce follows attention, one the feed-forward.
+    wqkv's and w13's rows are reordered first so that rank r's contiguous shard is its
+    [q; k; v] heads and its [w1; w3] units: their global (DTensor) layout is not the checkpoint's.
+    where: the checkpoint, named by the refusal when the heads do not split into tp."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    cfg, tp = net.cfg, mesh.size()
+    hidden = ffn_hidden(cfg)
+    if cfg.n_heads % tp or cfg.n_kv_heads % tp or hidden % tp:
+        raise common.UserError(f"{where}: n_heads {cfg.n_heads}, n_kv_heads {cfg.n_kv_heads} and "
+                               f"the SwiGLU width {hidden} must divide by tp={tp}")
+    hd = cfg.dim // cfg.n_heads
+    per_rank = lambda w, sizes: torch.cat([c for r in range(tp)
+                                           for c in (t.chunk(tp)[r] for t in w.split(sizes))])
+    plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+            "output": ColwiseParallel(output_layouts=Replicate())}
+    with torch.no_grad():
+        for i, block in enumerate(net.layers):
+            a, f = block.attention, block.feed_forward
+            a.wqkv.weight.copy_(per_rank(a.wqkv.weight, [a.nh * hd, a.nkv * hd, a.nkv * hd]))
+            f.w13.weight.copy_(per_rank(f.w13.weight, [hidden, hidden]))
+            a.nh, a.nkv = a.nh // tp, a.nkv // tp
+            plan |= {f"layers.{i}.attention.wqkv": ColwiseParallel(),
+                     f"layers.{i}.attention.wo": RowwiseParallel(),
+                     f"layers.{i}.feed_forward.w13": ColwiseParallel(),
+                     f"layers.{i}.feed_forward.w2": RowwiseParallel()}
+    parallelize_module(net, mesh, plan)
+    net.tie()  # a tied output shares the embedding's shard (both cut the vocabulary, Shard(0))
+    net.tp = tp
+    return net

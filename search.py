@@ -6,11 +6,15 @@ linearize.py turns the trees into self-reflecting, backtracking traces.
 
     python search.py                     # built-in task: data/countdown/train.jsonl, out/base
     python search.py config/search_countdown.py --limit=100   # the main job's, on 100 problems
-    torchrun --standalone --nproc_per_node=8 search.py config/search_llama_math.py   # data parallel
+    torchrun --standalone --nproc_per_node=8 search.py config/search_llama_math.py   # --tp=8
+    torchrun --standalone --nproc_per_node=8 search.py --tp=2 ...   # 4 copies of TP over 2 GPUs
 
 Writes out/search/trees.jsonl (one tree per problem, in problem order), out/search/stats.json and
 out/search/config.json. Killed? Run the same command again: it resumes, and the file ends
-byte-identical to an uninterrupted run.
+byte-identical to an uninterrupted run. Under torchrun the ranks form tp groups of --tp consecutive
+ranks: each holds one copy of the policy, tensor parallel (model.tensor_parallel: its kv heads, and
+so its KV and prefix caches, split over the group), grows the same trees on every rank (the same
+seeds on the same logits) and takes every dp-th chunk of problems; its first rank writes them.
 
 One simulation, in the paper's terms (state S_t = problem x + steps s_0..s_t; action = the next
 step):
@@ -66,6 +70,7 @@ import torch.distributed as dist
 import common
 import generate
 import checkpoint
+import model
 from tasks import grade, prompt_messages, read_problems, step_delimiter, tool
 
 
@@ -100,17 +105,21 @@ class Config:
     oracle: bool = False              # ablation: Countdown's tool writes the grader's verdict
     device: str = ""                  # "" = cuda if available, else cpu
     dtype: str = "float32"            # float32 | bfloat16 | float16
+    tp: int = 1                       # tensor parallel degree under torchrun: ranks per copy of
+                                      # the policy (a node's GPUs); the other ranks data parallel
 
     ranges = dict(limit=(0, None), num_simulations=(1, None), k=(1, None), M=(0, None),
                   c_puct=(0.0, None), temperature=(0.0, None), rollout_temperature=(0.0, None),
                   top_p=(0.0, 1.0), max_depth=(0, None), depth_slack=(0, None),
                   max_step_tokens=(1, None), max_rollout_tokens=(1, None),
-                  problems_per_batch=(1, None), batch_size=(1, None), prefix_cache_mb=(0, None))
+                  problems_per_batch=(1, None), batch_size=(1, None), prefix_cache_mb=(0, None),
+                  tp=(1, None))
 
 
 # Keys that may change between a run and its resume: all others change the trees, and a resume with
 # other values would mix the trees of two different searches in one file.
-RESUME_FREE = {"out_dir", "limit", "compile", "device"}
+# tp, like device, changes the rounding of the logits, not the search.
+RESUME_FREE = {"out_dir", "limit", "compile", "device", "tp"}
 DEFAULT_NEED = 30  # steps a response may need when the task does not say it (MATH)
 
 
@@ -391,28 +400,37 @@ def check(cfg, recs):
                                    "step delimiters; search one task per run")
 
 
-def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank):
+def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank, mesh=None):
     """Search the chunks `todo`, appending each tree not in out_path yet (`done`: their ids) as it
-    finishes, in problem order. Returns the new trees' summaries and this run's counts."""
+    finishes, in problem order. mesh: this rank's tp group (the policy is sharded over it; only its
+    first rank writes, and every chunk's summaries must agree across it). Returns the new trees'
+    summaries and this run's counts."""
     if todo:
         print(f"rank {rank}: {len(done)} trees already in {out_path}; {len(todo)} chunks to search "
               f"with {cfg.policy}")
-        net, tok = checkpoint.load_model(cfg.policy, device=device, dtype=dtype)
+        tp = mesh is not None  # then each rank moves only its shards (and the norms) to device
+        net, tok = checkpoint.load_model(cfg.policy, device="cpu" if tp else device, dtype=dtype)
+        if tp:
+            model.tensor_parallel(net, mesh, cfg.policy).to(device)
+    writer, group = mesh is None or mesh.get_local_rank() == 0, mesh and mesh.get_group()
     generate.reset_generate_stats()
     t0, new = time.time(), []
-    with open(out_path, "a", encoding="utf-8") as f:
+    with open(out_path if writer else os.devnull, "a", encoding="utf-8") as f:
         for c in todo:
             tc, n0 = time.time(), len(new)
 
             def emit(tree):
                 if tree.rec["id"] not in done:
-                    common.append_jsonl(f, tree.to_json())
+                    if writer:
+                        common.append_jsonl(f, tree.to_json())
                     new.append(tree.summary())
             # a policy (and prefix cache) per chunk: its trees depend on nothing outside it, so a
             # resumed run that re-runs a chunk grows the same trees; one task per file (check())
             policy = make_policy(net, cfg, tool(chunks[0][0], tok, cfg.oracle))
             search(chunks[c], policy, tok, cfg, mix(cfg.seed, c), emit)
             got, n = new[n0:], max(len(new) - n0, 1)
+            if any(g != got for g in common.gather(got, cfg.tp, group)):
+                raise RuntimeError(f"chunk {c}: the ranks of a tp group grew different trees")
             print(f"rank {rank} chunk {c + 1}/{len(chunks)}: {len(got)} trees in "
                   f"{time.time() - tc:.1f}s, solved {sum(s['solved'] for s in got) / n:.2f}, "
                   f"mean nodes {sum(s['nodes'] for s in got) / n:.1f}", flush=True)
@@ -422,13 +440,15 @@ def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank):
                  "prefill_tokens": gen["prefill_tokens"]}
 
 
-def merge_ranks(run, recs, final, cfg, rank, world):
-    """Under torchrun each rank reports its counts; rank 0 merges every rank's trees into `final`
-    in problem order and their counts into `run`. Returns the summaries of all trees on rank 0,
-    None on the others."""
-    common.write_json(os.path.join(cfg.out_dir, f"stats.rank{rank}.json"), run)
+def merge_ranks(run, recs, final, cfg, rank, world, writer=True):
+    """Under torchrun each dp rank (rank: its index of `world` dp groups; writer: the first rank of
+    its tp group) reports its counts; rank 0 merges every dp rank's trees into `final` in problem
+    order and their counts into `run`. Returns the summaries of all trees on rank 0, None on the
+    others."""
+    if writer:
+        common.write_json(os.path.join(cfg.out_dir, f"stats.rank{rank}.json"), run)
     dist.barrier()
-    if rank != 0:
+    if rank != 0 or not writer:
         return None
     by_id = {}
     for r in range(world):
@@ -471,11 +491,17 @@ def main(cfg):
     recs = read_problems(cfg.problems)
     recs = recs[:cfg.limit] if cfg.limit > 0 else recs
     check(cfg, recs)
+    dp_rank, dp, mesh = common.inference_mesh(cfg.tp, device)
+    writer = mesh is None or mesh.get_local_rank() == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
     final = os.path.join(cfg.out_dir, "trees.jsonl")
-    out_path = final if world == 1 else os.path.join(cfg.out_dir, f"trees.rank{rank}.jsonl")
-    # the trees already written (a torn last line is cut: redone), from the same search only
-    finished = [(r["id"], r["stats"]) for r in common.resume_jsonl(out_path)]
+    out_path = final if dp == 1 else os.path.join(cfg.out_dir, f"trees.rank{dp_rank}.jsonl")
+    # the trees already written (a torn last line is cut: redone), from the same search only; the
+    # tp group's writer reads them, and its other ranks search the same chunks
+    finished = [[(r["id"], r["stats"]) for r in common.resume_jsonl(out_path)] if writer else None]
+    if mesh is not None:
+        dist.broadcast_object_list(finished, group=mesh.get_group(), group_src=0)
+    finished = finished[0]
     done = {i for i, _ in finished}
     cfg_path = os.path.join(cfg.out_dir, "config.json")
     if done and os.path.exists(cfg_path):
@@ -490,17 +516,19 @@ def main(cfg):
     # uninterrupted run.
     B = cfg.problems_per_batch
     chunks = [recs[i:i + B] for i in range(0, len(recs), B)]
-    todo = [c for c in range(rank, len(chunks), world)
+    todo = [c for c in range(dp_rank, len(chunks), dp)
             if any(r["id"] not in done for r in chunks[c])]
     if not todo and world == 1 and os.path.exists(os.path.join(cfg.out_dir, "stats.json")):
         # keep the stats of the run that searched them
         print(f"{out_path}: all {len(done)} trees already done")
         return
-    new, run = search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank)
-    if world > 1:
-        trees = merge_ranks(run, recs, final, cfg, rank, world)
-        if rank != 0:
+    new, run = search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank, mesh)
+    if dp > 1:
+        trees = merge_ranks(run, recs, final, cfg, dp_rank, dp, writer)
+        if trees is None:
             return
+    elif rank != 0:
+        return
     else:
         trees = [s for _, s in finished] + new
     write_stats(run, trees, final, cfg, world)

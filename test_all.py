@@ -2931,6 +2931,160 @@ def test_ddp_and_fsdp_match_one_process(setup):
                 assert r1.get(key, 0) == pytest.approx(r2.get(key, 0), rel=1e-5)
 
 
+# ------------------------------------------------------------ tensor parallel inference (--tp)
+
+def _run_ranks(world, target, *args):
+    """{rank: what it put}: target(rank, world, port, queue, *args) in `world` forked processes
+    (fork: no re-import of torch and this file), each putting (rank, result) once and exiting
+    cleanly."""
+    ctx = torch.multiprocessing.get_context("fork")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, out, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return got
+
+
+def _torchrun_env(rank, world, port):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+
+
+def _stage_worker(rank, world, port, out, main, cfg):
+    """A stage's main() as one rank of torchrun."""
+    _torchrun_env(rank, world, port)
+    main(cfg)
+    torch.distributed.destroy_process_group()
+    out.put((rank, None))
+
+
+TP_SHAPES = [dict(vocab_size=64), dict(vocab_size=37, tie_embeddings=True)]  # 37: uneven shards
+TP_PROMPTS = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [7, 8, 9, 10, 11, 12, 13]]
+
+
+def _sharp_model(shape):
+    """tiny_model with large random weights: greedy decoding has clear winners."""
+    net = tiny_model(**shape, max_seq_len=64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 if p.dim() == 2 else 1 + 0.2 * torch.randn_like(p))
+    return net
+
+
+def _tp_outputs(net):
+    """Logits of two rows, and greedy and sampled tokens through a PrefixCache (a second call
+    extends what the first kept), with the heads of the keys/values the cache holds."""
+    idx = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3]])
+    with torch.no_grad():
+        logits = net(idx)
+    cache, toks = generate.PrefixCache(1000), []
+    for prompts, temperature in ((TP_PROMPTS, 0.0), (TP_PROMPTS[:2], 0.0), (TP_PROMPTS, 1.0)):
+        outs = generate.generate(net, prompts, 2, max_new_tokens=8, temperature=temperature,
+                                 seed=3, prefix_cache=cache, cache_samples=True)
+        toks.append([s.tokens for o in outs for s in o])
+    heads = {k.size(0) for seg in cache.root.children.values() for k, _ in seg.kv}
+    return logits.numpy(), toks, heads
+
+
+def _tp_model_worker(rank, world, port, out):
+    """model.tensor_parallel over `world` ranks on each of TP_SHAPES: _tp_outputs, the rows of this
+    rank's wqkv shard, the bytes of its weights and of the first KV cache generate allocates; and
+    the refusal of a shape whose kv heads do not split in two."""
+    _torchrun_env(rank, world, port)
+    torch.distributed.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    made = []
+
+    class Recorded(generate.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(sum(t.numel() * t.element_size() for t in self.k + self.v))
+
+    generate.KVCache = Recorded  # this forked process's own module
+    got = []
+    for shape in TP_SHAPES:
+        made.clear()
+        net = model.tensor_parallel(_sharp_model(shape), mesh, "tiny")
+        got.append((*_tp_outputs(net), net.layers[0].attention.wqkv.weight.to_local().size(0),
+                    _storage_bytes(net.parameters()), made[0]))
+    with pytest.raises(common.UserError, match="tiny: n_heads 4, n_kv_heads 1 .* tp=2"):
+        model.tensor_parallel(tiny_model(n_kv_heads=1), mesh, "tiny")
+    out.put((rank, got))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_matches_one_process():
+    """2 ranks (gloo) each holding half the heads, SwiGLU units and vocabulary (tied embeddings
+    and an uneven vocabulary too): logits within 1e-5 of the whole model in one process; the same
+    greedy and sampled tokens (the KV cache and a PrefixCache's extension, each holding a rank's
+    one kv head of two), equal on both ranks; the weights and KV cache a rank holds are
+    bench/plan.py's TP rows."""
+    got = _run_ranks(2, _tp_model_worker)
+    for i, shape in enumerate(TP_SHAPES):
+        net = _sharp_model(shape)
+        logits, toks, heads = _tp_outputs(net)
+        assert heads == {2}
+        # bench/plan.py's TP rows: rank 0 holds the plan's weights (the other rank no more) and
+        # the KV cache of 6 rows of a 7-token prompt + 8 new tokens
+        weights = bench_plan.tensor_parallel(net.cfg, 2, itemsize=4)
+        kv = bench_plan.kv_cache(net.cfg, 6, 7, 8, tp=2, dtype=torch.float32)
+        assert got[0][i][4:] == (weights, kv) and got[1][i][4] <= weights
+        for rank in (0, 1):
+            tp_logits, tp_toks, tp_heads, rows = got[rank][i][:4]
+            np.testing.assert_allclose(tp_logits, logits, atol=1e-5, rtol=0)
+            assert tp_toks == toks and tp_heads == {1}
+            assert rows == net.layers[0].attention.wqkv.weight.size(0) // 2
+
+
+
+def _sharpen(path):
+    """Large random weights for the checkpoint at path: greedy decoding has clear winners."""
+    net, tok = checkpoint.load_model(path)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 if p.dim() == 2 else 1 + 0.2 * torch.randn_like(p))
+    checkpoint.save_checkpoint(path, net, tok, {})
+
+
+@pytest.mark.slow
+def test_search_tp_and_dp_grow_the_same_trees(tmp_path):
+    """Greedy search under torchrun on 2 ranks, at tp=2 (one copy of the policy, sharded) and at
+    tp=1 (two copies, the chunks split between them), grows the trees of one process: the same
+    nodes, N and Q, priors within 1e-4, the same tokens decoded; the ranks of the tp group grew the
+    same trees (search_chunks checks) and only its first rank wrote them."""
+    kw = dict(tiny_setup(tmp_path, n=4), temperature=0.0, rollout_temperature=0.0,
+              num_simulations=2, max_rollout_tokens=10)
+    torch.manual_seed(0)
+    _sharpen(kw["policy"])
+    search.main(search.Config(out_dir=str(tmp_path / "one"), **kw))
+    for tp in (1, 2):
+        _run_ranks(2, _stage_worker, search.main,
+                   search.Config(out_dir=str(tmp_path / f"tp{tp}"), tp=tp, **kw))
+    trees = {name: read_records(tmp_path / name / "trees.jsonl") for name in ("one", "tp1", "tp2")}
+    stats = {name: json.loads((tmp_path / name / "stats.json").read_text()) for name in trees}
+    assert sum(len(t["nodes"]) for t in trees["one"]) > 4 * len(trees["one"])
+    for name in ("tp1", "tp2"):
+        assert stats[name]["decode_tokens"] == stats["one"]["decode_tokens"]
+        assert stats[name]["world_size"] == 2
+        for a, b in zip(copy.deepcopy(trees["one"]), trees[name], strict=True):
+            pa, pb = ([n.pop("prior") for n in t["nodes"]] for t in (a, b))
+            assert a == b and max(abs(x - y) for x, y in zip(pa, pb)) < 1e-4
+    # dp=2: a file per dp group, merged; dp=1: the one file
+    assert sorted(os.listdir(tmp_path / "tp1")) == [
+        "config.json", "stats.json", "stats.rank0.json", "stats.rank1.json", "trees.jsonl",
+        "trees.rank0.jsonl", "trees.rank1.jsonl"]
+    assert sorted(os.listdir(tmp_path / "tp2")) == ["config.json", "stats.json", "trees.jsonl"]
+    with pytest.raises(common.UserError, match="tp=2 must divide the number of processes"):
+        search.main(search.Config(out_dir=str(tmp_path / "bad"), tp=2, **kw))
+
+
 # ------------------------------------------------------------ the GPU memory plan (bench/plan.py)
 
 class _Bf16Casts(TorchDispatchMode):
@@ -3646,6 +3800,30 @@ def test_eval_grades_what_it_generates(cd_data, cd_checkpoint, tmp_path, monkeyp
     assert s["pass@1"] == pytest.approx(1 / 3) and s["maj@k"] == pytest.approx(1 / 3)
     assert s["truncated"] == 0
 
+
+
+@pytest.mark.slow
+def test_eval_tp_and_dp_write_what_one_process_writes(cd_data, cd_checkpoint, tmp_path):
+    """eval.py under torchrun on 4 ranks, tp=2 x dp=2 (two copies of the model, each sharded over
+    2 ranks; a round of chunks split between them), sampling at temperature 1 and greedy: the
+    predictions file of one process, byte for byte (each chunk's seed, the same draws on every rank
+    of a tp group: write_predictions checks), and the same summary."""
+    data = tmp_path / "three.jsonl"
+    write_lines(data, (cd_data / "test.jsonl").read_text().splitlines()[:3])
+    init = tmp_path / "ckpt"
+    net, tok = checkpoint.load_model(str(cd_checkpoint))
+    checkpoint.save_checkpoint(str(init), net, tok, {})
+    torch.manual_seed(0)
+    _sharpen(str(init))
+    kw = dict(init=str(init), data=str(data), num_samples=2, greedy=True, max_new_tokens=8,
+              chunk=1)
+    one = evaluate.main(evaluate.Config(out_dir=str(tmp_path / "one"), **kw))
+    _run_ranks(4, _stage_worker, evaluate.main,
+               evaluate.Config(out_dir=str(tmp_path / "tp2dp2"), tp=2, **kw))
+    a, b = ((tmp_path / d / "predictions.jsonl").read_bytes() for d in ("one", "tp2dp2"))
+    assert a == b and a.count(b"\n") == 9
+    summary = json.loads((tmp_path / "tp2dp2" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(one))
 
 # ==================================================================================================
 # runs/report.py and the main job (runs/countdown.sh)

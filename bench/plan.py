@@ -20,7 +20,9 @@ The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_nod
   copy of the policy for generation, tensor parallel over the tp GPUs of a node; a bf16 reference
   policy sharded over the N ranks as the training state; the KV cache of generation sharded by
   kv heads over tp.
-- search, eval: bf16 weights tensor parallel over tp, the KV cache sharded by kv heads.
+- search, eval: what search.py and eval.py run under torchrun with --tp=tp (model.tensor_parallel,
+  which refuses a tp that does not divide the heads; more GPUs than tp are data-parallel copies):
+  bf16 weights tensor parallel over tp, the KV cache and search's prefix cache sharded by kv heads.
 Formulas (bytes of one GPU; T = tokens of a micro-batch, n = positions whose logits are computed,
 L layers, V vocabulary, d = dim, q = n_heads * head_dim, kv = n_kv_heads * head_dim, H = SwiGLU
 width):
@@ -66,11 +68,13 @@ width):
 Checked by tests (test_all.py, -k plan): the weights, gradients and AdamW bytes against what
 fully_shard's ranks hold after one step (2 ranks, gloo, CPU), the autocast cache against the bf16
 copies alive at the end of sft.wrap's checkpointed forward, the KV cache against generate.py's
-allocation. Not checked: activations, logits, gathers, headroom and runtime need a GPU's allocator
-to measure (torch.cuda.max_memory_allocated): CPU tests cannot. Not counted: generate's per-row
-token and logprob buffers (rows * S * 16 B), prefill's and the reference forward's temporaries
-(assumed below the backward's peak), the prefix cache's overshoot of its bound, rotary tables
-(2 * max_seq_len * head_dim * 4 B per model copy), torch.compile's workspaces, pinned host memory.
+allocation; the TP weights and KV cache against what model.tensor_parallel's rank 0 holds at tp = 2
+(-k tensor_parallel). Not checked: activations, logits, gathers, headroom and runtime need a GPU's
+allocator to measure (torch.cuda.max_memory_allocated): CPU tests cannot. Not counted: generate's
+per-row token and logprob buffers (rows * S * 16 B), prefill's and the reference forward's
+temporaries (assumed below the backward's peak), the prefix cache's overshoot of its bound, rotary
+tables (2 * max_seq_len * head_dim * 4 B per model copy), torch.compile's workspaces, pinned host
+memory.
 """
 import math
 import os
@@ -325,7 +329,7 @@ def plan_decode(shape, n, c, rows, new_tokens, context, prefix_mb=0):
              "decode logits": decode_logits(shape, rows)}
     if prefix_mb:
         rows_["prefix cache (bf16, TP)"] = prefix_mb * 2**20 // tp
-    setup = f"TP {tp}: {rows} rows of {context}+{new_tokens} tokens"
+    setup = f"TP {tp} (--tp={tp}): {rows} rows of {context}+{new_tokens} tokens"
     return Plan(rows_, {"decode": list(rows_)}, setup)
 
 

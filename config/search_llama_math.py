@@ -17,9 +17,11 @@ max_depth = 30              # steps ("\n\n"-separated paragraphs) per solution
 depth_slack = 0             # max_depth is set outright
 max_step_tokens = 256       # a MATH step is a paragraph
 max_rollout_tokens = 2048   # a whole MATH solution
-problems_per_batch = 64     # per GPU: 64 trees x 4 children x 16 rollouts = 4096 rollout rows
+problems_per_batch = 64     # per copy of the policy: 64 trees x 4 children x 16 rollouts
 early_stop = True
 seed = 1337
 batch_size = 512            # decode rows per forward: a GPU takes more than a CPU
 compile = False             # True: a faster decode after a one-off compilation
 dtype = "bfloat16"          # GPUs: bf16 weights and KV cache
+tp = 8                      # one copy of the policy over a node's 8 GPUs (bench/plan.py
+                            # --stage=search: an 8B policy at batch_size 512 needs 8)
