@@ -472,7 +472,8 @@ def load_state(out_dir, model, optimizer):
         dcp, sd = _dcp()
         state = {"model": sd.get_model_state_dict(model),
                  "optimizer": sd.get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=os.path.join(out_dir, st["shards"]))
+        dcp.load(state, checkpoint_id=os.path.join(out_dir, st["shards"]),
+                 no_dist=not dist.is_initialized())
         sd.set_model_state_dict(model, state["model"])
         sd.set_optimizer_state_dict(model, optimizer, state["optimizer"])
     elif is_sharded(model):

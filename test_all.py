@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -2698,6 +2699,92 @@ def test_ddp_and_fsdp_match_one_process(setup):
             for key in ("loss", "val_loss"):
                 assert (key in r1) == (key in r2)
                 assert r1.get(key, 0) == pytest.approx(r2.get(key, 0), rel=1e-5)
+
+
+class _Crash(Exception):
+    """A run dying in the middle of a step (a kill, without the flakiness of timing one)."""
+
+
+def _dist_worker(rank, world, ports, runs):
+    """Rank `rank` of `world` (gloo) runs each (main, config, crash step) of runs in turn; at its
+    crash step (if any) the run dies before that step's update (common.get_lr raises)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    real = common.get_lr
+    for port, (main, cfg, crash) in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+
+        def get_lr(step, *a, crash=crash):
+            if step == crash:
+                raise _Crash
+            return real(step, *a)
+        common.get_lr = get_lr
+        try:
+            main(cfg)  # joins the process group and leaves it at the end
+        except _Crash:
+            torch.distributed.destroy_process_group()
+
+
+def _fork(world, target, *args):
+    """target(rank, world, *args) in `world` forked processes (no re-import of torch and this
+    file); each must exit cleanly."""
+    ctx = torch.multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
+def _runs(world, *runs):
+    _fork(world, _dist_worker, [_free_port() for _ in runs], list(runs))
+
+
+def _sharded_state(out_dir, step, world):
+    """state.pt names the directory of the shards each rank wrote; no other state is left."""
+    st = torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)
+    assert st["step"] == step and st["shards"] == f"state-{step}" and "model" not in st
+    files = os.listdir(os.path.join(out_dir, st["shards"]))
+    assert sorted(f for f in files if f.endswith(".distcp")) == [f"__{r}_0.distcp"
+                                                                 for r in range(world)]
+    assert sorted(glob.glob(os.path.join(out_dir, "state-*"))) == [
+        os.path.join(out_dir, st["shards"])]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_from_shards(setup, tmp_path):
+    """FSDP2 at 2 ranks saves each rank's shards (no gathered state), dies after the checkpoint of
+    step 3 and resumes: at 2 ranks, bitwise the weights of the run that never stopped; at 4 ranks
+    and in one plain process (the shards resharded), equal within fp32 tolerance."""
+    _, _, make = setup
+    kw = dict(dtype="float32", max_steps=6, save_every=3, batch_size=8, micro_batch=2, fsdp=True)
+    full, cut = (make(out_dir=str(tmp_path / name), **kw) for name in ("full", "cut"))
+    _runs(2, (sft.main, full, None), (sft.main, cut, 4))
+    _sharded_state(full.out_dir, 6, 2)
+    _sharded_state(cut.out_dir, 3, 2)
+    assert not os.path.exists(os.path.join(cut.out_dir, "model.pt"))
+    cut4, cut1 = (dataclasses.replace(cut, out_dir=cut.out_dir + n) for n in ("4", "1"))
+    for c in (cut4, cut1):
+        shutil.copytree(cut.out_dir, c.out_dir)
+    _runs(2, (sft.main, cut, None))
+    _runs(4, (sft.main, cut4, None))
+    sft.main(dataclasses.replace(cut1, fsdp=False))
+    a = final_weights(full.out_dir)
+    b = final_weights(cut.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for c in (cut4, cut1):
+        b = final_weights(c.out_dir)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    # the records of the redone steps replace the dead run's
+    assert [r["step"] for r in metrics(cut.out_dir)] == [r["step"] for r in metrics(full.out_dir)]
 
 
 # ------------------------------------------------------------ the GPU memory plan (bench/plan.py)
