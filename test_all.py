@@ -2726,14 +2726,15 @@ def _dist_worker(rank, world, ports, runs):
             torch.distributed.destroy_process_group()
 
 
-def _fork(world, target, *args):
+def _fork(world, target, *args, out=None):
     """target(rank, world, *args) in `world` forked processes (no re-import of torch and this
-    file); each must exit cleanly."""
+    file); each must exit cleanly. With a queue `out`, each puts one result: returned, sorted."""
     ctx = torch.multiprocessing.get_context("fork")
     procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
     for p in procs:
         p.start()
-    try:
+    try:  # results first: a process exits only once what it put is read
+        got = sorted(out.get(timeout=120) for _ in procs) if out else None
         for p in procs:
             p.join(timeout=120)
             assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
@@ -2741,6 +2742,7 @@ def _fork(world, target, *args):
         for p in procs:
             if p.is_alive():
                 p.kill()
+    return got
 
 
 def _runs(world, *runs):
@@ -3309,6 +3311,76 @@ def test_ddp_update_equals_single_process(easy):
     for k, p in net.named_parameters():
         for _, _, grads in got:
             assert torch.allclose(torch.from_numpy(grads[k]), p.grad, atol=1e-6, rtol=1e-4), k
+
+
+def _rl_fsdp_worker(rank, world, port, init, rows, cfg, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    common.dist_setup()
+    (net, tok), (ref, _) = checkpoint.load_model(init), checkpoint.load_model(init)
+    policy, ref = common.fsdp_shard(net), common.fsdp_shard(ref.requires_grad_(False))
+    held = sum(p.to_local().numel() for p in policy.parameters())
+    opt = common.make_optimizer(policy, 1e-2, 0.1)
+    res = rl.update(policy, ref, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id,
+                    contextlib.nullcontext())
+    sampler = rl.generation_model(policy, torch.float32, "cpu")
+    out.put((rank, res, held, {k: v.numpy().copy() for k, v in sampler.state_dict().items()}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_update_equals_single_process(easy, world):
+    """FSDP2 (policy and reference sharded) over 2 and 4 ranks, each with its share of the rows
+    (uneven, so some ranks run a dummy micro-batch): one AdamW step with the KL term gives the
+    1-process loss, KL, grad norm and updated weights, and generation_model gathers exactly those
+    weights on every rank."""
+    cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.5, grad_clip=1e-3)
+    net, tok = checkpoint.load_model(cfg.init)
+    ref = checkpoint.load_model(cfg.init)[0].requires_grad_(False)
+    p1, p2 = (tok.render_prompt([{"role": "user", "content": t}])
+              for t in ("make 5", "a longer prompt: make 5"))
+    rnd = random.Random(0)
+    shapes = [(p1, 3, 1.0), (p2, 5, -0.5), (p1, 1, 0.7), (p2, 8, -1.2), (p1, 4, 2.0)]
+    rows = [(p, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a, []) for p, n, a in shapes]
+    opt = common.make_optimizer(net, 1e-2, 0.1)
+    n_tok, loss_sum, _, kl_sum, norm = rl.update(net, ref, opt, rows, cfg, 1, "cpu", tok.bos_id,
+                                                 contextlib.nullcontext())
+    assert norm > cfg.grad_clip and kl_sum == 0  # clipped; the first step starts at the reference
+    out, port = torch.multiprocessing.get_context("fork").Queue(), _free_port()
+    got = _fork(world, _rl_fsdp_worker, port, cfg.init, rows, cfg, out, out=out)
+    total = sum(p.numel() for p in net.parameters())
+    assert sum(g[1][1] for g in got) == pytest.approx(loss_sum, rel=1e-5)  # Σ over ranks
+    for _, (n, _, _, kl, gnorm), held, weights in got:
+        assert n == n_tok == 21 and kl == 0 and gnorm == pytest.approx(norm, rel=1e-5)
+        assert held < total  # a shard, not the model
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(torch.from_numpy(weights[k]), v, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(net.output.weight, checkpoint.load_model(cfg.init)[0].output.weight)
+
+
+@pytest.mark.slow
+def test_rl_fsdp_resume_from_shards(easy):
+    """rl.py with fsdp=True at 2 ranks (KL term on, so the sharded reference is used) saves each
+    rank's shards, dies in step 3 after the checkpoint of step 2 and resumes in new processes to
+    the weights and records of the run that never stopped, bitwise; model.pt is written at the end
+    only."""
+    kw = dict(max_steps=4, save_every=2, eval_every=0, filter_samples=0, kl_beta=0.05,
+              log_kl=True, fsdp=True)
+    full, cut = easy("fsdp_full", **kw), easy("fsdp_cut", **kw)
+    _runs(2, (rl.main, full, None), (rl.main, cut, 3))
+    _sharded_state(cut.out_dir, 2, 2)
+    assert not os.path.exists(os.path.join(cut.out_dir, "model.pt"))
+    _runs(2, (rl.main, cut, None))
+    _sharded_state(full.out_dir, 4, 2)
+    a, b = final_weights(full.out_dir), final_weights(cut.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps, _ = read_metrics(full.out_dir)
+    assert sum(r["tokens"] for r in steps) > 0 and any(r["kl"] > 0 for r in steps)
+    strip = lambda out: [{k: v for k, v in r.items() if k not in ("dt", "tok_s")}
+                         for r in metrics(out)]
+    assert strip(full.out_dir) == strip(cut.out_dir)
 
 
 def test_rl_config_files():
