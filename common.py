@@ -13,7 +13,9 @@ A Config may declare the bounds of its numeric fields right under them, as a cla
 inclusive, None = unbounded. parse_config checks them and names the line that set a bad value.
 """
 import ast
+import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -23,6 +25,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 
 class UserError(Exception):
@@ -301,6 +304,22 @@ def gather(obj, world):
     if world > 1:
         dist.all_gather_object(out, obj)
     return out
+
+
+def recompute_blocks(model):
+    """Activation checkpointing, in place: each block of model.layers recomputes its forward in the
+    backward instead of keeping its activations (less memory for long rows, one more forward)."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
+def grad_sync(model, on):
+    """The context of one backward: gradients reduced across ranks (on), or kept on this rank for a
+    later backward to reduce (DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext() if on or is_sharded(model) else model.no_sync()
 
 
 def fsdp_shard(model):

@@ -43,8 +43,8 @@ Why each choice (as verl, TRL and nanochat make it, and where we differ):
   ones (the paper's 8.7K): the START policy's pass rate over n samples must be in (0, 1), cached in
   out_dir/prompts.jsonl so a resume does not redo it.
 Training forward: log_softmax of model(idx) gathered at the completion tokens (as sft.py); optional
-bf16 autocast (generation then runs on a bf16 copy of the fp32 policy); gradient accumulation over
-micro-batches; grad clip; lr from common.get_lr; AdamW from common.make_optimizer.
+bf16 autocast (generation then runs on a bf16 copy of the fp32 policy) and block recompute; gradient
+accumulation over micro-batches; grad clip; lr from common.get_lr; AdamW from common.make_optimizer.
 Logged each step (metrics.jsonl + one line): reward, acc, len (generated tokens), backtracks and
 reflections per response, zero, trunc, kl (mean k3 per loss token), clipfrac, tokens (T), tok_s;
 every eval_every steps val_acc & co. on the first eval_limit val problems.
@@ -126,6 +126,7 @@ class Config:
                                     # generation, bf16 reference policy
     compile: bool = False           # torch.compile generate.generate's decode step
     fsdp: bool = False              # under torchrun: FSDP2 shards policy, AdamW, reference
+    grad_checkpoint: bool = False   # recompute each block in the backward: less memory
     oracle: bool = False            # ablation: Countdown's tool writes the grader's verdict
 
     ranges = dict(prompts_per_step=(1, None), group_size=(2, None), temperature=(0.0, None),
@@ -138,8 +139,8 @@ class Config:
 
 
 # Keys that may change between a run and its resume without changing what is trained.
-RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "micro_batch", "eval_every", "eval_limit",
-               "eval_temperature", "save_every", "log_kl"}
+RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "grad_checkpoint", "micro_batch",
+               "eval_every", "eval_limit", "eval_temperature", "save_every", "log_kl"}
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -338,9 +339,7 @@ def update(model, ref, optimizer, rows, cfg, world, device, pad, amp):
             batch = collate(micro[j] if j < len(micro) else [], pad, device)
             inputs, targets, old, mask, adv, s = batch
             sync = world == 1 or j == n_micro - 1  # gradients reduced on the last micro-batch
-            if sharded:
-                model.set_requires_gradient_sync(sync)
-            with (contextlib.nullcontext() if sync or sharded else model.no_sync()):
+            with common.grad_sync(model, sync):
                 with amp:
                     logp = token_logprobs(model, inputs, targets, s)
                 ref_logp = None
@@ -410,8 +409,7 @@ def evaluate(step, sampler, tok, val, cfg, rank, world, log):
 # ----------------------------------------------------------------------------- main
 
 def check(cfg):
-    """The settings parse_config does not check (it checks the ranges, again here for callers that
-    build a Config themselves)."""
+    """The settings parse_config does not check (and the ranges, for Configs built in code)."""
     common.check_ranges(cfg)
     if cfg.truncation not in ("mask", "wrong"):
         raise common.UserError(f"truncation must be 'mask' or 'wrong', got {cfg.truncation!r}")
@@ -499,6 +497,8 @@ def main(cfg):
     # the policy (fp32 master weights; autocast gives bf16 compute), its sampler, the reference
     sharded = cfg.fsdp and world > 1
     policy, tok = load_model(cfg.init, "cpu" if sharded else device)
+    if cfg.grad_checkpoint:
+        common.recompute_blocks(policy)
     policy = common.fsdp_shard(policy) if sharded else policy  # FSDP2: this rank's shards only
     sampler = generation_model(policy, dtype, device)
     ref = reference(cfg, device, dtype, sharded)

@@ -21,7 +21,6 @@ torch.distributed.checkpoint; a resume may use another number of ranks) and only
 model.pt is gathered, on rank 0.
 """
 import bisect
-import functools
 import math
 import os
 import time
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -261,8 +259,7 @@ def wrap(raw, cfg, world, local, device):
     DDP, in this order. The optimizer is built on raw's final (sharded) parameters."""
     model = raw
     if cfg.grad_checkpoint:
-        for block in raw.layers:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        common.recompute_blocks(raw)
     if world > 1 and cfg.fsdp:
         common.fsdp_shard(raw)
     if cfg.compile:  # block by block, dynamic shapes: one graph for every row length

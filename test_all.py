@@ -3319,7 +3319,9 @@ def _rl_fsdp_worker(rank, world, port, init, rows, cfg, out):
     torch.set_num_threads(1)
     common.dist_setup()
     (net, tok), (ref, _) = checkpoint.load_model(init), checkpoint.load_model(init)
-    policy, ref = common.fsdp_shard(net), common.fsdp_shard(ref.requires_grad_(False))
+    # blocks recomputed in the backward too (rl.py's grad_checkpoint)
+    policy = common.fsdp_shard(common.recompute_blocks(net))
+    ref = common.fsdp_shard(ref.requires_grad_(False))
     held = sum(p.to_local().numel() for p in policy.parameters())
     opt = common.make_optimizer(policy, 1e-2, 0.1)
     res = rl.update(policy, ref, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id,
@@ -3332,10 +3334,10 @@ def _rl_fsdp_worker(rank, world, port, init, rows, cfg, out):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_update_equals_single_process(easy, world):
-    """FSDP2 (policy and reference sharded) over 2 and 4 ranks, each with its share of the rows
-    (uneven, so some ranks run a dummy micro-batch): one AdamW step with the KL term gives the
-    1-process loss, KL, grad norm and updated weights, and generation_model gathers exactly those
-    weights on every rank."""
+    """FSDP2 (policy and reference sharded, blocks recomputed) over 2 and 4 ranks, each with its
+    share of the rows (uneven, so some ranks run a dummy micro-batch): one AdamW step with the KL
+    term gives the 1-process loss, KL, grad norm and updated weights, and generation_model gathers
+    exactly those weights on every rank."""
     cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.5, grad_clip=1e-3)
     net, tok = checkpoint.load_model(cfg.init)
     ref = checkpoint.load_model(cfg.init)[0].requires_grad_(False)
