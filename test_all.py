@@ -3327,7 +3327,13 @@ def _rl_fsdp_worker(rank, world, port, init, rows, cfg, out):
     res = rl.update(policy, ref, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id,
                     contextlib.nullcontext())
     sampler = rl.generation_model(policy, torch.float32, "cpu")
-    out.put((rank, res, held, {k: v.numpy().copy() for k, v in sampler.state_dict().items()}))
+    # the bytes of bench/plan.py's rl rows: the bf16 generation copy, the bf16 reference's shard
+    copy16 = rl.generation_model(policy, torch.bfloat16, "cpu")
+    ref16 = checkpoint.load_model(init, dtype=torch.bfloat16)[0].requires_grad_(False)
+    planned = (_storage_bytes(copy16.parameters()),
+               _storage_bytes(common.fsdp_shard(ref16).parameters()))
+    out.put((rank, res, held, {k: v.numpy().copy() for k, v in sampler.state_dict().items()},
+             planned))
     torch.distributed.destroy_process_group()
 
 
@@ -3337,7 +3343,8 @@ def test_fsdp_update_equals_single_process(easy, world):
     """FSDP2 (policy and reference sharded, blocks recomputed) over 2 and 4 ranks, each with its
     share of the rows (uneven, so some ranks run a dummy micro-batch): one AdamW step with the KL
     term gives the 1-process loss, KL, grad norm and updated weights, and generation_model gathers
-    exactly those weights on every rank."""
+    exactly those weights on every rank. The bf16 copy and the bf16 reference's shard take the
+    bytes bench/plan.py plans for them."""
     cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.5, grad_clip=1e-3)
     net, tok = checkpoint.load_model(cfg.init)
     ref = checkpoint.load_model(cfg.init)[0].requires_grad_(False)
@@ -3354,11 +3361,14 @@ def test_fsdp_update_equals_single_process(easy, world):
     got = _fork(world, _rl_fsdp_worker, port, cfg.init, rows, cfg, out, out=out)
     total = sum(p.numel() for p in net.parameters())
     assert sum(g[1][1] for g in got) == pytest.approx(loss_sum, rel=1e-5)  # Σ over ranks
-    for _, (n, _, _, kl, gnorm), held, weights in got:
+    for rank, (n, _, _, kl, gnorm), held, weights, (copy16, ref16) in got:
         assert n == n_tok == 21 and kl == 0 and gnorm == pytest.approx(norm, rel=1e-5)
         assert held < total  # a shard, not the model
         for k, v in net.state_dict().items():
             torch.testing.assert_close(torch.from_numpy(weights[k]), v, atol=1e-6, rtol=1e-5)
+        assert copy16 == bench_plan.tensor_parallel(net.cfg, 1) == 2 * total
+        plan = bench_plan.sharded(net.cfg, world)  # rank 0's shards, the largest
+        assert ref16 == plan if rank == 0 else ref16 <= plan
     assert not torch.equal(net.output.weight, checkpoint.load_model(cfg.init)[0].output.weight)
 
 
