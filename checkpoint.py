@@ -469,6 +469,8 @@ def load_state(out_dir, model, optimizer):
     st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     model = _unwrap(model)
     if "shards" in st:  # each rank reads the parts of the files its own tensors hold
+        if not os.path.isfile(os.path.join(out_dir, st["shards"], ".metadata")):
+            raise UserError(f"{path}: its shards {st['shards']}/ are missing or incomplete")
         dcp, sd = _dcp()
         state = {"model": sd.get_model_state_dict(model),
                  "optimizer": sd.get_optimizer_state_dict(model, optimizer)}

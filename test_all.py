@@ -2764,7 +2764,8 @@ def _sharded_state(out_dir, step, world):
 def test_fsdp_resume_from_shards(setup, tmp_path):
     """FSDP2 at 2 ranks saves each rank's shards (no gathered state), dies after the checkpoint of
     step 3 and resumes: at 2 ranks, bitwise the weights of the run that never stopped; at 4 ranks
-    and in one plain process (the shards resharded), equal within fp32 tolerance."""
+    and in one plain process (the shards resharded), equal within fp32 tolerance. A state.pt whose
+    shards are gone is a UserError."""
     _, _, make = setup
     kw = dict(dtype="float32", max_steps=6, save_every=3, batch_size=8, micro_batch=2, fsdp=True)
     full, cut = (make(out_dir=str(tmp_path / name), **kw) for name in ("full", "cut"))
@@ -2787,6 +2788,9 @@ def test_fsdp_resume_from_shards(setup, tmp_path):
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
     # the records of the redone steps replace the dead run's
     assert [r["step"] for r in metrics(cut.out_dir)] == [r["step"] for r in metrics(full.out_dir)]
+    shutil.rmtree(os.path.join(full.out_dir, "state-6"))  # a state.pt without its shards
+    with pytest.raises(common.UserError, match="state-6/ are missing"):
+        checkpoint.load_state(full.out_dir, None, None)
 
 
 # ------------------------------------------------------------ the GPU memory plan (bench/plan.py)

@@ -65,9 +65,10 @@ width):
   the smallest N of 1, 2, 4, 8 then multiples of gpus_per_node (up to max_gpus; search and eval
   up to gpus_per_node: more GPUs only add data-parallel copies) whose need fits gpu_gb (GB = 10^9
   bytes; an "80 GB" card holds a little more: the margin is the plan's).
-Checked by tests (test_all.py, -k plan): the weights, gradients and AdamW bytes against what
-fully_shard's ranks hold after one step (2 ranks, gloo, CPU), the autocast cache against the bf16
-copies alive at the end of sft.wrap's checkpointed forward, the KV cache against generate.py's
+Checked by tests (test_all.py, -k "plan or fsdp_update"): the weights, gradients and AdamW bytes
+against what fully_shard's ranks hold after one step (2 ranks, gloo, CPU), rl's bf16 generation
+copy and reference shard against what rl.py builds (2 and 4 ranks), the autocast cache against the
+bf16 copies alive at the end of sft.wrap's checkpointed forward, the KV cache against generate.py's
 allocation. Not checked: activations, logits, gathers, headroom and runtime need a GPU's allocator
 to measure (torch.cuda.max_memory_allocated): CPU tests cannot. Not counted: generate's per-row
 token and logprob buffers (rows * S * 16 B), prefill's and the reference forward's temporaries
