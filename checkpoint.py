@@ -1,7 +1,9 @@
 """
 Model weights in and out, in three layouts: ours (model.pt + tokenizer), Meta's originals
 (params.json + consolidated.*.pth, model-parallel shards merged) and Hugging Face's (config.json +
-*.safetensors, sharded or not). Every stage loads its policy with load_model.
+*.safetensors, sharded or not). Every stage loads its policy with load_model. And the training
+state that sft.py and rl.py resume from (save_state, load_state): out_dir/state.pt, with the model
+and optimizer in it, or under FSDP2 in a torch.distributed.checkpoint directory it names.
 
     import checkpoint
     net, tok = checkpoint.load_model("Llama-3.2-1B-Instruct")  # HF dir: config.json + *.safetensors
@@ -25,11 +27,16 @@ import json
 import math
 import mmap
 import os
+import random
+import re
+import shutil
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 import hf_tokenizer
-from common import UserError, torch_save
+from common import UserError, is_sharded, torch_save
 from model import Llama, ModelConfig, ROPE_SCALING, ffn_hidden
 from tokenizer import Tokenizer
 
@@ -357,3 +364,138 @@ def export_hf(model, tokenizer, out_dir):
         json.dump(ids, f, indent=2)
     tokenizer.save(out_dir)
     hf_tokenizer.export(tokenizer, out_dir)
+
+
+# ----------------------------------------------------------------------------- the training state
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _dcp():
+    """torch.distributed.checkpoint and its state-dict helpers (imported on use: the import costs
+    seconds, and every stage imports this file)."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict as sd
+    return dcp, sd
+
+
+def full_model(model):
+    """The model to export: `model` itself, or for an FSDP2-sharded model a plain Llama holding its
+    full weights, gathered on rank 0's CPU (None on the other ranks; every rank must call it). The
+    final export is the one place the whole model meets on one rank."""
+    model = _unwrap(model)
+    if not is_sharded(model):
+        return model
+    _, sd = _dcp()
+    full = sd.get_model_state_dict(model, options=sd.StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    if _rank() != 0:
+        return None
+    with torch.device("meta"):  # built on the meta device, the gathered tensors assigned
+        plain = Llama(model.cfg)
+    plain.load_state_dict(full, assign=True)
+    plain.tie()
+    return plain
+
+
+def full_copy(model, dtype, device, into=None):
+    """A plain Llama in `dtype` on `device` holding the full weights of the FSDP2-sharded `model`,
+    on every rank (every rank must call it): each parameter all-gathered from the ranks' shards
+    (DTensor.full_tensor, one tensor at a time) and cast into the copy. `into`, a copy an earlier
+    call returned, is refilled in place."""
+    if into is None:
+        with torch.device("meta"):
+            into = Llama(model.cfg)
+        into = into.to_empty(device=device).to(dtype).requires_grad_(False)
+        into.tie()
+    copies = dict(into.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            copies[name].copy_(p.full_tensor())
+    return into
+
+
+def _shard_dirs(out_dir):
+    return [d for d in os.listdir(out_dir) if re.fullmatch(r"state-\d+", d)]
+
+
+def save_state(out_dir, model, optimizer, step, extra):
+    """The training state of a run: out_dir/state.pt, written atomically, holds the step, the RNG
+    states (rank 0's), extra (data position, config...) and the model and optimizer. Under FSDP2
+    these two are not gathered: each rank writes its own shards with torch.distributed.checkpoint
+    into out_dir/state-<step>/ (on a file system all ranks share), and state.pt, written once that
+    directory is complete, names it ("shards"); older directories are removed after. A kill at any
+    moment leaves a state.pt whose state is whole. Under torch.distributed every rank must call
+    it."""
+    model, rank = _unwrap(model), _rank()
+    if is_sharded(model):
+        dcp, sd = _dcp()
+        shards = f"state-{step}"
+        if rank == 0:  # what a save killed at this step left
+            shutil.rmtree(os.path.join(out_dir, shards), ignore_errors=True)
+        dist.barrier()
+        dcp.save({"model": sd.get_model_state_dict(model),
+                  "optimizer": sd.get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=os.path.join(out_dir, shards))
+        state = {"shards": shards}
+    else:
+        shards, state = None, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if rank == 0:
+        np_state = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        os.makedirs(out_dir, exist_ok=True)
+        torch_save({**state, "step": step, "rng": rng, "extra": extra},
+                   os.path.join(out_dir, "state.pt"))
+        for d in _shard_dirs(out_dir):
+            if d != shards:
+                shutil.rmtree(os.path.join(out_dir, d))
+    if dist.is_initialized():
+        # nobody runs ahead (and could be killed "after" a checkpoint that is not on disk yet)
+        dist.barrier()
+
+
+def load_state(out_dir, model, optimizer):
+    """Restore what save_state wrote (model, optimizer, RNG states) -> (step, extra), or None if
+    there is none. Either layout loads into either kind of model: torch.distributed.checkpoint
+    reshards a sharded state to this run's ranks (or to one process), and a whole state.pt is
+    scattered into FSDP2's shards."""
+    path = os.path.join(out_dir, "state.pt")
+    if not os.path.exists(path):
+        return None
+    # mmap: the ranks share the page cache
+    st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    model = _unwrap(model)
+    if "shards" in st:  # each rank reads the parts of the files its own tensors hold
+        if not os.path.isfile(os.path.join(out_dir, st["shards"], ".metadata")):
+            raise UserError(f"{path}: its shards {st['shards']}/ are missing or incomplete")
+        dcp, sd = _dcp()
+        state = {"model": sd.get_model_state_dict(model),
+                 "optimizer": sd.get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=os.path.join(out_dir, st["shards"]),
+                 no_dist=not dist.is_initialized())
+        sd.set_model_state_dict(model, state["model"])
+        sd.set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    elif is_sharded(model):
+        _, sd = _dcp()
+        opts = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd.set_model_state_dict(model, st["model"], options=opts)
+        sd.set_optimizer_state_dict(model, optimizer, st["optimizer"], options=opts)
+    else:
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+    rng = st["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np_state = rng["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return st["step"], st["extra"]

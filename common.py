@@ -1,8 +1,8 @@
 """
 The few helpers every stage shares: the config parser and the resume check, JSONL reading with
-precise errors, resumable JSONL output, atomic writes, device/DDP setup, and the training state
-(learning-rate schedule, optimizer, state.pt) that sft.py and rl.py both use. Kept here so each
-stage stays a short, linear script.
+precise errors, resumable JSONL output, atomic writes, device/DDP/FSDP2 setup, and the
+learning-rate schedule and optimizer that sft.py and rl.py both use (their training state is
+checkpoint.py's). Kept here so each stage stays a short, linear script.
 
 Config files and overrides (nanoGPT style, but parsed, never exec'd):
     python sft.py config/base_countdown.py --lr=3e-4 --max_steps=200
@@ -13,18 +13,19 @@ A Config may declare the bounds of its numeric fields right under them, as a cla
 inclusive, None = unbounded. parse_config checks them and names the line that set a bad value.
 """
 import ast
+import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
-import random
 import re
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 
 class UserError(Exception):
@@ -323,6 +324,40 @@ def gather(obj, world, group=None):
     return out
 
 
+def recompute_blocks(model):
+    """Activation checkpointing, in place: each block of model.layers recomputes its forward in the
+    backward instead of keeping its activations (less memory for long rows, one more forward)."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
+def grad_sync(model, on):
+    """The context of one backward: gradients reduced across ranks (on), or kept on this rank for a
+    later backward to reduce (DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext() if on or is_sharded(model) else model.no_sync()
+
+
+def fsdp_shard(model):
+    """FSDP2 (torch's fully_shard) over all ranks, in place: each block of model.layers its own
+    group (gathered for its forward and its backward, then freed), then the root (embeddings, final
+    norm, output). Parameters become DTensors sharded on dim 0, on the device of this rank; build
+    the optimizer after."""
+    from torch.distributed.fsdp import fully_shard  # only here: the import costs seconds
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model):
+    """Whether model is FSDP2-sharded (without importing FSDP: every stage imports this file)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 # ----------------------------------------------------------------------------- training
 
 def get_lr(step, max_steps, lr, warmup_steps, min_lr_frac):
@@ -341,79 +376,6 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel per step, not many
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-
-
-def _unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-def _dcp(model):
-    """torch.distributed.checkpoint's state-dict helpers + full-state options if `model` is
-    FSDP2-sharded, else None. (Imported only then: the import costs seconds, and every run of sft.py
-    and rl.py imports this file.)"""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is None or not isinstance(model, fsdp.FSDPModule):
-        return None
-    import torch.distributed.checkpoint.state_dict as dcp
-    return dcp, dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_model_state(model):
-    """The full state dict of an FSDP2-sharded model, gathered on the CPU. Every rank must call
-    it."""
-    dcp, opts = _dcp(model)
-    return dcp.get_model_state_dict(model, options=opts)
-
-
-def save_state(out_dir, model, optimizer, step, extra):
-    """Atomically write out_dir/state.pt: model, optimizer, step, RNG states, extra (data position,
-    config...). Under torch.distributed every rank must call it (FSDP gathers the full state first);
-    rank 0 writes."""
-    model = _unwrap(model)
-    if sharded := _dcp(model):
-        dcp, opts = sharded
-        msd = dcp.get_model_state_dict(model, options=opts)
-        osd = dcp.get_optimizer_state_dict(model, optimizer, options=opts)
-    else:
-        msd, osd = model.state_dict(), optimizer.state_dict()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        np_state = np.random.get_state()
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        os.makedirs(out_dir, exist_ok=True)
-        torch_save({"model": msd, "optimizer": osd, "step": step, "rng": rng, "extra": extra},
-                   os.path.join(out_dir, "state.pt"))
-    if dist.is_initialized():
-        # nobody runs ahead (and could be killed "after" a checkpoint that is not on disk yet)
-        dist.barrier()
-
-
-def load_state(out_dir, model, optimizer):
-    """Restore what save_state wrote (model, optimizer, RNG states) -> (step, extra), or None if
-    there is none."""
-    path = os.path.join(out_dir, "state.pt")
-    if not os.path.exists(path):
-        return None
-    # mmap: the ranks share the page cache
-    st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    model = _unwrap(model)
-    if sharded := _dcp(model):
-        dcp, opts = sharded
-        dcp.set_model_state_dict(model, st["model"], options=opts)
-        dcp.set_optimizer_state_dict(model, optimizer, st["optimizer"], options=opts)
-    else:
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-    rng = st["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np_state = rng["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return st["step"], st["extra"]
 
 
 # ----------------------------------------------------------------------------- trace phrases

@@ -43,8 +43,8 @@ Why each choice (as verl, TRL and nanochat make it, and where we differ):
   ones (the paper's 8.7K): the START policy's pass rate over n samples must be in (0, 1), cached in
   out_dir/prompts.jsonl so a resume does not redo it.
 Training forward: log_softmax of model(idx) gathered at the completion tokens (as sft.py); optional
-bf16 autocast (generation then runs on a bf16 copy of the fp32 policy); gradient accumulation over
-micro-batches; grad clip; lr from common.get_lr; AdamW from common.make_optimizer.
+bf16 autocast (generation then runs on a bf16 copy of the fp32 policy) and block recompute; gradient
+accumulation over micro-batches; grad clip; lr from common.get_lr; AdamW from common.make_optimizer.
 Logged each step (metrics.jsonl + one line): reward, acc, len (generated tokens), backtracks and
 reflections per response, zero, trunc, kl (mean k3 per loss token), clipfrac, tokens (T), tok_s;
 every eval_every steps val_acc & co. on the first eval_limit val problems.
@@ -54,9 +54,10 @@ of (seed, step): step s takes its prompts from per-epoch permutations seeded by 
 samples with a seed derived from (seed, s, rank). A killed and resumed CPU run ends bitwise equal.
 
 Several GPUs (torchrun): rank k samples prompts[k::world] of the step with its own seed. T is
-all-reduced; each rank backpropagates world * Σ_own / T and DDP averages gradients over ranks,
-giving Σ_all / T: the single-process gradient. All ranks run the same number of micro-batches
-(the max; missing ones are zero-loss dummies) so that DDP's all-reduces line up.
+all-reduced; each rank backpropagates world * Σ_own / T and DDP (or FSDP2) averages gradients over
+ranks, giving Σ_all / T: the single-process gradient. All ranks run the same number of micro-batches
+(the max; missing ones are zero-loss dummies) so that the collectives line up. fsdp=True: FSDP2
+shards policy, gradients, AdamW state, reference and checkpoints; rollouts use a whole copy.
 """
 import contextlib
 import copy
@@ -73,7 +74,7 @@ from tqdm import tqdm
 import common
 from eval import summarize
 from generate import generate
-from checkpoint import load_model, save_checkpoint
+from checkpoint import full_copy, full_model, load_model, load_state, save_checkpoint, save_state
 from tasks import count_reflections, grade, prompt_messages, read_problems, tool
 
 
@@ -124,6 +125,8 @@ class Config:
     dtype: str = "float32"          # "bfloat16": autocast training forward, bf16 copy for
                                     # generation, bf16 reference policy
     compile: bool = False           # torch.compile generate.generate's decode step
+    fsdp: bool = False              # under torchrun: FSDP2 shards policy, AdamW, reference
+    grad_checkpoint: bool = False   # recompute each block in the backward: less memory
     oracle: bool = False            # ablation: Countdown's tool writes the grader's verdict
 
     ranges = dict(prompts_per_step=(1, None), group_size=(2, None), temperature=(0.0, None),
@@ -136,8 +139,8 @@ class Config:
 
 
 # Keys that may change between a run and its resume without changing what is trained.
-RESUME_FREE = {"out_dir", "device", "compile", "micro_batch", "eval_every", "eval_limit",
-               "eval_temperature", "save_every", "log_kl"}
+RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "grad_checkpoint", "micro_batch",
+               "eval_every", "eval_limit", "eval_temperature", "save_every", "log_kl"}
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -328,14 +331,15 @@ def update(model, ref, optimizer, rows, cfg, world, device, pad, amp):
     n_micro = torch.tensor(float(len(micro)), device=device)
     n_micro = int(common.all_reduce(n_micro, world, "MAX").item())
     policy = getattr(model, "module", model)
+    sharded = common.is_sharded(policy)
     loss_sum = clipped = kl_sum = grad_norm = 0.0
     for epoch in range(cfg.ppo_epochs if n_tok > 0 else 0):
         optimizer.zero_grad(set_to_none=True)
         for j in range(n_micro):
             batch = collate(micro[j] if j < len(micro) else [], pad, device)
             inputs, targets, old, mask, adv, s = batch
-            sync = world == 1 or j == n_micro - 1  # DDP all-reduces on the last micro-batch only
-            with (contextlib.nullcontext() if sync else model.no_sync()):
+            sync = world == 1 or j == n_micro - 1  # gradients reduced on the last micro-batch
+            with common.grad_sync(model, sync):
                 with amp:
                     logp = token_logprobs(model, inputs, targets, s)
                 ref_logp = None
@@ -345,13 +349,14 @@ def update(model, ref, optimizer, rows, cfg, world, device, pad, amp):
                 old = logp.detach() if cfg.ppo_epochs == 1 else old  # one epoch: ρ ≡ 1 exactly
                 loss, n_clip, kl = pg_loss(logp, old, adv, mask, cfg.clip_eps, ref_logp,
                                            cfg.kl_beta)
-                # DDP averages over ranks: * world makes it Σ_all / T
+                # DDP and FSDP2 average over ranks: * world makes it Σ_all / T
                 (loss * world / n_tok).backward()
             clipped += n_clip
             if epoch == 0:
                 loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl
         max_norm = cfg.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+        grad_norm = (norm.full_tensor() if sharded else norm).item()  # FSDP2: a DTensor
         optimizer.step()
     return n_tok, loss_sum, clipped, kl_sum, grad_norm
 
@@ -404,39 +409,42 @@ def evaluate(step, sampler, tok, val, cfg, rank, world, log):
 # ----------------------------------------------------------------------------- main
 
 def check(cfg):
-    """The settings parse_config does not check (it checks the ranges, again here for callers that
-    build a Config themselves)."""
+    """The settings parse_config does not check (and the ranges, for Configs built in code)."""
     common.check_ranges(cfg)
     if cfg.truncation not in ("mask", "wrong"):
         raise common.UserError(f"truncation must be 'mask' or 'wrong', got {cfg.truncation!r}")
 
 
-def rollout_model(policy, dtype):
-    """The model generate samples from. generate keeps its KV cache in the weights' dtype
-    (autocast does not reach it), so bf16 rollouts run on a bf16 copy of the policy, synced before
-    each use."""
-    return copy.deepcopy(policy).to(dtype) if dtype != torch.float32 else policy
-
-
-def sync(sampler, policy):
-    """The sampler, holding the policy's current weights."""
-    if sampler is not policy:
-        sampler.load_state_dict(policy.state_dict())
+def generation_model(policy, dtype, device, sampler=None):
+    """The model generate samples from, holding the policy's current weights: the seam between
+    training and generation. The fp32 policy of one process or DDP samples itself; else a copy in
+    `dtype` (the KV cache takes the weights' dtype; autocast misses it), `sampler` (an earlier
+    call's copy) refilled in place. Under FSDP2 every rank (all must call it) gathers a whole copy
+    (checkpoint.full_copy): the present limit; tensor-parallel generation would lift it."""
+    if common.is_sharded(policy):
+        return full_copy(policy, dtype, device, sampler)
+    if dtype == torch.float32:
+        return policy
+    if sampler is None:
+        return copy.deepcopy(policy).to(dtype)
+    sampler.load_state_dict(policy.state_dict())
     return sampler
 
 
-def reference(cfg, device, dtype):
-    """The frozen start policy of the KL term, or None when the KL is neither used nor logged."""
+def reference(cfg, device, dtype, sharded):
+    """The frozen start policy of the KL term, or None when the KL is neither used nor logged.
+    Under FSDP2 sharded as the policy: its forward gathers one block at a time."""
     if not (cfg.kl_beta > 0 or cfg.log_kl):
         return None
-    ref, _ = load_model(cfg.init, device, dtype=dtype)
-    return ref.eval().requires_grad_(False)
+    ref, _ = load_model(cfg.init, "cpu" if sharded else device, dtype=dtype)
+    ref = ref.eval().requires_grad_(False)
+    return common.fsdp_shard(ref) if sharded else ref
 
 
 def resume(cfg, policy, optimizer):
     """The first step to run: 0, or the step of out_dir/state.pt, whose weights, optimizer and RNG
     states are restored. It must be the same run: only the keys in RESUME_FREE may differ."""
-    resumed = common.load_state(cfg.out_dir, policy, optimizer)
+    resumed = load_state(cfg.out_dir, policy, optimizer)
     if not resumed:
         return 0
     path = os.path.join(cfg.out_dir, "state.pt")
@@ -445,13 +453,15 @@ def resume(cfg, policy, optimizer):
 
 
 def save(policy, optimizer, tok, steps, cfg, rank):
-    """model.pt (rank 0), then state.pt after `steps` steps. The model first: a kill between the two
-    leaves the older state.pt, and a resume redoes the step. Every rank calls it (save_state ends
-    on a barrier)."""
-    if rank == 0:
-        save_checkpoint(cfg.out_dir, policy, tok, common.config_dict(cfg))
+    """model.pt (rank 0; under FSDP2 at the end only, gathered by checkpoint.full_model), then the
+    training state after `steps` steps. The model first: a kill between the two leaves the older
+    state, and a resume redoes the step. Every rank calls it (save_state ends on a barrier)."""
+    if steps == cfg.max_steps or not common.is_sharded(policy):
+        export = full_model(policy)
+        if rank == 0:
+            save_checkpoint(cfg.out_dir, export, tok, common.config_dict(cfg))
     extra = {"data_pos": steps * cfg.prompts_per_step, "config": common.config_dict(cfg)}
-    common.save_state(cfg.out_dir, policy, optimizer, steps, extra)
+    save_state(cfg.out_dir, policy, optimizer, steps, extra)
 
 
 class Metrics:
@@ -485,9 +495,13 @@ def main(cfg):
         common.write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
 
     # the policy (fp32 master weights; autocast gives bf16 compute), its sampler, the reference
-    policy, tok = load_model(cfg.init, device)
-    sampler = rollout_model(policy, dtype)
-    ref = reference(cfg, device, dtype)
+    sharded = cfg.fsdp and world > 1
+    policy, tok = load_model(cfg.init, "cpu" if sharded else device)
+    if cfg.grad_checkpoint:
+        common.recompute_blocks(policy)
+    policy = common.fsdp_shard(policy) if sharded else policy  # FSDP2: this rank's shards only
+    sampler = generation_model(policy, dtype, device)
+    ref = reference(cfg, device, dtype, sharded)
     val = read_problems(cfg.val)[:cfg.eval_limit or None] if cfg.eval_every > 0 else []
     prompts = select_prompts(cfg, sampler, tok, read_problems(cfg.train), rank, world)
     optimizer = common.make_optimizer(policy, cfg.lr, cfg.weight_decay)
@@ -497,7 +511,7 @@ def main(cfg):
             print(f"{cfg.out_dir}: already trained for {start} steps")
         return
     model = policy
-    if world > 1:
+    if world > 1 and not sharded:
         device_ids = [local] if device.startswith("cuda") else None
         model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=device_ids)
     log = Metrics(cfg.out_dir, start, rank)
@@ -505,14 +519,14 @@ def main(cfg):
     # each step: rollouts of this rank's prompts -> advantages -> update -> log (-> checkpoint)
     for step in tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl",
                      disable=rank != 0):
+        sampler = generation_model(policy, dtype, device, sampler)  # this step's weights
         if cfg.eval_every > 0 and step % cfg.eval_every == 0:
-            evaluate(step, sync(sampler, policy), tok, val, cfg, rank, world, log)
+            evaluate(step, sampler, tok, val, cfg, rank, world, log)
         t0 = time.time()
         ids = step_prompts(len(prompts), step, cfg.prompts_per_step, cfg.seed)
         recs = [prompts[i] for i in ids][rank::world]
         seed = derive_seed(cfg.seed, "rollout", step, rank)
-        comps = rollout(sync(sampler, policy), tok, recs, cfg.group_size, cfg.temperature, seed,
-                        cfg)
+        comps = rollout(sampler, tok, recs, cfg.group_size, cfg.temperature, seed, cfg)
         rows, rewards, signal = train_rows(comps, cfg)
         lr = common.get_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
         for g in optimizer.param_groups:
@@ -524,7 +538,8 @@ def main(cfg):
             save(policy, optimizer, tok, step + 1, cfg, rank)
 
     if cfg.eval_every > 0:
-        evaluate(cfg.max_steps, sync(sampler, policy), tok, val, cfg, rank, world, log)
+        sampler = generation_model(policy, dtype, device, sampler)
+        evaluate(cfg.max_steps, sampler, tok, val, cfg, rank, world, log)
     log.close()
     if world > 1:
         torch.distributed.barrier()

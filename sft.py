@@ -15,10 +15,12 @@ tokens; a per-token document id keeps attention (and rotary positions) inside ea
 so packing changes the speed, not the result. The global batch (batch_size rows) is the same for
 any number of processes: each rank takes its slice. Kill it at any moment and re-run the same
 command: it resumes from out_dir/state.pt and ends with the same weights, bit for bit, as a run
-that was never stopped. Re-running a finished run prints "already done".
+that was never stopped. Re-running a finished run prints "already done". Under FSDP2 (fsdp=True)
+each rank saves its own shards of the model and optimizer (out_dir/state-<step>/,
+torch.distributed.checkpoint; a resume may use another number of ranks) and only the final
+model.pt is gathered, on rank 0.
 """
 import bisect
-import functools
 import math
 import os
 import time
@@ -29,12 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
 from common import UserError
-from checkpoint import load_model, save_checkpoint
+from checkpoint import full_model, load_model, load_state, save_checkpoint, save_state
 from model import Llama, ModelConfig
 from tokenizer import Tokenizer
 
@@ -258,13 +259,9 @@ def wrap(raw, cfg, world, local, device):
     DDP, in this order. The optimizer is built on raw's final (sharded) parameters."""
     model = raw
     if cfg.grad_checkpoint:
-        for block in raw.layers:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        common.recompute_blocks(raw)
     if world > 1 and cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard  # only here: the import costs seconds
-        for block in raw.layers:
-            fully_shard(block)
-        fully_shard(raw)
+        common.fsdp_shard(raw)
     if cfg.compile:  # block by block, dynamic shapes: one graph for every row length
         for block in raw.layers:
             block.forward = torch.compile(block.forward, dynamic=True)
@@ -402,7 +399,7 @@ def train(model, raw, opt, data, step, pos, max_steps, cfg, proc, metrics):
         if cfg.save_every and step % cfg.save_every == 0 or last:
             extra = {"pos": list(pos), "max_steps": max_steps, "lr": lr,
                      "config": common.config_dict(cfg)}
-            common.save_state(cfg.out_dir, raw, opt, step, extra)
+            save_state(cfg.out_dir, raw, opt, step, extra)
         window["t0"] += time.time() - t1
     bar.close()
     return step
@@ -410,14 +407,8 @@ def train(model, raw, opt, data, step, pos, max_steps, cfg, proc, metrics):
 
 def save_model(raw, tok, cfg, proc):
     """The final model in the format every stage loads (tokenizer.model, then model.pt last). Under
-    FSDP the shards are gathered first, into a plain copy on rank 0."""
-    if cfg.fsdp and proc.world > 1:
-        full = common.full_model_state(raw)
-        if proc.rank == 0:  # built on the meta device, the gathered tensors assigned
-            with torch.device("meta"):
-                raw = Llama(raw.cfg)
-            raw.load_state_dict(full, assign=True)
-            raw.tie()
+    FSDP the shards are gathered first, into a plain copy on rank 0 (checkpoint.full_model)."""
+    raw = full_model(raw)
     if proc.rank == 0:
         save_checkpoint(cfg.out_dir, raw, tok, common.config_dict(cfg))
 
@@ -490,7 +481,7 @@ def main(cfg):
     opt = common.make_optimizer(raw, cfg.lr, cfg.weight_decay)
     step, pos = 0, (0, 0)  # pos = (epoch, next row of that epoch)
     if saved:
-        step, extra = common.load_state(cfg.out_dir, raw, opt)
+        step, extra = load_state(cfg.out_dir, raw, opt)
         pos = tuple(extra["pos"])
         log(f"resumed from {cfg.out_dir}/state.pt at step {step}, data position {pos}")
     del saved

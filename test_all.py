@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -3085,6 +3086,98 @@ def test_search_tp_and_dp_grow_the_same_trees(tmp_path):
         search.main(search.Config(out_dir=str(tmp_path / "bad"), tp=2, **kw))
 
 
+class _Crash(Exception):
+    """A run dying in the middle of a step (a kill, without the flakiness of timing one)."""
+
+
+def _dist_worker(rank, world, ports, runs):
+    """Rank `rank` of `world` (gloo) runs each (main, config, crash step) of runs in turn; at its
+    crash step (if any) the run dies before that step's update (common.get_lr raises)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    real = common.get_lr
+    for port, (main, cfg, crash) in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+
+        def get_lr(step, *a, crash=crash):
+            if step == crash:
+                raise _Crash
+            return real(step, *a)
+        common.get_lr = get_lr
+        try:
+            main(cfg)  # joins the process group and leaves it at the end
+        except _Crash:
+            torch.distributed.destroy_process_group()
+
+
+def _fork(world, target, *args, out=None):
+    """target(rank, world, *args) in `world` forked processes (no re-import of torch and this
+    file); each must exit cleanly. With a queue `out`, each puts one result: returned, sorted."""
+    ctx = torch.multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:  # results first: a process exits only once what it put is read
+        got = sorted(out.get(timeout=120) for _ in procs) if out else None
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+def _runs(world, *runs):
+    _fork(world, _dist_worker, [_free_port() for _ in runs], list(runs))
+
+
+def _sharded_state(out_dir, step, world):
+    """state.pt names the directory of the shards each rank wrote; no other state is left."""
+    st = torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)
+    assert st["step"] == step and st["shards"] == f"state-{step}" and "model" not in st
+    files = os.listdir(os.path.join(out_dir, st["shards"]))
+    assert sorted(f for f in files if f.endswith(".distcp")) == [f"__{r}_0.distcp"
+                                                                 for r in range(world)]
+    assert sorted(glob.glob(os.path.join(out_dir, "state-*"))) == [
+        os.path.join(out_dir, st["shards"])]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_from_shards(setup, tmp_path):
+    """FSDP2 at 2 ranks saves each rank's shards (no gathered state), dies after the checkpoint of
+    step 3 and resumes: at 2 ranks, bitwise the weights of the run that never stopped; at 4 ranks
+    and in one plain process (the shards resharded), equal within fp32 tolerance. A state.pt whose
+    shards are gone is a UserError."""
+    _, _, make = setup
+    kw = dict(dtype="float32", max_steps=6, save_every=3, batch_size=8, micro_batch=2, fsdp=True)
+    full, cut = (make(out_dir=str(tmp_path / name), **kw) for name in ("full", "cut"))
+    _runs(2, (sft.main, full, None), (sft.main, cut, 4))
+    _sharded_state(full.out_dir, 6, 2)
+    _sharded_state(cut.out_dir, 3, 2)
+    assert not os.path.exists(os.path.join(cut.out_dir, "model.pt"))
+    cut4, cut1 = (dataclasses.replace(cut, out_dir=cut.out_dir + n) for n in ("4", "1"))
+    for c in (cut4, cut1):
+        shutil.copytree(cut.out_dir, c.out_dir)
+    _runs(2, (sft.main, cut, None))
+    _runs(4, (sft.main, cut4, None))
+    sft.main(dataclasses.replace(cut1, fsdp=False))
+    a = final_weights(full.out_dir)
+    b = final_weights(cut.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for c in (cut4, cut1):
+        b = final_weights(c.out_dir)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    # the records of the redone steps replace the dead run's
+    assert [r["step"] for r in metrics(cut.out_dir)] == [r["step"] for r in metrics(full.out_dir)]
+    shutil.rmtree(os.path.join(full.out_dir, "state-6"))  # a state.pt without its shards
+    with pytest.raises(common.UserError, match="state-6/ are missing"):
+        checkpoint.load_state(full.out_dir, None, None)
+
+
 # ------------------------------------------------------------ the GPU memory plan (bench/plan.py)
 
 class _Bf16Casts(TorchDispatchMode):
@@ -3607,6 +3700,88 @@ def test_ddp_update_equals_single_process(easy):
     for k, p in net.named_parameters():
         for _, _, grads in got:
             assert torch.allclose(torch.from_numpy(grads[k]), p.grad, atol=1e-6, rtol=1e-4), k
+
+
+def _rl_fsdp_worker(rank, world, port, init, rows, cfg, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    common.dist_setup()
+    (net, tok), (ref, _) = checkpoint.load_model(init), checkpoint.load_model(init)
+    # blocks recomputed in the backward too (rl.py's grad_checkpoint)
+    policy = common.fsdp_shard(common.recompute_blocks(net))
+    ref = common.fsdp_shard(ref.requires_grad_(False))
+    held = sum(p.to_local().numel() for p in policy.parameters())
+    opt = common.make_optimizer(policy, 1e-2, 0.1)
+    res = rl.update(policy, ref, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id,
+                    contextlib.nullcontext())
+    sampler = rl.generation_model(policy, torch.float32, "cpu")
+    # the bytes of bench/plan.py's rl rows: the bf16 generation copy, the bf16 reference's shard
+    copy16 = rl.generation_model(policy, torch.bfloat16, "cpu")
+    ref16 = checkpoint.load_model(init, dtype=torch.bfloat16)[0].requires_grad_(False)
+    planned = (_storage_bytes(copy16.parameters()),
+               _storage_bytes(common.fsdp_shard(ref16).parameters()))
+    out.put((rank, res, held, {k: v.numpy().copy() for k, v in sampler.state_dict().items()},
+             planned))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_update_equals_single_process(easy, world):
+    """FSDP2 (policy and reference sharded, blocks recomputed) over 2 and 4 ranks, each with its
+    share of the rows (uneven, so some ranks run a dummy micro-batch): one AdamW step with the KL
+    term gives the 1-process loss, KL, grad norm and updated weights, and generation_model gathers
+    exactly those weights on every rank. The bf16 copy and the bf16 reference's shard take the
+    bytes bench/plan.py plans for them."""
+    cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.5, grad_clip=1e-3)
+    net, tok = checkpoint.load_model(cfg.init)
+    ref = checkpoint.load_model(cfg.init)[0].requires_grad_(False)
+    p1, p2 = (tok.render_prompt([{"role": "user", "content": t}])
+              for t in ("make 5", "a longer prompt: make 5"))
+    rnd = random.Random(0)
+    shapes = [(p1, 3, 1.0), (p2, 5, -0.5), (p1, 1, 0.7), (p2, 8, -1.2), (p1, 4, 2.0)]
+    rows = [(p, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a, []) for p, n, a in shapes]
+    opt = common.make_optimizer(net, 1e-2, 0.1)
+    n_tok, loss_sum, _, kl_sum, norm = rl.update(net, ref, opt, rows, cfg, 1, "cpu", tok.bos_id,
+                                                 contextlib.nullcontext())
+    assert norm > cfg.grad_clip and kl_sum == 0  # clipped; the first step starts at the reference
+    out, port = torch.multiprocessing.get_context("fork").Queue(), _free_port()
+    got = _fork(world, _rl_fsdp_worker, port, cfg.init, rows, cfg, out, out=out)
+    total = sum(p.numel() for p in net.parameters())
+    assert sum(g[1][1] for g in got) == pytest.approx(loss_sum, rel=1e-5)  # Σ over ranks
+    for rank, (n, _, _, kl, gnorm), held, weights, (copy16, ref16) in got:
+        assert n == n_tok == 21 and kl == 0 and gnorm == pytest.approx(norm, rel=1e-5)
+        assert held < total  # a shard, not the model
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(torch.from_numpy(weights[k]), v, atol=1e-6, rtol=1e-5)
+        assert copy16 == bench_plan.tensor_parallel(net.cfg, 1) == 2 * total
+        plan = bench_plan.sharded(net.cfg, world)  # rank 0's shards, the largest
+        assert ref16 == plan if rank == 0 else ref16 <= plan
+    assert not torch.equal(net.output.weight, checkpoint.load_model(cfg.init)[0].output.weight)
+
+
+@pytest.mark.slow
+def test_rl_fsdp_resume_from_shards(easy):
+    """rl.py with fsdp=True at 2 ranks (KL term on, so the sharded reference is used) saves each
+    rank's shards, dies in step 3 after the checkpoint of step 2 and resumes in new processes to
+    the weights and records of the run that never stopped, bitwise; model.pt is written at the end
+    only."""
+    kw = dict(max_steps=4, save_every=2, eval_every=0, filter_samples=0, kl_beta=0.05,
+              log_kl=True, fsdp=True)
+    full, cut = easy("fsdp_full", **kw), easy("fsdp_cut", **kw)
+    _runs(2, (rl.main, full, None), (rl.main, cut, 3))
+    _sharded_state(cut.out_dir, 2, 2)
+    assert not os.path.exists(os.path.join(cut.out_dir, "model.pt"))
+    _runs(2, (rl.main, cut, None))
+    _sharded_state(full.out_dir, 4, 2)
+    a, b = final_weights(full.out_dir), final_weights(cut.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps, _ = read_metrics(full.out_dir)
+    assert sum(r["tokens"] for r in steps) > 0 and any(r["kl"] > 0 for r in steps)
+    strip = lambda out: [{k: v for k, v in r.items() if k not in ("dt", "tok_s")}
+                         for r in metrics(out)]
+    assert strip(full.out_dir) == strip(cut.out_dir)
 
 
 def test_rl_config_files():

@@ -16,10 +16,12 @@ The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_nod
 - sft: sft.py with fsdp=True and its config: fp32 weights, gradients and AdamW's exp_avg and
   exp_avg_sq sharded over the N ranks by FSDP2 (fully_shard per block, then the root), bf16
   autocast, each block recomputed in the backward (grad_checkpoint).
-- rl: the target layout (rl.py itself runs DDP): that FSDP2 training state and forward, plus a bf16
-  copy of the policy for generation, tensor parallel over the tp GPUs of a node; a bf16 reference
-  policy sharded over the N ranks as the training state; the KV cache of generation sharded by
-  kv heads over tp.
+- rl: rl.py with fsdp=True and its config: that FSDP2 training state and forward (blocks
+  recomputed: grad_checkpoint), a bf16 reference policy sharded over the N ranks as the training
+  state, and generation on a whole bf16 copy of the policy on every GPU (rl.generation_model),
+  each rank decoding its share of the step's completions with its own KV cache.
+  --rl_generation=tp plans the target instead (not built): that copy tensor parallel over the tp
+  GPUs of a node, the KV cache sharded by kv heads over tp.
 - search, eval: what search.py and eval.py run under torchrun with --tp=tp (model.tensor_parallel,
   which refuses a tp that does not divide the heads; more GPUs than tp are data-parallel copies):
   bf16 weights tensor parallel over tp, the KV cache and search's prefix cache sharded by kv heads.
@@ -65,16 +67,17 @@ width):
   the smallest N of 1, 2, 4, 8 then multiples of gpus_per_node (up to max_gpus; search and eval
   up to gpus_per_node: more GPUs only add data-parallel copies) whose need fits gpu_gb (GB = 10^9
   bytes; an "80 GB" card holds a little more: the margin is the plan's).
-Checked by tests (test_all.py, -k plan): the weights, gradients and AdamW bytes against what
-fully_shard's ranks hold after one step (2 ranks, gloo, CPU), the autocast cache against the bf16
-copies alive at the end of sft.wrap's checkpointed forward, the KV cache against generate.py's
-allocation; the TP weights and KV cache against what model.tensor_parallel's rank 0 holds at tp = 2
-(-k tensor_parallel). Not checked: activations, logits, gathers, headroom and runtime need a GPU's
-allocator to measure (torch.cuda.max_memory_allocated): CPU tests cannot. Not counted: generate's
-per-row token and logprob buffers (rows * S * 16 B), prefill's and the reference forward's
-temporaries (assumed below the backward's peak), the prefix cache's overshoot of its bound, rotary
-tables (2 * max_seq_len * head_dim * 4 B per model copy), torch.compile's workspaces, pinned host
-memory.
+Checked by tests (test_all.py, -k "plan or fsdp_update or tensor_parallel"): the weights,
+gradients and AdamW bytes against what fully_shard's ranks hold after one step (2 ranks, gloo,
+CPU), rl's bf16 generation copy and reference shard against what rl.py builds (2 and 4 ranks), the
+autocast cache against the bf16 copies alive at the end of sft.wrap's checkpointed forward, the KV
+cache against generate.py's allocation, the TP weights and KV cache against what
+model.tensor_parallel's rank 0 holds at tp = 2. Not checked: activations, logits, gathers,
+headroom and runtime need a GPU's allocator to measure (torch.cuda.max_memory_allocated): CPU tests
+cannot. Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's and
+the reference forward's temporaries (assumed below the backward's peak), the prefix cache's
+overshoot of its bound, rotary tables (2 * max_seq_len * head_dim * 4 B per model copy),
+torch.compile's workspaces, pinned host memory.
 """
 import math
 import os
@@ -144,7 +147,9 @@ class Config:
     rl_max_new_tokens: int = RL.max_new_tokens
     rl_gen_batch_size: int = RL.gen_batch_size
     rl_micro_batch: int = RL.micro_batch
-    rl_grad_checkpoint: bool = True  # the target layout recomputes blocks as sft.py does
+    rl_grad_checkpoint: bool = RL.grad_checkpoint
+    rl_generation: str = "copy"    # "copy": rl.py's whole bf16 copy per GPU; "tp": tensor
+                                   # parallel within a node (the target, not built)
     # search: config/search_llama_math.py
     search_batch_size: int = SEARCH.batch_size
     search_max_rollout_tokens: int = SEARCH.max_rollout_tokens
@@ -296,26 +301,28 @@ def plan_sft(shape, n, c):
 
 
 def plan_rl(shape, n, c):
-    tp = min(n, c.gpus_per_node)
+    tp = min(n, c.gpus_per_node) if c.rl_generation == "tp" else 1
     groups = max(1, n // tp)
     seqs = -(-c.rl_prompts_per_step * c.rl_group_size // groups)
     gen_rows = min(c.rl_gen_batch_size, seqs)
+    gen, kv = ("TP", ", TP") if c.rl_generation == "tp" else ("whole", "")
     st = fsdp_state(shape, n)
     tokens = c.rl_micro_batch * (c.prompt_len + c.rl_max_new_tokens)
     tr = training(shape, n, tokens, c.rl_grad_checkpoint, c.autocast_cache, 12)
     rows = {"weights (fp32, FSDP shard)": st["weights"],
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"],
-            "generation weights (bf16, TP)": tensor_parallel(shape, tp),
+            f"generation weights (bf16, {gen})": tensor_parallel(shape, tp),
             "reference (bf16, FSDP shard)": sharded(shape, n),
-            "KV cache (bf16, TP)": kv_cache(shape, gen_rows, c.prompt_len, c.rl_max_new_tokens,
-                                            tp),
+            f"KV cache (bf16{kv})": kv_cache(shape, gen_rows, c.prompt_len, c.rl_max_new_tokens,
+                                             tp),
             "decode logits": decode_logits(shape, gen_rows), **tr}
     keep = list(rows)[:5]
-    setup = (f"{shards(n)}; generation TP {tp} x {groups}: {gen_rows} rows of {c.prompt_len}+"
+    layout = f"TP {tp} x {groups}" if c.rl_generation == "tp" else "a whole copy per GPU"
+    setup = (f"{shards(n)}; generation {layout}: {gen_rows} rows of {c.prompt_len}+"
              f"{c.rl_max_new_tokens} tokens; micro-batch {c.rl_micro_batch}"
              + "; recompute" * c.rl_grad_checkpoint)
-    return Plan(rows, {"generation": keep + ["KV cache (bf16, TP)", "decode logits"],
+    return Plan(rows, {"generation": keep + [f"KV cache (bf16{kv})", "decode logits"],
                        "forward end": keep + list(FORWARD), "backward": keep + list(BACKWARD)},
                 setup)
 
@@ -396,6 +403,8 @@ def check(c):
     common.check_ranges(c)
     if c.model != "all" and c.model not in MODELS:
         raise common.UserError(f"model must be one of {', '.join(MODELS)} or all, got {c.model!r}")
+    if c.rl_generation not in ("copy", "tp"):
+        raise common.UserError(f"rl_generation must be 'copy' or 'tp', got {c.rl_generation!r}")
     if c.stage != "all" and c.stage not in STAGES:
         raise common.UserError(f"stage must be one of {', '.join(STAGES)} or all, "
                                f"got {c.stage!r}")

@@ -24,4 +24,6 @@ eval_every = 50  # ten held-out evaluations over the run
 eval_limit = 500  # MATH500's size: a steady estimate for its cost
 save_every = 25  # a crash loses at most 25 slow steps
 dtype = "bfloat16"  # GPUs: bf16 compute, bf16 rollouts and reference
+fsdp = True  # 8B with fp32 AdamW state does not fit one GPU
+grad_checkpoint = True  # rows of up to 4608 tokens: recompute activations instead of storing them
 compile = True  # decode speed over thousands of generated tokens is worth the one-off compile
