@@ -131,11 +131,13 @@ def _ranks(model, added, path):
 
 
 def _dropped(ranks, path):
-    """The characters text loses before encoding when the vocab lacks some bytes (as the tokenizers
-    library drops a byte it has no token for): ASCII control characters, and the 4-byte
-    characters led by 0xF1-0xF4 (Unicode's unassigned and private-use planes 4-16, dropped whole;
-    the tokenizers library keeps their other bytes). Bytes UTF-8 never uses (0xC0, 0xC1,
-    0xF5-0xFF) need no token; any other missing byte is refused. A regex character class, or
+    """The characters encode drops when the vocab lacks some bytes, as the tokenizers library drops
+    a byte it has no token for: ASCII control characters, and the 4-byte characters led by
+    0xF1-0xF4 (Unicode's unassigned and private-use planes 4-16). Bytes UTF-8 never uses (0xC0,
+    0xC1, 0xF5-0xFF) need no token; any other missing byte is refused. encode splits the text at
+    the dropped characters and encodes the pieces between them: the library's ids, except for a
+    dropped character inside a run of punctuation (" \x04!": the library merges " !") and the
+    other bytes of a plane 4-16 character (the library keeps them). A regex character class, or
     None."""
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     refused = [b for b in missing if not (b < 0x20 or b == 0x7F or b >= 0xF1 or b in (0xC0, 0xC1))]

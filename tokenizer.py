@@ -97,8 +97,10 @@ class Tokenizer:
 
     def encode(self, text, specials=False):
         """Text -> ids; special-token strings in text stay plain text unless specials=True."""
-        if self.drop:
-            text = self.drop.sub("", text)
+        if self.drop:  # the text between dropped characters, piece by piece
+            pieces = self.drop.split(text)
+            if len(pieces) > 1:
+                return [i for p in pieces for i in self.encode(p, specials)]
         if specials:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
