@@ -838,6 +838,8 @@ def test_gguf_blocks_dequantize_as_computed_by_hand():
     assert deq(0, np.array([0.1], "<f4").tobytes(), 1) == [np.float32(0.1).item()]
     with pytest.raises(common.UserError, match="t: ggml type 14 is not supported"):
         smollm2_convert.dequantize(14, b"", 256, "t")
+    with pytest.raises(common.UserError, match="t: 20 bytes are not 48 weights of Q4_1"):
+        smollm2_convert.dequantize(3, bytes(20), 48, "t")
 
 
 GGUF_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != "

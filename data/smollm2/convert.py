@@ -101,6 +101,8 @@ def dequantize(kind, raw, n, where):
         raise UserError(f"{where}: ggml type {kind} is not supported "
                         f"({', '.join(v[0] for v in GGML_TYPES.values())} are)")
     name, block, size = GGML_TYPES[kind]
+    if n % block or len(raw) != n // block * size:
+        raise UserError(f"{where}: {len(raw)} bytes are not {n} weights of {name}")
     if name == "F32":
         return np.frombuffer(raw, "<f4").copy()
     if name == "F16":
@@ -143,8 +145,6 @@ def read_gguf(data, path="model.gguf"):
         where = f"{path}: tensor {name}"
         n = int(np.prod(dims))
         _, block, size = GGML_TYPES.get(kind, (None, 1, 0))
-        if n % block:
-            raise UserError(f"{where}: {n} weights are not whole blocks of {block}")
         r.pos = start + offset
         raw = r.take(n // block * size)
         tensors[name] = dequantize(kind, raw, n, where).reshape(dims[::-1])
