@@ -322,8 +322,15 @@ def load_model(path, device="cpu", dtype=torch.float32):
     if tok.n_vocab != cfg.vocab_size and not padded:
         raise UserError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but the model ({where}) "
                         f"has vocab_size {cfg.vocab_size}")
+    return build_model(cfg, sd, where).to(device=device, dtype=dtype), tok
+
+
+def build_model(cfg, sd, where):
+    """Our Llama holding the weights sd (our names, wqkv and w13 joined): built on the meta device
+    and the tensors assigned (no copy); a shape that does not match cfg is a UserError naming
+    where."""
     if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
+        sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
     with torch.device("meta"):
         model = Llama(cfg)
     try:
@@ -331,7 +338,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     except RuntimeError as e:
         raise UserError(f"{where}: weights do not match the model config ({e})") from None
     model.tie()  # assign=True gave the two names two parameters
-    return model.to(device=device, dtype=dtype), tok
+    return model
 
 
 def save_checkpoint(out_dir, model, tokenizer, config: dict):

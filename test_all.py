@@ -3151,10 +3151,15 @@ def _run_ranks(world, target, *args):
     procs = [ctx.Process(target=target, args=(r, world, port, out, *args)) for r in range(world)]
     for p in procs:
         p.start()
-    got = dict(out.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    try:  # results first: a process exits only once what it put is read
+        got = dict(out.get(timeout=300) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
+    finally:  # a rank that failed leaves the others waiting in a collective: end them
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     return got
 
 
@@ -3415,7 +3420,7 @@ def _storage_bytes(tensors):
                 for t in local}.values())
 
 
-def _plan_worker(rank, world, port, shapes, out):
+def _plan_worker(rank, world, port, out, shapes):
     """sft.wrap's FSDP2 (per block, then the root; blocks recomputed) on each shape: the bytes of
     the bf16 weight copies alive at the end of an autocast forward, then of the weights, gradients
     and AdamW state this rank holds after one step."""
@@ -3453,15 +3458,7 @@ def test_plan_training_state_matches_fully_shard():
     shapes = [model.ModelConfig(dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=37,
                                 multiple_of=8, max_seq_len=16, tie_embeddings=tie)
               for tie in (False, True)]
-    ctx = torch.multiprocessing.get_context("fork")  # fork: no re-import of torch and this file
-    out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_plan_worker, args=(r, 2, port, shapes, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = _run_ranks(2, _plan_worker, shapes)
     for i, shape in enumerate(shapes):
         plan = bench_plan.fsdp_state(shape, 2)
         assert got[0][i][1] == plan

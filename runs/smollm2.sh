@@ -42,10 +42,13 @@ stage "search: MCTS with SmolLM2"
 python search.py config/search_llama_math.py --problems=$DATA/train.jsonl --policy="$CK/hf" \
   --out_dir="$OUT/search" --num_simulations=4 --k=2 --M=4 --max_depth=6 --max_step_tokens=64 \
   --max_rollout_tokens=128 --problems_per_batch=4 --batch_size=64 --prefix_cache_mb=256 \
-  --temperature=0.7 --rollout_temperature=0.3 --top_p=0.9 $CPU
+  --temperature=0.7 --rollout_temperature=0.3 --top_p=0.9 --tp=1 $CPU
 
-stage "linearize: ASTRO traces"
-python linearize.py --trees="$OUT/search/trees.jsonl" --out="$OUT/linearize/astro.jsonl"
+stage "linearize: Psi' judged by the policy, then ASTRO traces"
+# shellcheck disable=SC2086
+python linearize.py config/linearize_llama_math.py --trees="$OUT/search/trees.jsonl" \
+  --out="$OUT/linearize/astro.jsonl" --max_tokens=2048 --judge_n=2 --judge_per_tree=2 \
+  --judge_max_new_tokens=64 --judge_batch_size=16 --dtype=float32
 
 stage "SFT on the ASTRO traces"
 # shellcheck disable=SC2086
@@ -65,8 +68,8 @@ for name in base rl; do
   stage "eval $name"
   init=$OUT/$name; [ "$name" != base ] || init=$CK/hf
   # shellcheck disable=SC2086
-  python eval.py --init="$init" --data=$DATA/test.jsonl --out_dir="$OUT/eval/$name" \
-    --num_samples=2 --max_new_tokens=256 $CPU
+  python eval.py config/eval_llama_math.py --init="$init" --data=$DATA/test.jsonl \
+    --out_dir="$OUT/eval/$name" --num_samples=2 --max_new_tokens=256 --chunk=4 --batch_size=8 $CPU
 done
 stage ""
 printf '%5d s  whole job\n' $(( $(date +%s) - t0 )) >> "$OUT/times.txt"

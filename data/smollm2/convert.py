@@ -42,7 +42,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import checkpoint  # noqa: E402
 import hf_tokenizer  # noqa: E402
 from common import UserError, run_main, write_json  # noqa: E402
-from model import Llama  # noqa: E402
 
 
 @dataclass
@@ -266,17 +265,7 @@ def to_model(sd, cfg):
         a = f"layers.{i}.attention."
         sd[a + "wq.weight"] = checkpoint._meta_perm(sd[a + "wq.weight"], cfg.n_heads)
         sd[a + "wk.weight"] = checkpoint._meta_perm(sd[a + "wk.weight"], cfg.n_kv_heads)
-    sd = checkpoint.join_qkv(sd, cfg)
-    if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    with torch.device("meta"):
-        net = Llama(cfg)
-    try:
-        net.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise UserError(f"GGUF tensors do not match the metadata's shapes ({e})") from None
-    net.tie()
-    return net
+    return checkpoint.build_model(cfg, checkpoint.join_qkv(sd, cfg), "GGUF tensors")
 
 
 def convert(data, path, out_dir):
