@@ -44,11 +44,11 @@ python search.py config/search_llama_math.py --problems=$DATA/train.jsonl --poli
   --max_rollout_tokens=128 --problems_per_batch=4 --batch_size=64 --prefix_cache_mb=256 \
   --temperature=0.7 --rollout_temperature=0.3 --top_p=0.9 --tp=1 $CPU
 
-stage "linearize: Psi' judged by the policy, then ASTRO traces"
-# shellcheck disable=SC2086
+stage "linearize: ASTRO traces"
+# Psi' off (judge_n=0): asked to judge a solution, this model never writes a \boxed{yes} or
+# \boxed{no}, so every verdict is unclear and Psi' would drop every correct terminal
 python linearize.py config/linearize_llama_math.py --trees="$OUT/search/trees.jsonl" \
-  --out="$OUT/linearize/astro.jsonl" --max_tokens=2048 --judge_n=2 --judge_per_tree=2 \
-  --judge_max_new_tokens=64 --judge_batch_size=16 --dtype=float32
+  --out="$OUT/linearize/astro.jsonl" --max_tokens=2048 --judge_n=0
 
 stage "SFT on the ASTRO traces"
 # shellcheck disable=SC2086
