@@ -3839,7 +3839,7 @@ def test_reward_goes_up_and_filter(easy):
     with open(os.path.join(cfg.out_dir, "prompts.jsonl")) as f:
         rates = {r["id"]: r["pass_rate"] for r in map(json.loads, f)}
     assert rates["none"] == 0 and 0 < rates["add"] < 1
-    kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1)
+    kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1, 0, 1)
     assert [r["id"] for r in kept] == ["add"]
     # the final model is a regular checkpoint
     net, _ = checkpoint.load_model(cfg.out_dir)
