@@ -378,7 +378,8 @@ def tp_copy(model, dtype, device, mesh, where, into=None):
     weights of the FSDP2-sharded `model`. Built on the meta device, parallelized, then allocated:
     no rank ever holds the whole model. Every rank (all must call it) gathers one parameter at a
     time (DTensor.full_tensor), copies its own rows into its shard (wqkv's and w13's in
-    tp_rows' order) and frees the full tensor: the shards plus one full tensor at the peak.
+    tp_rows' order) and frees the full tensor: the shards plus one full tensor (and, for wqkv and
+    w13, its rows for this rank) at the peak.
     `into`, a copy an earlier call returned, is refilled in place; `where` names the checkpoint
     whose heads must divide by tp."""
     from torch.distributed.tensor import DTensor
