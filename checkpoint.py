@@ -445,23 +445,6 @@ def full_model(model):
     return plain
 
 
-def full_copy(model, dtype, device, into=None):
-    """A plain Llama in `dtype` on `device` holding the full weights of the FSDP2-sharded `model`,
-    on every rank (every rank must call it): each parameter all-gathered from the ranks' shards
-    (DTensor.full_tensor, one tensor at a time) and cast into the copy. `into`, a copy an earlier
-    call returned, is refilled in place."""
-    if into is None:
-        with torch.device("meta"):
-            into = Llama(model.cfg)
-        into = into.to_empty(device=device).to(dtype).requires_grad_(False)
-        into.tie()
-    copies = dict(into.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            copies[name].copy_(p.full_tensor())
-    return into
-
-
 def _shard_dirs(out_dir):
     return [d for d in os.listdir(out_dir) if re.fullmatch(r"state-\d+", d)]
 

@@ -9,6 +9,7 @@ checkpoint.py loads and saves it (ours, Meta's, Hugging Face's); generate.py sam
     logits = net(idx, doc=doc_ids)   # packed rows: attention stays inside each document
     logits = net(idx, doc=doc_ids, keep=targets != -1)  # (n, vocab): only where a loss is taken
     model.tensor_parallel(net, tp_mesh, "out/base")  # inference, tensor parallel (--tp)
+    sampler = model.generation_model(policy, torch.bfloat16, "cuda")  # rl.py: what rollouts use
 
 Conventions (each pinned by a test in test_all.py):
 - Rotary embeddings rotate the first half of each head against the second (HF's layout), so HF
@@ -16,6 +17,7 @@ Conventions (each pinned by a test in test_all.py):
 - Parameters keep Meta's names except two stacked pairs: attention.wqkv = [wq; wk; wv],
   feed_forward.w13 = [w1; w3] (one matmul instead of three / two).
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -299,6 +301,22 @@ class Llama(nn.Module):
         return self.output(self.norm(x))[:, 0].float()
 
 
+def stacked_rows(cfg, name):
+    """The row blocks of a stacked weight, by parameter name: wqkv's [q; k; v], w13's [w1; w3];
+    None for any other parameter."""
+    hd, hidden = cfg.dim // cfg.n_heads, ffn_hidden(cfg)
+    if name.endswith("attention.wqkv.weight"):
+        return [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
+    return [hidden, hidden] if name.endswith("feed_forward.w13.weight") else None
+
+
+def tp_rows(w, cfg, name, tp, r):
+    """Rank r's rows of the whole stacked weight w (`name`: wqkv or w13) under tp-way tensor
+    parallelism: the r-th 1/tp of each block, [its q; k; v heads] or [its w1; w3 units]. Stacked
+    for r = 0..tp-1 they are the layout tensor_parallel shards contiguously."""
+    return torch.cat([t.chunk(tp)[r] for t in w.split(stacked_rows(cfg, name))])
+
+
 def tensor_parallel(net, mesh, where):
     """Shard net for inference Megatron-style over the 1-D device mesh `mesh` of tp ranks
     (torch.distributed.tensor.parallel): each rank keeps n_heads/tp query heads and n_kv_heads/tp
@@ -307,7 +325,7 @@ def tensor_parallel(net, mesh, where):
     of the output layer (colwise, its logits gathered whole on every rank); the norms stay whole.
     Attention runs on the local heads, so the keys/values a rank keeps (generate.KVCache,
     PrefixCache) are its heads only; one all-reduce follows attention, one the feed-forward.
-    wqkv's and w13's rows are reordered first so that rank r's contiguous shard is its
+    wqkv's and w13's rows are reordered first (tp_rows) so that rank r's contiguous shard is its
     [q; k; v] heads and its [w1; w3] units: their global (DTensor) layout is not the checkpoint's.
     where: the checkpoint, named by the refusal when the heads do not split into tp."""
     from torch.distributed.tensor import Replicate
@@ -318,16 +336,14 @@ def tensor_parallel(net, mesh, where):
     if cfg.n_heads % tp or cfg.n_kv_heads % tp or hidden % tp:
         raise common.UserError(f"{where}: n_heads {cfg.n_heads}, n_kv_heads {cfg.n_kv_heads} and "
                                f"the SwiGLU width {hidden} must divide by tp={tp}")
-    hd = cfg.dim // cfg.n_heads
-    per_rank = lambda w, sizes: torch.cat([c for r in range(tp)
-                                           for c in (t.chunk(tp)[r] for t in w.split(sizes))])
     plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
             "output": ColwiseParallel(output_layouts=Replicate())}
     with torch.no_grad():
+        for name, w in net.named_parameters():
+            if stacked_rows(cfg, name):
+                w.copy_(torch.cat([tp_rows(w, cfg, name, tp, r) for r in range(tp)]))
         for i, block in enumerate(net.layers):
-            a, f = block.attention, block.feed_forward
-            a.wqkv.weight.copy_(per_rank(a.wqkv.weight, [a.nh * hd, a.nkv * hd, a.nkv * hd]))
-            f.w13.weight.copy_(per_rank(f.w13.weight, [hidden, hidden]))
+            a = block.attention
             a.nh, a.nkv = a.nh // tp, a.nkv // tp
             plan |= {f"layers.{i}.attention.wqkv": ColwiseParallel(),
                      f"layers.{i}.attention.wo": RowwiseParallel(),
@@ -337,3 +353,70 @@ def tensor_parallel(net, mesh, where):
     net.tie()  # a tied output shares the embedding's shard (both cut the vocabulary, Shard(0))
     net.tp = tp
     return net
+
+
+def full_copy(model, dtype, device, into=None):
+    """A plain Llama in `dtype` on `device` holding the full weights of the FSDP2-sharded `model`,
+    on every rank (every rank must call it): each parameter all-gathered from the ranks' shards
+    (DTensor.full_tensor, one tensor at a time) and cast into the copy. `into`, a copy an earlier
+    call returned, is refilled in place."""
+    if into is None:
+        with torch.device("meta"):
+            into = Llama(model.cfg)
+        into = into.to_empty(device=device).to(dtype).requires_grad_(False)
+        into.tie()
+    copies = dict(into.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            copies[name].copy_(p.full_tensor())
+    return into
+
+
+def tp_copy(model, dtype, device, mesh, where, into=None):
+    """full_copy's tensor-parallel form: a Llama in `dtype` on `device`, sharded by
+    tensor_parallel over the tp ranks of `mesh` (1/tp of the weights per rank), holding the
+    weights of the FSDP2-sharded `model`. Built on the meta device, parallelized, then allocated:
+    no rank ever holds the whole model. Every rank (all must call it) gathers one parameter at a
+    time (DTensor.full_tensor), copies its own rows into its shard (wqkv's and w13's in
+    tp_rows' order) and frees the full tensor: the shards plus one full tensor (and, for wqkv and
+    w13, its rows for this rank) at the peak.
+    `into`, a copy an earlier call returned, is refilled in place; `where` names the checkpoint
+    whose heads must divide by tp."""
+    from torch.distributed.tensor import DTensor
+    if into is None:
+        with torch.device("meta"):
+            into = tensor_parallel(Llama(model.cfg).to(dtype), mesh, where)
+        into = into.to_empty(device=device).requires_grad_(False)
+        into.tie()
+    tp, r = mesh.size(), mesh.get_local_rank()
+    shards = dict(into.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full, shard = p.full_tensor(), shards[name]
+            if not isinstance(shard, DTensor):  # the norms: whole on every rank
+                shard.copy_(full)
+            elif stacked_rows(model.cfg, name):
+                shard.to_local().copy_(tp_rows(full, model.cfg, name, tp, r))
+            else:  # Shard(d): rank r holds the r-th chunk along d (DTensor's uneven split)
+                shard.to_local().copy_(full.chunk(tp, shard.placements[0].dim)[r])
+            del full
+    return into
+
+
+def generation_model(policy, dtype, device, sampler=None, mesh=None, where=""):
+    """The model generate samples from, holding the policy's current weights: the seam between
+    training and generation. The fp32 policy of one process or DDP samples itself; else a copy in
+    `dtype` (the KV cache takes the weights' dtype; autocast misses it), `sampler` (an earlier
+    call's copy) refilled in place. Under FSDP2 every rank (all must call it) gathers a whole copy
+    (full_copy), or with a tp `mesh` its shard of a tensor-parallel one
+    (tp_copy; `where` names the checkpoint if the heads do not divide by tp)."""
+    if common.is_sharded(policy):
+        if mesh is not None:
+            return tp_copy(policy, dtype, device, mesh, where, sampler)
+        return full_copy(policy, dtype, device, sampler)
+    if dtype == torch.float32:
+        return policy
+    if sampler is None:
+        return copy.deepcopy(policy).to(dtype)
+    sampler.load_state_dict(policy.state_dict())
+    return sampler

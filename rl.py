@@ -5,6 +5,7 @@ rl.py — reinforcement learning with verifiable rewards (GRPO-style) from the S
     python rl.py config/rl_astro.py config/rl_direct.py   # out/sft_direct -> out/rl_direct (Direct)
     python rl.py --max_steps=3 --prompts_per_step=4         # a quick CPU smoke run
     torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py   # several GPUs
+    torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py --tp=8  # TP rollouts
 Writes out_dir/{model.pt, tokenizer.model, state.pt, metrics.jsonl, config.json} (+ prompts.jsonl
 with a prompt filter). Killed? Rerun the command: it resumes from state.pt.
 
@@ -57,10 +58,11 @@ Several GPUs (torchrun): rank k samples prompts[k::world] of the step with its o
 all-reduced; each rank backpropagates world * Σ_own / T and DDP (or FSDP2) averages gradients over
 ranks, giving Σ_all / T: the single-process gradient. All ranks run the same number of micro-batches
 (the max; missing ones are zero-loss dummies) so that the collectives line up. fsdp=True: FSDP2
-shards policy, gradients, AdamW state, reference and checkpoints; rollouts use a whole copy.
+shards policy, gradients, AdamW state, reference and checkpoints; rollouts use a whole copy, or
+with tp > 1 one tensor-parallel copy per group of tp consecutive ranks (as search and eval's --tp):
+the groups split the prompts and seeds by dp rank, each rank trains on its share of its group's.
 """
 import contextlib
-import copy
 import hashlib
 import os
 import random
@@ -74,7 +76,8 @@ from tqdm import tqdm
 import common
 from eval import summarize
 from generate import generate
-from checkpoint import full_copy, full_model, load_model, load_state, save_checkpoint, save_state
+from checkpoint import full_model, load_model, load_state, save_checkpoint, save_state
+from model import generation_model
 from tasks import count_reflections, grade, prompt_messages, read_problems, tool
 
 
@@ -126,6 +129,7 @@ class Config:
                                     # generation, bf16 reference policy
     compile: bool = False           # torch.compile generate.generate's decode step
     fsdp: bool = False              # under torchrun: FSDP2 shards policy, AdamW, reference
+    tp: int = 1                     # fsdp: rollouts from a copy tensor parallel over tp ranks
     grad_checkpoint: bool = False   # recompute each block in the backward: less memory
     oracle: bool = False            # ablation: Countdown's tool writes the grader's verdict
 
@@ -135,11 +139,13 @@ class Config:
                   warmup_steps=(0, None), min_lr_frac=(0.0, 1.0), weight_decay=(0.0, None),
                   grad_clip=(0.0, None), micro_batch=(1, None), ppo_epochs=(1, None),
                   clip_eps=(0.0, None), kl_beta=(0.0, None), eval_every=(0, None),
-                  eval_limit=(0, None), eval_temperature=(0.0, None), save_every=(0, None))
+                  eval_limit=(0, None), eval_temperature=(0.0, None), save_every=(0, None),
+                  tp=(1, None))
 
 
-# Keys that may change between a run and its resume without changing what is trained.
-RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "grad_checkpoint", "micro_batch",
+# Keys that may change between a run and its resume without changing what is trained (tp, as the
+# number of processes, changes only how the rollouts are split among ranks and seeded).
+RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "tp", "grad_checkpoint", "micro_batch",
                "eval_every", "eval_limit", "eval_temperature", "save_every", "log_kl"}
 
 
@@ -267,9 +273,9 @@ def rollout(sampler, tok, recs, n, temperature, seed, cfg):
     return out
 
 
-def select_prompts(cfg, sampler, tok, recs, rank, world):
+def select_prompts(cfg, sampler, tok, recs, rank, world, dp_rank, dp):
     """The "moderately difficult" train problems for the START policy, cached in
-    out_dir/prompts.jsonl."""
+    out_dir/prompts.jsonl. The dp groups split the chunks; a tp group's ranks grade the same."""
     if cfg.filter_samples <= 0:
         return recs
     order = list(range(len(recs)))
@@ -283,10 +289,10 @@ def select_prompts(cfg, sampler, tok, recs, rank, world):
     todo = [k for k in range(0, len(cands), C) if any(r["id"] not in rate for r in cands[k:k + C])]
     with (open(path, "a", encoding="utf-8") if rank == 0 else contextlib.nullcontext()) as f:
         show = rank == 0 and todo
-        for i in tqdm(range(0, len(todo), world), desc="filter prompts", disable=not show):
+        for i in tqdm(range(0, len(todo), dp), desc="filter prompts", disable=not show):
             res = []
-            if i + rank < len(todo):
-                k = todo[i + rank]
+            if i + dp_rank < len(todo):
+                k = todo[i + dp_rank]
                 part, n = cands[k:k + C], cfg.filter_samples
                 seed = derive_seed(cfg.seed, "filter", k)
                 comps = rollout(sampler, tok, part, n, cfg.temperature, seed, cfg)
@@ -384,16 +390,16 @@ def step_record(step, lr, comps, rewards, signal, result, t0, cfg, world, device
     return rec, line
 
 
-def evaluate(step, sampler, tok, val, cfg, rank, world, log):
+def evaluate(step, sampler, tok, val, cfg, rank, world, dp_rank, dp, log):
     """Held-out accuracy on the rollout path (generate + tasks.grade), reported by
-    eval.summarize."""
-    part = val[rank::world]
-    seed = derive_seed(cfg.seed, "eval", step, rank)
+    eval.summarize. The dp groups split the problems; a tp group's first rank reports them."""
+    part = val[dp_rank::dp]
+    seed = derive_seed(cfg.seed, "eval", step, dp_rank)
     comps = rollout(sampler, tok, part, 1, cfg.eval_temperature, seed, cfg)
     preds = [dict(id=r["id"], sample=0, pred=c["pred"], correct=c["correct"],
                   tokens=len(c["tokens"]), backtracks=c["backtracks"],
                   reflections=c["reflections"], stopped=c["stopped"]) for r, c in zip(part, comps)]
-    preds = [p for got in common.gather(preds, world) for p in got]
+    preds = [p for got in common.gather(preds, world)[::world // dp] for p in got]
     if rank == 0:
         s = summarize(preds, val)
         rec = dict(step=step, val_acc=s["pass@1"], val_len=s["mean_tokens"],
@@ -413,22 +419,8 @@ def check(cfg):
     common.check_ranges(cfg)
     if cfg.truncation not in ("mask", "wrong"):
         raise common.UserError(f"truncation must be 'mask' or 'wrong', got {cfg.truncation!r}")
-
-
-def generation_model(policy, dtype, device, sampler=None):
-    """The model generate samples from, holding the policy's current weights: the seam between
-    training and generation. The fp32 policy of one process or DDP samples itself; else a copy in
-    `dtype` (the KV cache takes the weights' dtype; autocast misses it), `sampler` (an earlier
-    call's copy) refilled in place. Under FSDP2 every rank (all must call it) gathers a whole copy
-    (checkpoint.full_copy): the present limit; tensor-parallel generation would lift it."""
-    if common.is_sharded(policy):
-        return full_copy(policy, dtype, device, sampler)
-    if dtype == torch.float32:
-        return policy
-    if sampler is None:
-        return copy.deepcopy(policy).to(dtype)
-    sampler.load_state_dict(policy.state_dict())
-    return sampler
+    if cfg.tp > 1 and not cfg.fsdp:
+        raise common.UserError(f"tp={cfg.tp} needs fsdp=True (rollouts from FSDP2's shards)")
 
 
 def reference(cfg, device, dtype, sharded):
@@ -489,6 +481,7 @@ def main(cfg):
     check(cfg)
     rank, world, local = common.dist_setup()
     device, dtype = common.device_and_dtype(cfg, local, dtypes=("float32", "bfloat16"))
+    dp_rank, dp, mesh = common.inference_mesh(cfg.tp, device)  # tp = 1: dp_rank, dp = rank, world
     amp = common.autocast(device, dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
@@ -500,10 +493,10 @@ def main(cfg):
     if cfg.grad_checkpoint:
         common.recompute_blocks(policy)
     policy = common.fsdp_shard(policy) if sharded else policy  # FSDP2: this rank's shards only
-    sampler = generation_model(policy, dtype, device)
+    sampler = generation_model(policy, dtype, device, mesh=mesh, where=cfg.init)
     ref = reference(cfg, device, dtype, sharded)
     val = read_problems(cfg.val)[:cfg.eval_limit or None] if cfg.eval_every > 0 else []
-    prompts = select_prompts(cfg, sampler, tok, read_problems(cfg.train), rank, world)
+    prompts = select_prompts(cfg, sampler, tok, read_problems(cfg.train), rank, world, dp_rank, dp)
     optimizer = common.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     start = resume(cfg, policy, optimizer)  # after the filter: it grades the START policy
     if start >= cfg.max_steps:
@@ -519,14 +512,17 @@ def main(cfg):
     # each step: rollouts of this rank's prompts -> advantages -> update -> log (-> checkpoint)
     for step in tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl",
                      disable=rank != 0):
-        sampler = generation_model(policy, dtype, device, sampler)  # this step's weights
+        sampler = generation_model(policy, dtype, device, sampler, mesh)  # this step's weights
         if cfg.eval_every > 0 and step % cfg.eval_every == 0:
-            evaluate(step, sampler, tok, val, cfg, rank, world, log)
+            evaluate(step, sampler, tok, val, cfg, rank, world, dp_rank, dp, log)
         t0 = time.time()
         ids = step_prompts(len(prompts), step, cfg.prompts_per_step, cfg.seed)
-        recs = [prompts[i] for i in ids][rank::world]
-        seed = derive_seed(cfg.seed, "rollout", step, rank)
+        recs = [prompts[i] for i in ids][dp_rank::dp]
+        seed = derive_seed(cfg.seed, "rollout", step, dp_rank)
         comps = rollout(sampler, tok, recs, cfg.group_size, cfg.temperature, seed, cfg)
+        # a tp group's ranks sampled the same groups: each trains on (and logs) every tp-th one
+        G, tp = cfg.group_size, world // dp
+        comps = [c for i, c in enumerate(comps) if i // G % tp == rank % tp]
         rows, rewards, signal = train_rows(comps, cfg)
         lr = common.get_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
         for g in optimizer.param_groups:
@@ -538,8 +534,8 @@ def main(cfg):
             save(policy, optimizer, tok, step + 1, cfg, rank)
 
     if cfg.eval_every > 0:
-        sampler = generation_model(policy, dtype, device, sampler)
-        evaluate(cfg.max_steps, sampler, tok, val, cfg, rank, world, log)
+        sampler = generation_model(policy, dtype, device, sampler, mesh)
+        evaluate(cfg.max_steps, sampler, tok, val, cfg, rank, world, dp_rank, dp, log)
     log.close()
     if world > 1:
         torch.distributed.barrier()

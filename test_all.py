@@ -3257,6 +3257,59 @@ def test_tensor_parallel_matches_one_process():
             assert rows == net.layers[0].attention.wqkv.weight.size(0) // 2
 
 
+def _rl_tp_worker(rank, world, port, out):
+    """On each of TP_SHAPES: an FSDP2 policy over `world` ranks and its generation model tensor
+    parallel over tp = world (model.tp_copy), refilled after one AdamW step; this rank's _tp_outputs
+    of it and of the whole copy (tp = 1) of the same weights, the updated policy's full weights,
+    the bytes of the fp32 TP copy and of a bf16 one."""
+    _torchrun_env(rank, world, port)
+    _, _, mesh = common.inference_mesh(world, "cpu")
+    got = []
+    for shape in TP_SHAPES:
+        policy = common.fsdp_shard(_sharp_model(shape))
+        sampler = model.generation_model(policy, torch.float32, "cpu", mesh=mesh, where="tiny")
+        opt = common.make_optimizer(policy, 1e-2, 0.0)
+        policy(torch.tensor([[1, 2, 3, 4, 5]])).logsumexp(-1).mean().backward()
+        opt.step()
+        assert model.generation_model(policy, torch.float32, "cpu", sampler, mesh) is sampler
+        whole = model.generation_model(policy, torch.float32, "cpu")
+        copy16 = model.generation_model(policy, torch.bfloat16, "cpu", mesh=mesh, where="tiny")
+        weights = {k: v.full_tensor().numpy().copy() for k, v in policy.state_dict().items()}
+        got.append((_tp_outputs(sampler), _tp_outputs(whole), weights,
+                    _storage_bytes(sampler.parameters()), _storage_bytes(copy16.parameters())))
+    with pytest.raises(common.UserError, match="tiny: n_heads 4, n_kv_heads 1 .* tp=2"):
+        model.generation_model(common.fsdp_shard(tiny_model(n_kv_heads=1)), torch.float32, "cpu",
+                               mesh=mesh, where="tiny")
+    out.put((rank, got))
+    torch.distributed.destroy_process_group()
+
+
+def test_rl_tp_generation_refills_from_fsdp():
+    """rl.py's generation model under FSDP2 with tp=2 (2 ranks, gloo; tied embeddings and an uneven
+    vocabulary too), built on the meta device and refilled from the shards after an AdamW step:
+    logits within 1e-5 of the updated full weights in one process, and the greedy and sampled
+    tokens of tp=1's whole copy, equal on both ranks; a rank holds bench/plan.py's TP bytes."""
+    got = _run_ranks(2, _rl_tp_worker)
+    for i, shape in enumerate(TP_SHAPES):
+        net = _sharp_model(shape)
+        before = _tp_outputs(net)[0]
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                v.copy_(torch.from_numpy(got[0][i][2][k]))
+        logits, toks, _ = _tp_outputs(net)
+        assert np.abs(logits - before).max() > 1e-3  # the step moved the weights
+        assert got[0][i][3:] == (bench_plan.tensor_parallel(net.cfg, 2, itemsize=4),
+                                 bench_plan.tensor_parallel(net.cfg, 2))
+        for rank in (0, 1):
+            (tp_logits, tp_toks, tp_heads), whole, weights = got[rank][i][:3]
+            whole_logits, whole_toks, _ = whole
+            assert all(np.array_equal(weights[k], got[0][i][2][k]) for k in weights)
+            np.testing.assert_allclose(tp_logits, logits, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(whole_logits, logits, atol=1e-5, rtol=0)
+            assert tp_toks == whole_toks == toks and tp_heads == {1}
+            assert got[rank][i][3] <= got[0][i][3]
+
+
 
 def _sharpen(path):
     """Large random weights for the checkpoint at path: greedy decoding has clear winners."""
@@ -3786,7 +3839,7 @@ def test_reward_goes_up_and_filter(easy):
     with open(os.path.join(cfg.out_dir, "prompts.jsonl")) as f:
         rates = {r["id"]: r["pass_rate"] for r in map(json.loads, f)}
     assert rates["none"] == 0 and 0 < rates["add"] < 1
-    kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1)
+    kept = rl.select_prompts(cfg, None, None, tasks.read_problems(cfg.train), 0, 1, 0, 1)
     assert [r["id"] for r in kept] == ["add"]
     # the final model is a regular checkpoint
     net, _ = checkpoint.load_model(cfg.out_dir)
@@ -3987,6 +4040,39 @@ def test_rl_fsdp_resume_from_shards(easy):
     strip = lambda out: [{k: v for k, v in r.items() if k not in ("dt", "tok_s")}
                          for r in metrics(out)]
     assert strip(full.out_dir) == strip(cut.out_dir)
+
+
+@pytest.mark.slow
+def test_rl_fsdp_tp_generation_resumes(easy):
+    """rl.py with fsdp=True and tp=2 at 2 ranks (one tensor-parallel generation model; the prompt
+    filter and the evaluation on it too) dies in step 2 after the checkpoint of step 2 and resumes
+    in new processes to the weights and records of the run that never stopped, bitwise. Both ranks
+    sample each prompt's group (dp = 1: the seeds of one process) and each trains on and logs half
+    the groups: the records are those of one process (within fp32 tolerance), and so nearly the
+    weights."""
+    kw = dict(max_steps=3, save_every=2, eval_every=2)
+    one = easy("tp_one", **kw)
+    rl.main(one)
+    full, cut = (easy(name, fsdp=True, tp=2, **kw) for name in ("tp_full", "tp_cut"))
+    _runs(2, (rl.main, full, None), (rl.main, cut, 2))
+    _sharded_state(cut.out_dir, 2, 2)
+    _runs(2, (rl.main, cut, None))
+    a, b = final_weights(full.out_dir), final_weights(cut.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["output.weight"], final_weights(full.init)["output.weight"])
+    steps, evals = read_metrics(full.out_dir)
+    assert [r["step"] for r in steps] == [0, 1, 2] and [r["step"] for r in evals] == [0, 2, 3]
+    assert all(r["val_problems"] == 2 for r in evals) and any(r["tokens"] > 0 for r in steps)
+    strip = lambda out: [{k: v for k, v in r.items() if k not in ("dt", "tok_s")}
+                         for r in metrics(out)]
+    assert strip(full.out_dir) == strip(cut.out_dir)
+    for r1, r2 in zip(strip(one.out_dir), strip(full.out_dir), strict=True):
+        assert r1 == pytest.approx(r2, rel=1e-4, abs=1e-6)
+    c = final_weights(one.out_dir)
+    # AdamW's steps (1e-2 each) normalize gradients near 0: fp32 differences reach ~1e-4
+    assert all(torch.allclose(a[k], c[k], rtol=0, atol=1e-3) for k in a)
+    with pytest.raises(common.UserError, match="tp=2 needs fsdp=True"):
+        rl.main(easy("tp_nofsdp", tp=2))
 
 
 def test_rl_config_files():

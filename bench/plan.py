@@ -18,10 +18,12 @@ The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_nod
   autocast, each block recomputed in the backward (grad_checkpoint).
 - rl: rl.py with fsdp=True and its config: that FSDP2 training state and forward (blocks
   recomputed: grad_checkpoint), a bf16 reference policy sharded over the N ranks as the training
-  state, and generation on a whole bf16 copy of the policy on every GPU (rl.generation_model),
+  state, and generation on a whole bf16 copy of the policy on every GPU (model.generation_model),
   each rank decoding its share of the step's completions with its own KV cache.
-  --rl_generation=tp plans the target instead (not built): that copy tensor parallel over the tp
-  GPUs of a node, the KV cache sharded by kv heads over tp.
+  --rl_generation=tp plans rl.py --tp=tp instead: that copy tensor parallel over the tp GPUs of a
+  node (model.tp_copy, refilled from the FSDP2 shards one parameter at a time), the KV cache
+  sharded by kv heads over tp, each tp group decoding its share. Either refill holds one whole
+  fp32 parameter besides for a moment, before generation: no row.
 - search, eval: what search.py and eval.py run under torchrun with --tp=tp (model.tensor_parallel,
   which refuses a tp that does not divide the heads; more GPUs than tp are data-parallel copies):
   bf16 weights tensor parallel over tp, the KV cache and search's prefix cache sharded by kv heads.
@@ -148,8 +150,8 @@ class Config:
     rl_gen_batch_size: int = RL.gen_batch_size
     rl_micro_batch: int = RL.micro_batch
     rl_grad_checkpoint: bool = RL.grad_checkpoint
-    rl_generation: str = "copy"    # "copy": rl.py's whole bf16 copy per GPU; "tp": tensor
-                                   # parallel within a node (the target, not built)
+    rl_generation: str = "copy"    # "copy": rl.py's whole bf16 copy per GPU; "tp": rl.py
+                                   # --tp=tp, the copy tensor parallel within a node
     # search: config/search_llama_math.py
     search_batch_size: int = SEARCH.batch_size
     search_max_rollout_tokens: int = SEARCH.max_rollout_tokens
