@@ -39,16 +39,9 @@ if [ -n "${SEED:-}" ]; then
   for v in BASE SEARCH SFT RL EVAL LIN; do printf -v "$v" '%s --seed=%s' "${!v}" "$SEED"; done
 fi
 
-# Each stage's wall time goes to $OUT/times.txt (this invocation's: a skipped stage shows the few
-# seconds of its check).
-t0=$(date +%s); ts=$t0; current=""
-stage() {
-  now=$(date +%s)
-  [ -z "$current" ] || printf '%5d s  %s\n' $((now - ts)) "$current" >> "$OUT/times.txt"
-  ts=$now; current=$1
-  [ -z "$1" ] || { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
-}
-: > "$OUT/times.txt"
+# Each stage's wall time goes to $OUT/times.txt (runs/stages.sh).
+# shellcheck source=runs/stages.sh
+source runs/stages.sh
 
 stage "prepare the Countdown task"
 # shellcheck disable=SC2086
@@ -96,8 +89,6 @@ done
 
 stage "report"
 python runs/report.py --out="$OUT" --split="$SPLIT"
-stage ""
-printf '%5d s  whole job\n' $(( $(date +%s) - t0 )) >> "$OUT/times.txt"
-cat "$OUT/times.txt"
+finish
 report=$OUT/report$([ "$SPLIT" = test ] || echo "_$SPLIT").md
 echo "main job finished in $(( $(date +%s) - t0 )) s; report: $report"

@@ -23,14 +23,8 @@ DATA=data/smollm2
 mkdir -p "$OUT"
 CPU="--dtype=float32 --compile=False"
 
-t0=$(date +%s); ts=$t0; current=""
-stage() {
-  now=$(date +%s)
-  [ -z "$current" ] || printf '%5d s  %s\n' $((now - ts)) "$current" >> "$OUT/times.txt"
-  ts=$now; current=$1
-  [ -z "$1" ] || { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
-}
-: > "$OUT/times.txt"
+# shellcheck source=runs/stages.sh
+source runs/stages.sh
 
 stage "convert the GGUF file"
 if [ ! -f "$CK/meta/params.json" ]; then
@@ -71,6 +65,4 @@ for name in base rl; do
   python eval.py config/eval_llama_math.py --init="$init" --data=$DATA/test.jsonl \
     --out_dir="$OUT/eval/$name" --num_samples=2 --max_new_tokens=256 --chunk=4 --batch_size=8 $CPU
 done
-stage ""
-printf '%5d s  whole job\n' $(( $(date +%s) - t0 )) >> "$OUT/times.txt"
-cat "$OUT/times.txt"
+finish
