@@ -12,7 +12,8 @@ with a prompt filter). Killed? Rerun the command: it resumes from state.pt.
 The objective. Each step samples, for each of B prompts q, a group of G completions o_i from π_old
 (the current weights; ONE generate.generate call, each prompt prefilled once and fanned out) and
 grades them with tasks.grade:
-    r_i = reward_correct (+1) if the last \\boxed{} answer is correct, else reward_wrong (-1)
+    r_i = reward_correct (+1) if the last \\boxed{} answer is correct, else reward_wrong (-1),
+          + reward_verdict x (the mean of +1 / -1 over its answer lines' decisions, right / wrong)
     A_i = r_i - mean_j r_j                     (/ (std_j r_j + 1e-6) when std_adv)
     L   = 1/T Σ_i Σ_t [ -min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε) A_i) + β k3_it ]
     ρ_it = exp(ℓθ_it - ℓold_it),   k3_it = exp(ℓref_it - ℓθ_it) - (ℓref_it - ℓθ_it) - 1,
@@ -78,7 +79,7 @@ from eval import summarize
 from generate import generate
 from checkpoint import full_model, load_model, load_state, save_checkpoint, save_state
 from model import generation_model
-from tasks import count_reflections, grade, prompt_messages, read_problems, tool
+from tasks import count_reflections, grade, prompt_messages, read_problems, tool, verdict_score
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Config:
     # reward and advantage
     reward_correct: float = 1.0
     reward_wrong: float = -1.0      # wrong or unparsable answer
+    reward_verdict: float = 0.0     # weight of tasks.verdict_score (0 = the paper's outcome reward)
     std_adv: bool = False           # divide A by the group's std (verl/TRL default); off = Dr. GRPO
     truncation: str = "mask"        # "mask": a truncated completion is dropped (DAPO); "wrong": it
                                     # gets reward_wrong
@@ -245,8 +247,9 @@ def score(comps, cfg):
     (truncation="wrong", even if its last \\boxed{} happened to be right) or dropped from its group
     (truncation="mask": keep False)."""
     trunc_wrong = cfg.truncation == "wrong"
-    rewards = torch.tensor([cfg.reward_correct if c["correct"] and (c["stopped"] or not trunc_wrong)
-                            else cfg.reward_wrong for c in comps])
+    right = [c["correct"] and (c["stopped"] or not trunc_wrong) for c in comps]
+    rewards = torch.tensor([(cfg.reward_correct if r else cfg.reward_wrong)
+                            + cfg.reward_verdict * c["verdict"] for r, c in zip(right, comps)])
     keep = torch.tensor([c["stopped"] or trunc_wrong for c in comps], dtype=torch.bool)
     return rewards, keep
 
@@ -269,7 +272,8 @@ def rollout(sampler, tok, recs, n, temperature, seed, cfg):
             backtracks, reflections = count_reflections(text)
             out.append(dict(prompt=prompt, tokens=s.tokens, logprobs=s.logprobs, forced=s.forced,
                             stopped=s.stopped, pred=pred, correct=bool(correct),
-                            backtracks=backtracks, reflections=reflections))
+                            backtracks=backtracks, reflections=reflections,
+                            verdict=verdict_score(rec, text, s.stopped)))
     return out
 
 

@@ -3637,15 +3637,25 @@ def test_loss_ratio_clip_by_hand():
         assert torch.allclose(logp.grad[0], torch.tensor(want_grad), atol=1e-6)
 
 
-def test_score_truncations():
-    comps = [dict(correct=c, stopped=s)
-             for c, s in [(True, True), (False, True), (True, False), (False, False)]]
+def test_score_truncations_and_verdict_reward():
+    comps = [dict(correct=c, stopped=s, verdict=v) for c, s, v in
+             [(True, True, 1.0), (False, True, -1.0), (True, False, 0.0), (False, False, 0.5)]]
     # no answer in the budget is a wrong answer
     rewards, keep = rl.score(comps, rl.Config(truncation="wrong"))
     assert rewards.tolist() == [1, -1, -1, -1] and keep.all()
     # DAPO: truncations leave their group
     rewards, keep = rl.score(comps, rl.Config(truncation="mask"))
     assert rewards[:2].tolist() == [1, -1] and keep.tolist() == [True, True, False, False]
+    # the verdict term: the outcome plus its weight times how well the response judged itself
+    rewards, _ = rl.score(comps, rl.Config(truncation="wrong", reward_verdict=0.5))
+    assert rewards.tolist() == [1.5, -1.5, -1, -0.75]
+    rec = {"numbers": [3, 16, 13, 16], "target": 10}
+    right, wrong = "\\boxed{13-((16+3)-16)}=13-3=10", "\\boxed{13-((16+3)-13)}=13-3=7"
+    assert tasks.grade(rec, right)[1] and not tasks.grade(rec, wrong)[1]
+    assert tasks.verdict_score(rec, f"{wrong} != 10\nBut wait\n{right} == 10", True) == 1.0
+    assert tasks.verdict_score(rec, f"{wrong} == 10", True) == -1.0
+    assert tasks.verdict_score(rec, f"{wrong} != 10\n{right} != 10", True) == 0.0
+    assert tasks.verdict_score(rec, "16+3=19 left 13 16 19", False) == 0.0  # no decision
 
 
 def test_loss_masks_padding_and_truncations():

@@ -146,6 +146,13 @@ def decisions(rec, response, stopped):
     return out
 
 
+def verdict_score(rec, response, stopped):
+    """How well a response judged its own answers: the mean over its decisions (see decisions) of
+    +1 for one the grader agrees with and -1 for one it does not; 0 without a decision."""
+    ds = decisions(rec, response, stopped)
+    return sum(1 if right == accepted else -1 for right, accepted in ds) / max(len(ds), 1)
+
+
 def count_reflections(text):
     """(backtracks, self-reflections) in a response: GO_BACK/RESTART phrases, and REFLECT
     phrases (common.py's)."""
