@@ -13,7 +13,8 @@ The objective. Each step samples, for each of B prompts q, a group of G completi
 (the current weights; ONE generate.generate call, each prompt prefilled once and fanned out) and
 grades them with tasks.grade:
     r_i = reward_correct (+1) if the last \\boxed{} answer is correct, else reward_wrong (-1),
-          + reward_verdict x (the mean of +1 / -1 over its answer lines' decisions, right / wrong)
+          + reward_verdict x (mean ±1 over its decisions, right / wrong; -1 if cut off: rejecting
+          every answer until the budget ends must not pay)
     A_i = r_i - mean_j r_j                     (/ (std_j r_j + 1e-6) when std_adv)
     L   = 1/T Σ_i Σ_t [ -min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε) A_i) + β k3_it ]
     ρ_it = exp(ℓθ_it - ℓold_it),   k3_it = exp(ℓref_it - ℓθ_it) - (ℓref_it - ℓθ_it) - 1,
@@ -243,13 +244,13 @@ def step_prompts(n, step, per_step, seed):
 
 
 def score(comps, cfg):
-    """(rewards, keep) of the completions: +1/-1 from the grader; a truncated one is wrong
-    (truncation="wrong", even if its last \\boxed{} happened to be right) or dropped from its group
-    (truncation="mask": keep False)."""
+    """(rewards, keep) of the completions (the docstring's r_i); a truncated one is wrong
+    (truncation="wrong", even with a right last box) or leaves its group ("mask": keep False)."""
     trunc_wrong = cfg.truncation == "wrong"
     right = [c["correct"] and (c["stopped"] or not trunc_wrong) for c in comps]
     rewards = torch.tensor([(cfg.reward_correct if r else cfg.reward_wrong)
-                            + cfg.reward_verdict * c["verdict"] for r, c in zip(right, comps)])
+                            + cfg.reward_verdict * (c["verdict"] if c["stopped"] else -1)
+                            for r, c in zip(right, comps)])
     keep = torch.tensor([c["stopped"] or trunc_wrong for c in comps], dtype=torch.bool)
     return rewards, keep
 
@@ -269,11 +270,10 @@ def rollout(sampler, tok, recs, n, temperature, seed, cfg):
         for s in samples:
             text = tok.decode(s.tokens[:-1] if s.stopped else s.tokens)
             pred, correct = grade(rec, text)
-            backtracks, reflections = count_reflections(text)
+            bt, refl = count_reflections(text)
             out.append(dict(prompt=prompt, tokens=s.tokens, logprobs=s.logprobs, forced=s.forced,
-                            stopped=s.stopped, pred=pred, correct=bool(correct),
-                            backtracks=backtracks, reflections=reflections,
-                            verdict=verdict_score(rec, text, s.stopped)))
+                            stopped=s.stopped, pred=pred, correct=bool(correct), backtracks=bt,
+                            reflections=refl, verdict=verdict_score(rec, text, s.stopped)))
     return out
 
 

@@ -3647,8 +3647,9 @@ def test_score_truncations_and_verdict_reward():
     rewards, keep = rl.score(comps, rl.Config(truncation="mask"))
     assert rewards[:2].tolist() == [1, -1] and keep.tolist() == [True, True, False, False]
     # the verdict term: the outcome plus its weight times how well the response judged itself
+    # (cut off: -1 there, so rejecting every answer until the budget ends does not pay)
     rewards, _ = rl.score(comps, rl.Config(truncation="wrong", reward_verdict=0.5))
-    assert rewards.tolist() == [1.5, -1.5, -1, -0.75]
+    assert rewards.tolist() == [1.5, -1.5, -1.5, -1.5]
     rec = {"numbers": [3, 16, 13, 16], "target": 10}
     right, wrong = "\\boxed{13-((16+3)-16)}=13-3=10", "\\boxed{13-((16+3)-13)}=13-3=7"
     assert tasks.grade(rec, right)[1] and not tasks.grade(rec, wrong)[1]
