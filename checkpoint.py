@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 import hf_tokenizer
 from common import UserError, is_sharded, torch_save
-from model import Llama, ModelConfig, ROPE_SCALING, ffn_hidden
+from model import Llama, ModelConfig, ROPE_SCALING, ffn_hidden, tensor_parallel
 from tokenizer import Tokenizer
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -289,11 +289,12 @@ def load_tokenizer(path):
     return Tokenizer(os.path.join(path, found))
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
+def load_model(path, device="cpu", dtype=torch.float32, mesh=None):
     """(model, tokenizer) from our checkpoint dir, a Meta original dir or a Hugging Face dir (see
     the top). Weights stay memory-mapped until moved: modules are built on the meta device and the
-    tensors assigned."""
-    path = os.path.expanduser(str(path))
+    tensors assigned. mesh: a tp device mesh; the model is then sharded over it on the CPU
+    (model.tensor_parallel) and each rank moves only its shards (and the norms) to device."""
+    where_given, path = path, os.path.expanduser(str(path))
     j = lambda *p: os.path.join(path, *p)
     if os.path.isfile(j("model.pt")):
         where = j("model.pt")
@@ -322,7 +323,10 @@ def load_model(path, device="cpu", dtype=torch.float32):
     if tok.n_vocab != cfg.vocab_size and not padded:
         raise UserError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but the model ({where}) "
                         f"has vocab_size {cfg.vocab_size}")
-    return build_model(cfg, sd, where).to(device=device, dtype=dtype), tok
+    net = build_model(cfg, sd, where)
+    if mesh is None:
+        return net.to(device=device, dtype=dtype), tok
+    return tensor_parallel(net.to(dtype=dtype), mesh, where_given).to(device), tok
 
 
 def build_model(cfg, sd, where):

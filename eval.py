@@ -37,7 +37,6 @@ from tqdm import tqdm
 import common
 import generate
 import checkpoint
-import model
 import tasks
 
 
@@ -225,10 +224,7 @@ def write_predictions(cfg, todo, total, n, want, pred_path):
     rank, world, local = common.dist_setup()
     device, dtype = common.device_and_dtype(cfg, local)
     dp_rank, dp, mesh = common.inference_mesh(cfg.tp, device)
-    tp = mesh is not None  # then each rank moves only its shards (and the norms) to device
-    net, tok = checkpoint.load_model(cfg.init, device="cpu" if tp else device, dtype=dtype)
-    if tp:
-        model.tensor_parallel(net, mesh, cfg.init).to(device)
+    net, tok = checkpoint.load_model(cfg.init, device=device, dtype=dtype, mesh=mesh)
     net.eval()
     runs = ([(0, dict(num_samples=n, temperature=cfg.temperature, top_p=cfg.top_p,
                       top_k=cfg.top_k))]

@@ -70,7 +70,6 @@ import torch.distributed as dist
 import common
 import generate
 import checkpoint
-import model
 from tasks import grade, prompt_messages, read_problems, step_delimiter, tool
 
 
@@ -408,10 +407,7 @@ def search_chunks(chunks, todo, done, out_path, cfg, device, dtype, rank, mesh=N
     if todo:
         print(f"rank {rank}: {len(done)} trees already in {out_path}; {len(todo)} chunks to search "
               f"with {cfg.policy}")
-        tp = mesh is not None  # then each rank moves only its shards (and the norms) to device
-        net, tok = checkpoint.load_model(cfg.policy, device="cpu" if tp else device, dtype=dtype)
-        if tp:
-            model.tensor_parallel(net, mesh, cfg.policy).to(device)
+        net, tok = checkpoint.load_model(cfg.policy, device=device, dtype=dtype, mesh=mesh)
     writer, group = mesh is None or mesh.get_local_rank() == 0, mesh and mesh.get_group()
     generate.reset_generate_stats()
     t0, new = time.time(), []
