@@ -3142,25 +3142,30 @@ def test_ddp_and_fsdp_match_one_process(setup):
 
 # ------------------------------------------------------------ tensor parallel inference (--tp)
 
-def _run_ranks(world, target, *args):
-    """{rank: what it put}: target(rank, world, port, queue, *args) in `world` forked processes
-    (fork: no re-import of torch and this file), each putting (rank, result) once and exiting
-    cleanly."""
+def _fork(world, target, *args, out=None, wait=120):
+    """target(rank, world, *args) in `world` forked processes (no re-import of torch and this
+    file); each must exit cleanly. With a queue `out`, each puts one result: returned, sorted."""
     ctx = torch.multiprocessing.get_context("fork")
-    out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, out, *args)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
     for p in procs:
         p.start()
     try:  # results first: a process exits only once what it put is read
-        got = dict(out.get(timeout=300) for _ in procs)
+        got = sorted(out.get(timeout=wait) for _ in procs) if out else None
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=120)
             assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
     finally:  # a rank that failed leaves the others waiting in a collective: end them
         for p in procs:
             if p.is_alive():
                 p.kill()
     return got
+
+
+def _run_ranks(world, target, *args):
+    """{rank: what it put}: target(rank, world, port, queue, *args) in `world` forked processes
+    (_fork), each putting (rank, result) once."""
+    out = torch.multiprocessing.get_context("fork").Queue()
+    return dict(_fork(world, target, _free_port(), out, *args, out=out, wait=300))
 
 
 def _torchrun_env(rank, world, port):
@@ -3375,25 +3380,6 @@ def _dist_worker(rank, world, ports, runs):
             main(cfg)  # joins the process group and leaves it at the end
         except _Crash:
             torch.distributed.destroy_process_group()
-
-
-def _fork(world, target, *args, out=None):
-    """target(rank, world, *args) in `world` forked processes (no re-import of torch and this
-    file); each must exit cleanly. With a queue `out`, each puts one result: returned, sorted."""
-    ctx = torch.multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:  # results first: a process exits only once what it put is read
-        got = sorted(out.get(timeout=120) for _ in procs) if out else None
-        for p in procs:
-            p.join(timeout=120)
-            assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    return got
 
 
 def _runs(world, *runs):
