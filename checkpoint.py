@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 import hf_tokenizer
 from common import UserError, is_sharded, torch_save
-from model import Llama, ModelConfig, ROPE_SCALING, ffn_hidden, tensor_parallel
+from model import (Llama, ModelConfig, ROPE_SCALING, build_model, ffn_hidden, row_blocks,
+                   tp_fill, tp_model)
 from tokenizer import Tokenizer
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -187,25 +188,30 @@ def _config_from_meta(p, where, tied):
                         f"({type(e).__name__}: {e})") from None
 
 
+def _stacked(cfg):
+    return [f"layers.{i}.{m}.weight" for i in range(cfg.n_layers)
+            for m in ("attention.wqkv", "feed_forward.w13")]
+
+
+def _meta_names(name):
+    """Meta's names of the row blocks of our stacked weight `name`: wq, wk, wv or w1, w3."""
+    prefix, stacked, _ = name.rsplit(".", 2)
+    return [f"{prefix}.w{n}.weight" for n in stacked[1:]]
+
+
 def split_qkv(sd, cfg):
-    """Our state dict -> Meta's names (wq, wk, wv and w1, w3 separate)."""
-    sd, hd, h = dict(sd), cfg.dim // cfg.n_heads, ffn_hidden(cfg)
-    for i in range(cfg.n_layers):
-        a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
-        sizes = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
-        q, k, v = sd.pop(a + "wqkv.weight").split(sizes)
-        sd.update({a + "wq.weight": q, a + "wk.weight": k, a + "wv.weight": v})
-        sd[f + "w1.weight"], sd[f + "w3.weight"] = sd.pop(f + "w13.weight").split([h, h])
+    """Our state dict -> Meta's names (wq, wk, wv and w1, w3 separate: views)."""
+    sd = dict(sd)
+    for name in _stacked(cfg):
+        sd.update(zip(_meta_names(name), row_blocks(cfg, name, sd.pop(name))))
     return sd
 
 
 def join_qkv(sd, cfg):
     """Meta's names -> our state dict (inverse of split_qkv)."""
     sd = dict(sd)
-    for i in range(cfg.n_layers):
-        a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
-        sd[a + "wqkv.weight"] = torch.cat([sd.pop(f"{a}w{n}.weight") for n in "qkv"])
-        sd[f + "w13.weight"] = torch.cat([sd.pop(f"{f}w{n}.weight") for n in "13"])
+    for name in _stacked(cfg):
+        sd[name] = torch.cat([sd.pop(n) for n in _meta_names(name)])
     return sd
 
 
@@ -216,7 +222,36 @@ def _meta_shapes(cfg):
     return {k: v.shape for k, v in sd.items() if not (cfg.tie_embeddings and k == "output.weight")}
 
 
+class _MetaWeight:
+    """A Meta weight read on demand by narrow (model.tp_parts', of the rows or columns a rank
+    keeps): the parts of the model-parallel files concatenated along dim, then for wq and wk the
+    rotary rows of each of `heads` heads permuted (_meta_perm; a narrow along them covers whole
+    heads). Only the parts of the files a narrow covers are read; narrow(0, 0, rows) reads all."""
+
+    def __init__(self, parts, dim, heads):
+        self.parts, self.dim, self.heads = parts, dim, heads
+        s = parts[0].shape
+        self.shape = torch.Size([*s[:dim], sum(t.size(dim) for t in parts), *s[dim + 1:]])
+
+    def size(self, d):
+        return self.shape[d]
+
+    def narrow(self, d, start, length):
+        pieces, at = [], 0
+        for t in self.parts:
+            if d == self.dim:  # this part's share of [start, start + length)
+                a, b = (min(max(x - at, 0), t.size(d)) for x in (start, start + length))
+                at, t = at + t.size(d), t.narrow(d, a, b - a)
+            else:
+                t = t.narrow(d, start, length)
+            pieces.append(t)
+        w = torch.cat(pieces, self.dim)
+        return _meta_perm(w, self.heads * w.size(0) // self.shape[0]) if self.heads else w
+
+
 def _load_meta(path, where):
+    """(cfg, weights in Meta's names) of a Meta original dir; a weight split over several files,
+    and wq and wk (rows permuted), are _MetaWeights: concatenated or permuted only when read."""
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not shards:
         raise UserError(f"{path}: params.json but no consolidated.*.pth weights")
@@ -226,20 +261,16 @@ def _load_meta(path, where):
     for k, shape in _meta_shapes(cfg).items():
         if any(k not in p for p in parts):
             raise UserError(f"{shards[0]}: missing tensor {k}")
-        ts = [p[k] for p in parts]
+        ts, d = [p[k] for p in parts], 0
         if ts[0].shape == shape:  # one shard, or replicated across model-parallel ranks (norms)
-            sd[k] = ts[0]
-        else:  # split along the one dimension that differs (columns of wo/w2, rows elsewhere)
-            same_rank = len(ts[0].shape) == len(shape)
-            d = [a != b for a, b in zip(ts[0].shape, shape)].index(True) if same_rank else 0
-            sd[k] = torch.cat(ts, dim=d)
+            ts = ts[:1]
+        elif len(ts[0].shape) == len(shape):  # split along the one dimension that differs
+            d = [a != b for a, b in zip(ts[0].shape, shape)].index(True)  # wo/w2: columns
+        heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}.get(k.split(".")[-2])
+        sd[k] = ts[0] if len(ts) == 1 and not heads else _MetaWeight(ts, d, heads)
         if sd[k].shape != shape:
             raise UserError(f"{shards[0]}: tensor {k} has shape {tuple(sd[k].shape)}, "
                             f"expected {tuple(shape)}")
-    for i in range(cfg.n_layers):
-        a = f"layers.{i}.attention."
-        sd[a + "wq.weight"] = _meta_perm(sd[a + "wq.weight"], cfg.n_heads)
-        sd[a + "wk.weight"] = _meta_perm(sd[a + "wk.weight"], cfg.n_kv_heads)
     return cfg, sd
 
 
@@ -292,11 +323,14 @@ def load_tokenizer(path):
 def load_model(path, device="cpu", dtype=torch.float32, mesh=None):
     """(model, tokenizer) from our checkpoint dir, a Meta original dir or a Hugging Face dir (see
     the top). Weights stay memory-mapped until moved: modules are built on the meta device and the
-    tensors assigned. mesh: a tp device mesh; the model is then sharded over it on the CPU
-    (model.tensor_parallel) and each rank moves only its shards (and the norms) to device."""
+    tensors assigned. mesh: a tp device mesh; the model is then sharded over it
+    (model.tensor_parallel), each rank reading from the files only its own rows or columns of each
+    weight, cast into its shards on device (model.tp_model, tp_fill): in no layout does a rank
+    hold a whole weight (the norms aside), on the host or on device."""
     where_given, path = path, os.path.expanduser(str(path))
     j = lambda *p: os.path.join(path, *p)
-    if os.path.isfile(j("model.pt")):
+    ours = os.path.isfile(j("model.pt"))
+    if ours:
         where = j("model.pt")
         ck = _torch_load(where)
         if not isinstance(ck, dict) or not isinstance(ck.get("model_config"), dict) \
@@ -310,11 +344,9 @@ def load_model(path, device="cpu", dtype=torch.float32, mesh=None):
     elif os.path.isfile(j("params.json")):
         where = j("params.json")
         cfg, sd = _load_meta(path, where)
-        sd = join_qkv(sd, cfg)
     elif os.path.isfile(j("config.json")):
         where = j("config.json")
         cfg, sd = _load_hf(path, where)
-        sd = join_qkv(sd, cfg)
     else:
         raise UserError(f"{path}: no model.pt (ours), params.json (Meta) or config.json "
                         "(Hugging Face) found")
@@ -323,26 +355,14 @@ def load_model(path, device="cpu", dtype=torch.float32, mesh=None):
     if tok.n_vocab != cfg.vocab_size and not padded:
         raise UserError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but the model ({where}) "
                         f"has vocab_size {cfg.vocab_size}")
-    net = build_model(cfg, sd, where)
     if mesh is None:
-        return net.to(device=device, dtype=dtype), tok
-    return tensor_parallel(net.to(dtype=dtype), mesh, where_given).to(device), tok
-
-
-def build_model(cfg, sd, where):
-    """Our Llama holding the weights sd (our names, wqkv and w13 joined): built on the meta device
-    and the tensors assigned (no copy); a shape that does not match cfg is a UserError naming
-    where."""
-    if cfg.tie_embeddings:
-        sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
-    with torch.device("meta"):
-        model = Llama(cfg)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise UserError(f"{where}: weights do not match the model config ({e})") from None
-    model.tie()  # assign=True gave the two names two parameters
-    return model
+        whole = lambda w: w if isinstance(w, torch.Tensor) else w.narrow(0, 0, w.size(0))
+        sd = sd if ours else join_qkv({k: whole(w) for k, w in sd.items()}, cfg)
+        return build_model(cfg, sd, where).to(device=device, dtype=dtype), tok
+    shapes = {k: torch.empty(w.shape, device="meta") for k, w in sd.items()}
+    build_model(cfg, shapes if ours else join_qkv(shapes, cfg), where)  # the names and shapes
+    blocks = lambda k: row_blocks(cfg, k, sd[k]) if k in sd else [sd[n] for n in _meta_names(k)]
+    return tp_fill(tp_model(cfg, dtype, device, mesh, where_given), blocks), tok
 
 
 def save_checkpoint(out_dir, model, tokenizer, config: dict):

@@ -301,6 +301,22 @@ class Llama(nn.Module):
         return self.output(self.norm(x))[:, 0].float()
 
 
+def build_model(cfg, sd, where):
+    """Our Llama holding the weights sd (our names, wqkv and w13 joined): built on the meta device
+    and the tensors assigned (no copy); a shape that does not match cfg is a UserError naming
+    where."""
+    if cfg.tie_embeddings:
+        sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
+    with torch.device("meta"):
+        model = Llama(cfg)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise common.UserError(f"{where}: weights do not match the model config ({e})") from None
+    model.tie()  # assign=True gave the two names two parameters
+    return model
+
+
 def stacked_rows(cfg, name):
     """The row blocks of a stacked weight, by parameter name: wqkv's [q; k; v], w13's [w1; w3];
     None for any other parameter."""
@@ -310,11 +326,30 @@ def stacked_rows(cfg, name):
     return [hidden, hidden] if name.endswith("feed_forward.w13.weight") else None
 
 
+def row_blocks(cfg, name, w):
+    """The row blocks of the weight `name`: wqkv's [q; k; v], w13's [w1; w3] (views of w); [w]
+    for any other parameter."""
+    rows = stacked_rows(cfg, name)
+    return list(w.split(rows)) if rows else [w]
+
+
+def tp_parts(blocks, dim, tp, r):
+    """Rank r's parts of the weight stacked by rows from `blocks` under tp-way sharding along dim:
+    the r-th chunk of each block along dim as torch.chunk cuts it (DTensor's Shard(dim) split;
+    empty past the last chunk). A block is a tensor or anything with size(d) and
+    narrow(d, start, length) (checkpoint.py's lazily read Meta weights): only the part is read."""
+    for b in blocks:
+        n = b.size(dim)
+        c = -(-n // tp)
+        a = min(r * c, n)
+        yield b.narrow(dim, a, min(a + c, n) - a)
+
+
 def tp_rows(w, cfg, name, tp, r):
     """Rank r's rows of the whole stacked weight w (`name`: wqkv or w13) under tp-way tensor
     parallelism: the r-th 1/tp of each block, [its q; k; v heads] or [its w1; w3 units]. Stacked
     for r = 0..tp-1 they are the layout tensor_parallel shards contiguously."""
-    return torch.cat([t.chunk(tp)[r] for t in w.split(stacked_rows(cfg, name))])
+    return torch.cat(list(tp_parts(row_blocks(cfg, name, w), 0, tp, r)))
 
 
 def tensor_parallel(net, mesh, where):
@@ -327,7 +362,10 @@ def tensor_parallel(net, mesh, where):
     PrefixCache) are its heads only; one all-reduce follows attention, one the feed-forward.
     wqkv's and w13's rows are reordered first (tp_rows) so that rank r's contiguous shard is its
     [q; k; v] heads and its [w1; w3] units: their global (DTensor) layout is not the checkpoint's.
-    where: the checkpoint, named by the refusal when the heads do not split into tp."""
+    The plan lives here. A net holding real weights is reordered in place and each weight cut by
+    distribute_tensor (scattered from the mesh's first rank); on the meta device nothing is
+    moved, which is how tp_model builds the empty shards that tp_fill fills (checkpoint.load_model,
+    tp_copy). where: the checkpoint, named by the refusal when the heads do not split into tp."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
@@ -372,35 +410,51 @@ def full_copy(model, dtype, device, into=None):
     return into
 
 
+def tp_model(cfg, dtype, device, mesh, where):
+    """A Llama in `dtype` on `device`, sharded by tensor_parallel over the tp ranks of `mesh`, its
+    shards allocated but not filled (tp_fill fills them): built on the meta device and
+    parallelized there (distribute_tensor cuts meta tensors without communicating), then
+    allocated, so a rank only ever allocates its own shards (1/tp of the weights) and the norms."""
+    with torch.device("meta"):
+        net = tensor_parallel(Llama(cfg).to(dtype), mesh, where)
+    net = net.to_empty(device=device).requires_grad_(False)
+    net.tie()
+    return net
+
+
+def tp_fill(net, blocks):
+    """Fill each parameter of the tensor-parallel `net` (tp_model), one at a time, with this rank's
+    parts (tp_parts) of the whole weight that blocks(name) gives as its row blocks (row_blocks):
+    its chunk along the dim tensor_parallel shards, for wqkv and w13 each block's chunk copied
+    into its rows of the shard (tp_rows' order); the norms whole. Each part is cast to the
+    shard's dtype and device as it is copied: no temporary beyond what reading a part takes."""
+    from torch.distributed.tensor import DTensor
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            local, dim, tp, r = p, 0, 1, 0  # the norms: whole on every rank
+            if isinstance(p, DTensor):
+                local, dim = p.to_local(), p.placements[0].dim
+                tp, r = p.device_mesh.size(), p.device_mesh.get_local_rank()
+            at = 0
+            for part in tp_parts(blocks(name), dim, tp, r):
+                local.narrow(0, at, part.size(0)).copy_(part)
+                at += part.size(0)
+    return net
+
+
 def tp_copy(model, dtype, device, mesh, where, into=None):
     """full_copy's tensor-parallel form: a Llama in `dtype` on `device`, sharded by
-    tensor_parallel over the tp ranks of `mesh` (1/tp of the weights per rank), holding the
-    weights of the FSDP2-sharded `model`. Built on the meta device, parallelized, then allocated:
-    no rank ever holds the whole model. Every rank (all must call it) gathers one parameter at a
-    time (DTensor.full_tensor), copies its own rows into its shard (wqkv's and w13's in
-    tp_rows' order) and frees the full tensor: the shards plus one full tensor (and, for wqkv and
-    w13, its rows for this rank) at the peak.
+    tensor_parallel over the tp ranks of `mesh` (tp_model: 1/tp of the weights per rank),
+    holding the weights of the FSDP2-sharded `model`; no rank ever holds the whole model. Every
+    rank (all must call it) gathers one parameter at a time (DTensor.full_tensor), copies its own
+    rows into its shard (tp_fill) and frees the full tensor: the shards plus one full tensor (and,
+    for wqkv and w13, its rows for this rank) at the peak.
     `into`, a copy an earlier call returned, is refilled in place; `where` names the checkpoint
     whose heads must divide by tp."""
-    from torch.distributed.tensor import DTensor
     if into is None:
-        with torch.device("meta"):
-            into = tensor_parallel(Llama(model.cfg).to(dtype), mesh, where)
-        into = into.to_empty(device=device).requires_grad_(False)
-        into.tie()
-    tp, r = mesh.size(), mesh.get_local_rank()
-    shards = dict(into.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            full, shard = p.full_tensor(), shards[name]
-            if not isinstance(shard, DTensor):  # the norms: whole on every rank
-                shard.copy_(full)
-            elif stacked_rows(model.cfg, name):
-                shard.to_local().copy_(tp_rows(full, model.cfg, name, tp, r))
-            else:  # Shard(d): rank r holds the r-th chunk along d (DTensor's uneven split)
-                shard.to_local().copy_(full.chunk(tp, shard.placements[0].dim)[r])
-            del full
-    return into
+        into = tp_model(model.cfg, dtype, device, mesh, where)
+    params = dict(model.named_parameters())
+    return tp_fill(into, lambda name: row_blocks(model.cfg, name, params[name].full_tensor()))
 
 
 def generation_model(policy, dtype, device, sampler=None, mesh=None, where=""):
