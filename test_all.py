@@ -3316,6 +3316,147 @@ def test_rl_tp_generation_refills_from_fsdp():
 
 
 
+TP_IDX = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [500, 9, 8, 7, 6, 5, 4, 3]])
+
+
+def _tp_layouts(tmp_path):
+    """One model in each layout load_model reads, {dir: its logits in one process}: ours, Meta's
+    in 1 and 4 model-parallel files, HF's in one file; a tied one with an uneven vocabulary (703
+    rows) in ours, Meta's in 2 files (rows 352 + 351) and HF's sharded with an index."""
+    tok, tok703 = (tiny_tokenizer(tmp_path / f"t{s}.model", step_tokens=s) for s in (0, 1))
+    plain = random_model(seed=1, n_kv_heads=4, ffn_dim_multiplier=1.3)
+    tied = random_model(seed=2, n_kv_heads=4, vocab_size=tok703.n_vocab, tie_embeddings=True)
+    dirs = {}
+    for m, t, name in ((plain, tok, "plain"), (tied, tok703, "tied")):
+        d = tmp_path / name
+        checkpoint.save_checkpoint(str(d / "ours"), m, t, {})
+        for shards in (1, 4) if m is plain else (2,):
+            write_meta(m, t, d / f"meta{shards}", shards=shards)
+        dirs[m] = [d / "ours", *sorted(d.glob("meta*")), d / "hf"]
+    checkpoint.export_hf(plain, tok, tmp_path / "plain" / "hf")
+    hf_model(tied).save_pretrained(tmp_path / "tied" / "hf", max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "tied" / "hf" / "model.safetensors.index.json")
+    (tmp_path / "tied" / "hf" / "tokenizer.model").write_bytes(open(tok703.path, "rb").read())
+    out = {}
+    for m, ds in dirs.items():
+        for d in ds:
+            with torch.no_grad():
+                out[str(d)] = checkpoint.load_model(d)[0](TP_IDX).numpy()
+                np.testing.assert_allclose(out[str(d)], m(TP_IDX).numpy(), atol=1e-4, rtol=0)
+    return out
+
+
+def _tp_load_worker(rank, world, port, out, dirs):
+    """Each checkpoint of dirs loaded tensor parallel over `world` ranks (load_model(mesh=)): its
+    logits of TP_IDX; of the last, loaded in bf16 too, the dtypes of the weights and the logits."""
+    _torchrun_env(rank, world, port)
+    _, _, mesh = common.inference_mesh(world, "cpu")
+    got = {}
+    with torch.no_grad():
+        for d in dirs:
+            got[d] = checkpoint.load_model(d, mesh=mesh)[0](TP_IDX).numpy()
+        net = checkpoint.load_model(dirs[-1], dtype=torch.bfloat16, mesh=mesh)[0]
+        bf16 = ({p.dtype for p in net.parameters()}, net(TP_IDX).numpy())
+    out.put((rank, (got, bf16)))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_load_model_tp_reads_each_layout(tmp_path):
+    """load_model(mesh=) at tp = 2 and 4 (gloo), each rank reading only its parts of the weights:
+    from ours, Meta's (in 1, 2 and 4 model-parallel files: a rank's part within one file or across
+    several) and HF's (one file, or sharded with an index), untied and tied with an uneven
+    vocabulary, the logits are within fp32 tolerance of the model loaded in one process on every
+    rank; a bf16 load holds bf16 weights and its logits are within bf16's tolerance."""
+    want = _tp_layouts(tmp_path)
+    dirs = list(want)
+    for tp in (2, 4):
+        got = _run_ranks(tp, _tp_load_worker, dirs)
+        for rank in range(tp):
+            logits, (dtypes, bf16) = got[rank]
+            for d in dirs:
+                np.testing.assert_allclose(logits[d], want[d], atol=1e-5, rtol=1e-5, err_msg=d)
+            assert dtypes == {torch.bfloat16}
+            scale = np.abs(want[dirs[-1]]).max()
+            assert np.abs(bf16 - want[dirs[-1]]).max() < 0.05 * scale
+
+
+def _rss_anon():
+    """Bytes of this process's resident anonymous memory (/proc/self/status RssAnon: heap and
+    private copies; a memory-mapped file's pages are RssFile until written)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) * 1024
+
+
+def _peak_anon_growth(fn):
+    """The peak growth of RssAnon while fn() runs (and with its result alive), sampled by a
+    thread every millisecond."""
+    base, peak, done = _rss_anon(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon())
+            time.sleep(0.001)
+    sampler = threading.Thread(target=poll)
+    sampler.start()
+    try:
+        kept = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_anon()) - base, kept
+
+
+def _tp_memory_worker(rank, world, port, out, small, big, whole_first):
+    """The peak growth of this rank's anonymous memory while it loads `big` tensor parallel
+    (after a load of `small`, so that one-time costs are paid), and the bytes of its shards: with
+    load_model(mesh=), or with whole_first the whole model loaded, then tensor_parallel on it."""
+    _torchrun_env(rank, world, port)
+    _, _, mesh = common.inference_mesh(world, "cpu")
+    if whole_first:
+        load = lambda d: model.tensor_parallel(checkpoint.load_model(d)[0], mesh, d)
+    else:
+        load = lambda d: checkpoint.load_model(d, mesh=mesh)[0]
+    load(small)
+    growth, net = _peak_anon_growth(lambda: load(big))
+    out.put((rank, (growth, _storage_bytes(net.parameters()))))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_load_model_tp_never_holds_a_whole_weight(tmp_path):
+    """A rank of load_model(mesh=) at tp = 2 reads only its parts of the memory-mapped weights
+    into its shards: its anonymous memory (RssAnon, which the mapped file's clean pages are not;
+    sampled every millisecond) grows by its shards, half the weights, and by less than half the
+    largest weight besides (a whole weight held for a moment, or one layer's wqkv and w13 copied,
+    is more). Loading the whole model and then calling tensor_parallel on it (its stacked weights,
+    2/3 of the bytes here, reordered in place: private copies of the mapped pages, then scattered
+    from rank 0) grows by more than the whole weights: the measurement sees such copies."""
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    big = tiny_model(dim=512, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=tok.n_vocab,
+                     ffn_dim_multiplier=1.5)
+    full = sum(p.numel() * 4 for p in big.parameters())
+    largest = max(p.numel() * 4 for p in big.parameters())  # a layer's w13
+    stacked = sum(p.numel() * 4 for n, p in big.named_parameters()
+                  if model.stacked_rows(big.cfg, n))
+    assert full > 40e6 and stacked > 0.6 * full
+    checkpoint.save_checkpoint(str(tmp_path / "big"), big, tok, {})
+    checkpoint.save_checkpoint(str(tmp_path / "small"), random_model(), tok, {})
+    del big
+    args = (str(tmp_path / "small"), str(tmp_path / "big"))
+    sharded = _run_ranks(2, _tp_memory_worker, *args, False)
+    whole_first = _run_ranks(2, _tp_memory_worker, *args, True)
+    mb = lambda got: [(round(g / 1e6, 1), round(s / 1e6, 1)) for g, s in got.values()]
+    print(f"RssAnon growth, shards per rank (MB): load_model(mesh=) {mb(sharded)}, whole then "
+          f"tensor_parallel {mb(whole_first)}; weights {full / 1e6:.1f}, the largest "
+          f"{largest / 1e6:.1f}")
+    for rank in (0, 1):
+        growth, shards = sharded[rank]
+        assert shards == whole_first[rank][1] and 0.45 * full < shards < 0.55 * full
+        assert 0.8 * shards < growth < shards + largest / 2  # the warm-up left some heap free
+        assert whole_first[rank][0] > full
+
+
 def _sharpen(path):
     """Large random weights for the checkpoint at path: greedy decoding has clear winners."""
     net, tok = checkpoint.load_model(path)
