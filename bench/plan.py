@@ -27,6 +27,8 @@ The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_nod
 - search, eval: what search.py and eval.py run under torchrun with --tp=tp (model.tensor_parallel,
   which refuses a tp that does not divide the heads; more GPUs than tp are data-parallel copies):
   bf16 weights tensor parallel over tp, the KV cache and search's prefix cache sharded by kv heads.
+  The weights are loaded straight into each rank's shards, one parameter's part at a time, from
+  the memory-mapped checkpoint (checkpoint.load_model(mesh=)): loading adds no row.
 Formulas (bytes of one GPU; T = tokens of a micro-batch, n = positions whose logits are computed,
 L layers, V vocabulary, d = dim, q = n_heads * head_dim, kv = n_kv_heads * head_dim, H = SwiGLU
 width):
