@@ -4169,6 +4169,18 @@ def test_math_recipe_configs_agree():
     assert (lin.judge_n, lin.judge_unanimous) == (8, True)
     assert lin.self_eval == lin_d.self_eval  # "" = next to out, the same folder:
     assert os.path.dirname(lin.out) == os.path.dirname(lin_d.out)
+    # the tp of each generating stage is the one bench/plan.py needs for the 8B policy the configs
+    # are written for; eval's 70B line too; rl's 8B generation phase fits a whole copy per GPU
+    plan_cfg, (_, b8), (_, b70) = bench_plan.Config(), bench_plan.MODELS["8B"], \
+        bench_plan.MODELS["70B"]
+    assert search_.tp == bench_plan.gpus_needed("search", b8, plan_cfg) == 8
+    assert ev.tp == bench_plan.gpus_needed("eval", b8, plan_cfg) == 1
+    with open(os.path.join(ROOT, "config", "eval_llama_math.py")) as f:
+        tp70 = int(re.search(r"--tp=(\d+)", f.read()).group(1))
+    assert tp70 == bench_plan.gpus_needed("eval", b70, plan_cfg)
+    gen = bench_plan.plan_rl(b8, 8, plan_cfg)
+    assert rl_a.tp == 1 and sum(gen.rows[k] for k in gen.phases["generation"]) * \
+        plan_cfg.headroom + plan_cfg.runtime_gb * bench_plan.GB <= plan_cfg.gpu_gb * bench_plan.GB
     for a, d, diff in ((lin, lin_d, {"mode", "out"}), (sft_a, sft_d, {"data", "out_dir"}),
                        (rl_a, rl_d, {"init", "out_dir"})):
         assert {k for k, v in dataclasses.asdict(a).items() if getattr(d, k) != v} == diff
