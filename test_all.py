@@ -3262,6 +3262,32 @@ def test_tensor_parallel_matches_one_process():
             assert rows == net.layers[0].attention.wqkv.weight.size(0) // 2
 
 
+def _tp_compile_worker(rank, world, port, out):
+    """generate's greedy samples on a model tensor parallel over `world` ranks, eager and with the
+    compiled decode step (DTensor weights, the all-reduces traced into the graph)."""
+    _torchrun_env(rank, world, port)
+    _, _, mesh = common.inference_mesh(world, "cpu")
+    net = model.tensor_parallel(_sharp_model(TP_SHAPES[0]), mesh, "tiny")
+    got = [generate.generate(net, TP_PROMPTS, 2, max_new_tokens=8, temperature=0.0,
+                             compile=c) for c in (False, True)]
+    assert net in generate._compiled  # the second call decoded with the compiled step
+    out.put((rank, [[(s.tokens, s.logprobs) for o in g for s in o] for g in got]))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_tensor_parallel_decode_matches_eager():
+    """--tp=2 --compile=True on CPU (gloo): the compiled decode step of a tensor-parallel model
+    gives eager's greedy tokens, logprobs within 1e-4, on both ranks."""
+    got = _run_ranks(2, _tp_compile_worker)
+    eager = got[0][0]
+    assert any(len(t) == 8 for t, _ in eager)
+    for rank in (0, 1):
+        for (te, le), (tc, lc) in zip(eager, got[rank][1], strict=True):
+            assert te == tc
+            np.testing.assert_allclose(lc, le, atol=1e-4, rtol=0)
+
+
 def _rl_tp_worker(rank, world, port, out):
     """On each of TP_SHAPES: an FSDP2 policy over `world` ranks and its generation model tensor
     parallel over tp = world (model.tp_copy), refilled after one AdamW step; this rank's _tp_outputs
@@ -3678,6 +3704,41 @@ def test_plan_kv_cache_matches_generate(monkeypatch):
         made.clear()
         generate.generate(net, prompts, 2, max_new_tokens=11, batch_size=batch_size)
         assert made == [want]
+
+
+def _block_saved_bytes(net, T, packed):
+    """Bytes of the distinct storages net.layers[0] saves for its backward on a (1, T) row under
+    bf16 autocast, besides its input, parameters and the forward's rotary and document tables."""
+    cos, sin = net.rope_table("cpu")
+    x = torch.randn(1, T, net.cfg.dim, requires_grad=True)
+    docs = model.Documents(torch.zeros(1, T, dtype=torch.long)) if packed else None
+    if packed:
+        cos, sin = cos[docs.pos][:, :, None], sin[docs.pos][:, :, None]
+        tables = [docs.pos, docs.back, *docs.groups]
+    else:
+        cos, sin, tables = cos[None, :T, None], sin[None, :T, None], []
+    known = {t.untyped_storage().data_ptr() for t in [x, cos, sin, *tables, *net.parameters()]}
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        net.layers[0](x, cos, sin, docs)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                if t.untyped_storage().data_ptr() not in known}.values())
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_plan_block_saved_tensors_match_hooks(packed):
+    """The plan's block term, T * a plus the bf16 copies of the block's matrices, is what one block
+    saves for its backward under bf16 autocast (saved_tensors_hooks, distinct storages) at two
+    lengths: sft's packed rows (per-document attention) and rl's plain causal rows."""
+    shape = model.ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=64,
+                              multiple_of=16, max_seq_len=256)
+    torch.manual_seed(0)
+    net = model.Llama(shape)
+    copies = 2 * (bench_plan.params(shape).block - 2 * shape.dim)
+    for T in (64, 160):
+        want = T * bench_plan.saved_per_token(shape, packed) + copies
+        assert _block_saved_bytes(net, T, packed) == want
 
 
 def test_plan_prints_one_table_per_stage(capsys):
@@ -4249,6 +4310,18 @@ def test_math_recipe_configs_agree():
     assert (lin.judge_n, lin.judge_unanimous) == (8, True)
     assert lin.self_eval == lin_d.self_eval  # "" = next to out, the same folder:
     assert os.path.dirname(lin.out) == os.path.dirname(lin_d.out)
+    # the tp of each generating stage is the one bench/plan.py needs for the 8B policy the configs
+    # are written for; eval's 70B line too; rl's 8B generation phase fits a whole copy per GPU
+    plan_cfg, (_, b8), (_, b70) = bench_plan.Config(), bench_plan.MODELS["8B"], \
+        bench_plan.MODELS["70B"]
+    assert search_.tp == bench_plan.gpus_needed("search", b8, plan_cfg) == 8
+    assert ev.tp == bench_plan.gpus_needed("eval", b8, plan_cfg) == 1
+    with open(os.path.join(ROOT, "config", "eval_llama_math.py")) as f:
+        tp70 = int(re.search(r"--tp=(\d+)", f.read()).group(1))
+    assert tp70 == bench_plan.gpus_needed("eval", b70, plan_cfg)
+    gen = bench_plan.plan_rl(b8, 8, plan_cfg)
+    assert rl_a.tp == 1 and sum(gen.rows[k] for k in gen.phases["generation"]) * \
+        plan_cfg.headroom + plan_cfg.runtime_gb * bench_plan.GB <= plan_cfg.gpu_gb * bench_plan.GB
     for a, d, diff in ((lin, lin_d, {"mode", "out"}), (sft_a, sft_d, {"data", "out_dir"}),
                        (rl_a, rl_d, {"init", "out_dir"})):
         assert {k for k, v in dataclasses.asdict(a).items() if getattr(d, k) != v} == diff

@@ -45,11 +45,12 @@ width):
 - Prefix cache (search): prefix_cache_mb MB (2^20 B), its kv heads split over tp.
 - Training activations, estimated: block inputs L * T * 4d (fp32 residual stream that checkpoint
   keeps); one block recomputed in the backward, T * a + 2 * (the block's matrices: autocast's bf16
-  copies), a = 16d + 6q + 4kv + 4 n_heads + 8H (what a block saves for its backward per token under
-  bf16 autocast: fp32 norm outputs and residual, bf16 matmul inputs, attention's q, k, v, output and
-  log-sum-exp, SwiGLU's gate/up, silu and product: the tensors saved_tensors_hooks lists for a
-  block on CPU), counted twice (its saved tensors and the
-  gradients flowing through it); without recompute all L blocks' saved tensors are held. Logits:
+  copies), a = 16d + 6q + 4kv + 4 n_heads + 8H + 8 (what a block saves for its backward per token
+  under bf16 autocast: fp32 norm outputs, their rsqrt and the residual, bf16 matmul inputs,
+  attention's q, k, v, output and log-sum-exp, SwiGLU's gate/up, silu and product; rl's plain
+  causal rows save the whole qkv and rotated qk instead of per-document copies: a + 2kv), counted
+  twice (its saved tensors and the gradients flowing through it); without recompute all L blocks'
+  saved tensors are held. Logits:
   n * V * 16 in the backward (saved fp32 log-softmax, its incoming gradient, a temporary, the
   result), n * V * 8 (sft: fp32 logits and log-softmax) or 12 (rl: the whole row's fp32 logits,
   the completion slice copied, log-softmax) at the end of the forward. sft: n = T (loss_on="all");
@@ -76,9 +77,13 @@ gradients and AdamW bytes against what fully_shard's ranks hold after one step (
 CPU), rl's bf16 generation copy and reference shard against what rl.py builds (2 and 4 ranks), the
 autocast cache against the bf16 copies alive at the end of sft.wrap's checkpointed forward, the KV
 cache against generate.py's allocation, the TP weights and KV cache against what
-model.tensor_parallel's rank 0 holds at tp = 2. Not checked: activations, logits, gathers,
-headroom and runtime need a GPU's allocator to measure (torch.cuda.max_memory_allocated): CPU tests
-cannot. Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's and
+model.tensor_parallel's rank 0 holds at tp = 2, a block's saved tensors (T * a plus its bf16
+matrix copies, packed and plain rows) against what saved_tensors_hooks lists for one block under
+bf16 autocast on CPU (distinct storages). Not checked: CUDA's attention kernels' saved tensors
+(flash or memory-efficient SDPA may save other tensors than the CPU kernel), the gradients that
+flow through the block in the backward, logits temporaries, gathers, allocator fragmentation
+(headroom) and runtime: they need a GPU's allocator to measure (torch.cuda.max_memory_allocated).
+Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's and
 the reference forward's temporaries (assumed below the backward's peak), the prefix cache's
 overshoot of its bound, rotary tables (2 * max_seq_len * head_dim * 4 B per model copy),
 torch.compile's workspaces, pinned host memory.
@@ -242,11 +247,13 @@ def decode_logits(shape, rows):
 
 # ----------------------------------------------------------------------------- training
 
-def saved_per_token(shape):
-    """Bytes one block saves for its backward per token under bf16 autocast (docstring's a)."""
+def saved_per_token(shape, packed):
+    """Bytes one block saves for its backward per token under bf16 autocast (docstring's a);
+    packed: sft's per-document attention, else rl's plain causal rows."""
     hd = shape.dim // shape.n_heads
     q, kv = shape.n_heads * hd, shape.n_kv_heads * hd
-    return 16 * shape.dim + 6 * q + 4 * kv + 4 * shape.n_heads + 8 * ffn_hidden(shape)
+    a = 16 * shape.dim + 6 * q + 4 * kv + 4 * shape.n_heads + 8 * ffn_hidden(shape) + 8
+    return a if packed else a + 2 * kv
 
 
 def autocast_cache(shape):
@@ -254,10 +261,11 @@ def autocast_cache(shape):
     return 2 * params(shape).linear
 
 
-def training(shape, world, tokens, recompute, cache, logits_fwd):
+def training(shape, world, tokens, recompute, cache, logits_fwd, packed):
     """{row: bytes} of training's transient memory on one GPU, a micro-batch of `tokens` tokens
-    whose logits are all computed; logits_fwd: bytes per logit at the end of the forward."""
-    p, a = params(shape), saved_per_token(shape)
+    whose logits are all computed; logits_fwd: bytes per logit at the end of the forward; packed:
+    per-document attention (saved_per_token)."""
+    p, a = params(shape), saved_per_token(shape, packed)
     block = tokens * a + 2 * (p.block - 2 * shape.dim)  # the block's bf16 matrix copies
     fsdp = world > 1
     return {
@@ -293,7 +301,7 @@ def shards(n):
 def plan_sft(shape, n, c):
     st = fsdp_state(shape, n)
     tokens = c.sft_micro_batch * c.sft_seq_len
-    tr = training(shape, n, tokens, c.sft_grad_checkpoint, c.autocast_cache, 8)
+    tr = training(shape, n, tokens, c.sft_grad_checkpoint, c.autocast_cache, 8, True)
     rows = {"weights (fp32, FSDP shard)": st["weights"],
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"], **tr}
@@ -312,7 +320,7 @@ def plan_rl(shape, n, c):
     gen, kv = ("TP", ", TP") if c.rl_generation == "tp" else ("whole", "")
     st = fsdp_state(shape, n)
     tokens = c.rl_micro_batch * (c.prompt_len + c.rl_max_new_tokens)
-    tr = training(shape, n, tokens, c.rl_grad_checkpoint, c.autocast_cache, 12)
+    tr = training(shape, n, tokens, c.rl_grad_checkpoint, c.autocast_cache, 12, False)
     rows = {"weights (fp32, FSDP shard)": st["weights"],
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"],

@@ -2,6 +2,8 @@
 # The paths are placeholders: point init at your SFT checkpoint (our format, a Meta or a Hugging
 # Face dir).
 #   torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py
+# Written for an 8B policy. A 70B one's whole bf16 generation copy (141 GB) fits no GPU: its
+# rollouts need --tp=8 (bench/plan.py --model=70B --stage=rl --rl_generation=tp).
 init = "out/sft_llama_math"  # the ASTRO-SFT policy of config/sft_llama_math.py
 train = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
 val = "data/math/math_val.jsonl"  # held-out MATH problems from the same prepare.py run
@@ -27,3 +29,5 @@ dtype = "bfloat16"  # GPUs: bf16 compute, bf16 rollouts and reference
 fsdp = True  # 8B with fp32 AdamW state does not fit one GPU
 grad_checkpoint = True  # rows of up to 4608 tokens: recompute activations instead of storing them
 compile = True  # decode speed over thousands of generated tokens is worth the one-off compile
+tp = 1  # 8B: a whole bf16 generation copy and its KV cache fit beside the FSDP2 state
+        # (bench/plan.py --stage=rl, its generation phase)
