@@ -4322,6 +4322,9 @@ def test_math_recipe_configs_agree():
     gen = bench_plan.plan_rl(b8, 8, plan_cfg)
     assert rl_a.tp == 1 and sum(gen.rows[k] for k in gen.phases["generation"]) * \
         plan_cfg.headroom + plan_cfg.runtime_gb * bench_plan.GB <= plan_cfg.gpu_gb * bench_plan.GB
+    # and its training step at the config's micro-batch fits the 8 GPUs its torchrun line names
+    rl_plan = dataclasses.replace(plan_cfg, rl_micro_batch=rl_a.micro_batch)
+    assert bench_plan.gpus_needed("rl", b8, rl_plan) == 8
     for a, d, diff in ((lin, lin_d, {"mode", "out"}), (sft_a, sft_d, {"data", "out_dir"}),
                        (rl_a, rl_d, {"init", "out_dir"})):
         assert {k for k, v in dataclasses.asdict(a).items() if getattr(d, k) != v} == diff

@@ -20,7 +20,8 @@ max_steps = 500  # a long run: every prompt a few times over
 truncation = "wrong"  # a long run: masked truncations let answers grow unchecked (rl.py docstring)
 lr = 1e-6  # the usual rate for RL of 1B-70B models
 warmup_steps = 20  # a short warm-up of a long run
-micro_batch = 4  # completions of up to 4096 tokens per forward/backward: memory
+micro_batch = 1  # bench/plan.py: 8B fits 8 x 80 GB at 1 (the fp32 logits of a 4608-token row);
+                # at 4 it needs 113 GB per GPU
 kl_beta = 0.001  # a light anchor to the SFT policy over a long run
 eval_every = 50  # ten held-out evaluations over the run
 eval_limit = 500  # MATH500's size: a steady estimate for its cost
