@@ -3263,29 +3263,41 @@ def test_tensor_parallel_matches_one_process():
 
 
 def _tp_compile_worker(rank, world, port, out):
-    """generate's greedy samples on a model tensor parallel over `world` ranks, eager and with the
-    compiled decode step (DTensor weights, the all-reduces traced into the graph)."""
+    """rl.py's rollout model tensor parallel over `world` ranks (model.generation_model of an
+    FSDP2 policy: tp_copy), its greedy samples eager and with the compiled decode step (DTensor
+    weights, the all-reduces traced into the graph); then one AdamW step, the copy refilled in
+    place, and both again: the compiled step must see the refilled weights."""
     _torchrun_env(rank, world, port)
     _, _, mesh = common.inference_mesh(world, "cpu")
-    net = model.tensor_parallel(_sharp_model(TP_SHAPES[0]), mesh, "tiny")
-    got = [generate.generate(net, TP_PROMPTS, 2, max_new_tokens=8, temperature=0.0,
-                             compile=c) for c in (False, True)]
+    policy = common.fsdp_shard(_sharp_model(TP_SHAPES[0]))
+    net = model.generation_model(policy, torch.float32, "cpu", mesh=mesh, where="tiny")
+    sample = lambda c: [(s.tokens, s.logprobs) for o in generate.generate(
+        net, TP_PROMPTS, 2, max_new_tokens=8, temperature=0.0, compile=c) for s in o]
+    got = [sample(c) for c in (False, True)]
     assert net in generate._compiled  # the second call decoded with the compiled step
-    out.put((rank, [[(s.tokens, s.logprobs) for o in g for s in o] for g in got]))
+    opt = common.make_optimizer(policy, 1e-2, 0.0)
+    policy(torch.tensor([[1, 2, 3, 4, 5]])).logsumexp(-1).mean().backward()
+    opt.step()
+    assert model.generation_model(policy, torch.float32, "cpu", net, mesh) is net
+    got += [sample(c) for c in (False, True)]
+    out.put((rank, got))
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_compiled_tensor_parallel_decode_matches_eager():
-    """--tp=2 --compile=True on CPU (gloo): the compiled decode step of a tensor-parallel model
-    gives eager's greedy tokens, logprobs within 1e-4, on both ranks."""
+    """--tp=2 --compile=True on CPU (gloo): the compiled decode step of rl.py's tensor-parallel
+    rollout model gives eager's greedy tokens, logprobs within 1e-4, on both ranks, before and
+    after the copy is refilled from an updated policy (its logprobs differ: the refill is seen)."""
     got = _run_ranks(2, _tp_compile_worker)
-    eager = got[0][0]
-    assert any(len(t) == 8 for t, _ in eager)
+    assert any(len(t) == 8 for t, _ in got[0][0])
+    before, after = [le for _, le in got[0][0]], [le for _, le in got[0][2]]
+    assert max(abs(x - y) for a, b in zip(before, after) for x, y in zip(a, b)) > 1e-3
     for rank in (0, 1):
-        for (te, le), (tc, lc) in zip(eager, got[rank][1], strict=True):
-            assert te == tc
-            np.testing.assert_allclose(lc, le, atol=1e-4, rtol=0)
+        for eager, compiled in ((got[rank][0], got[rank][1]), (got[rank][2], got[rank][3])):
+            for (te, le), (tc, lc) in zip(eager, compiled, strict=True):
+                assert te == tc
+                np.testing.assert_allclose(lc, le, atol=1e-4, rtol=0)
 
 
 def _rl_tp_worker(rank, world, port, out):
