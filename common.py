@@ -277,15 +277,16 @@ def autocast(device, dtype):
 
 
 def dist_setup():
-    """(rank, world_size, local_rank). Under torchrun, also joins the process group (nccl on GPU,
-    gloo on CPU)."""
+    """(rank, world_size, local_rank). Under torchrun, also joins the process group (nccl for GPU
+    tensors, gloo for host tensors)."""
     if "RANK" not in os.environ:
         return 0, 1, 0
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "gloo"
+        if torch.cuda.is_available():  # gloo for host tensors: FSDP2's offloaded shards
+            backend = "cpu:gloo,cuda:nccl"
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
     return rank, world, local
@@ -340,16 +341,31 @@ def grad_sync(model, on):
     return contextlib.nullcontext() if on or is_sharded(model) else model.no_sync()
 
 
-def fsdp_shard(model):
+def fsdp_shard(model, dtype=torch.float32, offload=False):
     """FSDP2 (torch's fully_shard) over all ranks, in place: each block of model.layers its own
     group (gathered for its forward and its backward, then freed), then the root (embeddings, final
-    norm, output). Parameters become DTensors sharded on dim 0, on the device of this rank; build
-    the optimizer after."""
-    from torch.distributed.fsdp import fully_shard  # only here: the import costs seconds
+    norm, output). Parameters become DTensors sharded on dim 0; build the optimizer after.
+    dtype bfloat16: FSDP2's mixed precision instead of autocast (training_context): each group is
+    gathered in bf16 and computes in it, gradients are reduced in fp32 into the fp32 shards, and no
+    bf16 copy outlives its group. offload: the shards, their gradients and AdamW's state live in
+    host memory (a group's shard is copied to the GPU for its gather; AdamW steps on the CPU)."""
+    from torch.distributed import fsdp  # only here: the import costs seconds
+    kw = {}
+    if dtype != torch.float32:
+        kw["mp_policy"] = fsdp.MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    if offload:
+        kw["offload_policy"] = fsdp.CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fsdp.fully_shard(block, **kw)
+    fsdp.fully_shard(model, **kw)
     return model
+
+
+def training_context(model, device, dtype):
+    """The context of a training forward: bf16 autocast over fp32 master weights, or nothing where
+    FSDP2's mixed precision casts (fsdp_shard with dtype) or the weights are fp32 already."""
+    sharded = is_sharded(getattr(model, "module", model))
+    return contextlib.nullcontext() if sharded else autocast(device, dtype)
 
 
 def is_sharded(model):

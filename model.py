@@ -396,7 +396,7 @@ def tensor_parallel(net, mesh, where):
 def full_copy(model, dtype, device, into=None):
     """A plain Llama in `dtype` on `device` holding the full weights of the FSDP2-sharded `model`,
     on every rank (every rank must call it): each parameter all-gathered from the ranks' shards
-    (DTensor.full_tensor, one tensor at a time) and cast into the copy. `into`, a copy an earlier
+    (gathered, one tensor at a time) into the copy. `into`, a copy an earlier
     call returned, is refilled in place."""
     if into is None:
         with torch.device("meta"):
@@ -406,8 +406,18 @@ def full_copy(model, dtype, device, into=None):
     copies = dict(into.named_parameters())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            copies[name].copy_(p.full_tensor())
+            copies[name].copy_(gathered(p, device, dtype))
     return into
+
+
+def gathered(p, device, dtype):
+    """The whole of an FSDP2-sharded parameter p, all-gathered on `device` in `dtype`: each rank's
+    shard is cast and moved there first (an offloaded shard leaves host memory; a bf16 gather moves
+    half the bytes of an fp32 one)."""
+    from torch.distributed.tensor import DTensor
+    local = p.to_local().to(device, dtype)
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
+                              stride=p.stride()).full_tensor()
 
 
 def tp_model(cfg, dtype, device, mesh, where):
@@ -446,7 +456,7 @@ def tp_copy(model, dtype, device, mesh, where, into=None):
     """full_copy's tensor-parallel form: a Llama in `dtype` on `device`, sharded by
     tensor_parallel over the tp ranks of `mesh` (tp_model: 1/tp of the weights per rank),
     holding the weights of the FSDP2-sharded `model`; no rank ever holds the whole model. Every
-    rank (all must call it) gathers one parameter at a time (DTensor.full_tensor), copies its own
+    rank (all must call it) gathers one parameter at a time (gathered), copies its own
     rows into its shard (tp_fill) and frees the full tensor: the shards plus one full tensor (and,
     for wqkv and w13, its rows for this rank) at the peak.
     `into`, a copy an earlier call returned, is refilled in place; `where` names the checkpoint
@@ -454,7 +464,8 @@ def tp_copy(model, dtype, device, mesh, where, into=None):
     if into is None:
         into = tp_model(model.cfg, dtype, device, mesh, where)
     params = dict(model.named_parameters())
-    return tp_fill(into, lambda name: row_blocks(model.cfg, name, params[name].full_tensor()))
+    return tp_fill(into, lambda name: row_blocks(model.cfg, name,
+                                                 gathered(params[name], device, dtype)))
 
 
 def generation_model(policy, dtype, device, sampler=None, mesh=None, where=""):

@@ -46,8 +46,9 @@ Why each choice (as verl, TRL and nanochat make it, and where we differ):
   ones (the paper's 8.7K): the START policy's pass rate over n samples must be in (0, 1), cached in
   out_dir/prompts.jsonl so a resume does not redo it.
 Training forward: log_softmax of model(idx) gathered at the completion tokens (as sft.py); optional
-bf16 autocast (generation then runs on a bf16 copy of the fp32 policy) and block recompute; gradient
-accumulation over micro-batches; grad clip; lr from common.get_lr; AdamW from common.make_optimizer.
+bf16 compute over fp32 master weights (autocast; under FSDP2 its mixed precision; generation then
+runs on a bf16 copy of the policy) and block recompute; gradient accumulation over micro-batches;
+grad clip; lr from common.get_lr; AdamW from common.make_optimizer.
 Logged each step (metrics.jsonl + one line): reward, acc, len (generated tokens), backtracks and
 reflections per response, zero, trunc, kl (mean k3 per loss token), clipfrac, tokens (T), tok_s;
 every eval_every steps val_acc & co. on the first eval_limit val problems.
@@ -60,9 +61,10 @@ Several GPUs (torchrun): rank k samples prompts[k::world] of the step with its o
 all-reduced; each rank backpropagates world * Σ_own / T and DDP (or FSDP2) averages gradients over
 ranks, giving Σ_all / T: the single-process gradient. All ranks run the same number of micro-batches
 (the max; missing ones are zero-loss dummies) so that the collectives line up. fsdp=True: FSDP2
-shards policy, gradients, AdamW state, reference and checkpoints; rollouts use a whole copy, or
-with tp > 1 one tensor-parallel copy per group of tp consecutive ranks (as search and eval's --tp):
-the groups split the prompts and seeds by dp rank, each rank trains on its share of its group's.
+shards policy, gradients, AdamW state, reference and checkpoints (offload=True keeps those shards
+in host memory: the 70B layout of bench/plan.py); rollouts use a whole copy, or with tp > 1 one
+tensor-parallel copy per group of tp consecutive ranks (as search and eval's --tp): the groups
+split the prompts and seeds by dp rank, each rank trains on its share of its group's.
 """
 import contextlib
 import hashlib
@@ -132,6 +134,7 @@ class Config:
                                     # generation, bf16 reference policy
     compile: bool = False           # torch.compile generate.generate's decode step
     fsdp: bool = False              # under torchrun: FSDP2 shards policy, AdamW, reference
+    offload: bool = False           # fsdp: those shards (and the gradients) in host memory
     tp: int = 1                     # fsdp: rollouts from a copy tensor parallel over tp ranks
     grad_checkpoint: bool = False   # recompute each block in the backward: less memory
     oracle: bool = False            # ablation: Countdown's tool writes the grader's verdict
@@ -148,8 +151,9 @@ class Config:
 
 # Keys that may change between a run and its resume without changing what is trained (tp, as the
 # number of processes, changes only how the rollouts are split among ranks and seeded).
-RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "tp", "grad_checkpoint", "micro_batch",
-               "eval_every", "eval_limit", "eval_temperature", "save_every", "log_kl"}
+RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "offload", "tp", "grad_checkpoint",
+               "micro_batch", "eval_every", "eval_limit", "eval_temperature", "save_every",
+               "log_kl"}
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -425,6 +429,8 @@ def check(cfg):
         raise common.UserError(f"truncation must be 'mask' or 'wrong', got {cfg.truncation!r}")
     if cfg.tp > 1 and not cfg.fsdp:
         raise common.UserError(f"tp={cfg.tp} needs fsdp=True (rollouts from FSDP2's shards)")
+    if cfg.offload and not cfg.fsdp:
+        raise common.UserError("offload=True needs fsdp=True (it offloads FSDP2's shards)")
 
 
 def reference(cfg, device, dtype, sharded):
@@ -434,7 +440,7 @@ def reference(cfg, device, dtype, sharded):
         return None
     ref, _ = load_model(cfg.init, "cpu" if sharded else device, dtype=dtype)
     ref = ref.eval().requires_grad_(False)
-    return common.fsdp_shard(ref) if sharded else ref
+    return common.fsdp_shard(ref, offload=cfg.offload) if sharded else ref
 
 
 def resume(cfg, policy, optimizer):
@@ -486,17 +492,18 @@ def main(cfg):
     rank, world, local = common.dist_setup()
     device, dtype = common.device_and_dtype(cfg, local, dtypes=("float32", "bfloat16"))
     dp_rank, dp, mesh = common.inference_mesh(cfg.tp, device)  # tp = 1: dp_rank, dp = rank, world
-    amp = common.autocast(device, dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
         common.write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
 
-    # the policy (fp32 master weights; autocast gives bf16 compute), its sampler, the reference
+    # the policy (fp32 master weights; bf16 compute), its sampler, the reference
     sharded = cfg.fsdp and world > 1
     policy, tok = load_model(cfg.init, "cpu" if sharded else device)
     if cfg.grad_checkpoint:
         common.recompute_blocks(policy)
-    policy = common.fsdp_shard(policy) if sharded else policy  # FSDP2: this rank's shards only
+    if sharded:  # FSDP2: this rank's shards only; bf16: its mixed precision, not autocast
+        policy = common.fsdp_shard(policy, dtype, cfg.offload)
+    amp = common.training_context(policy, device, dtype)
     sampler = generation_model(policy, dtype, device, mesh=mesh, where=cfg.init)
     ref = reference(cfg, device, dtype, sharded)
     val = read_problems(cfg.val)[:cfg.eval_limit or None] if cfg.eval_every > 0 else []

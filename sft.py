@@ -18,7 +18,9 @@ command: it resumes from out_dir/state.pt and ends with the same weights, bit fo
 that was never stopped. Re-running a finished run prints "already done". Under FSDP2 (fsdp=True)
 each rank saves its own shards of the model and optimizer (out_dir/state-<step>/,
 torch.distributed.checkpoint; a resume may use another number of ranks) and only the final
-model.pt is gathered, on rank 0.
+model.pt is gathered, on rank 0; with dtype=bfloat16 it computes through FSDP2's mixed precision
+(bf16 gathers, fp32 gradient reduction) rather than autocast, and offload=True keeps the shards,
+gradients and AdamW state in host memory (70B on 8 GPUs: bench/plan.py).
 """
 import bisect
 import math
@@ -72,10 +74,11 @@ class Config:
     out_dir: str = "out/base"   # state.pt, model.pt + tokenizer.model, metrics.jsonl, config.json
     seed: int = 1337            # model init, validation split, per-epoch data order
     device: str = ""            # "" = cuda if available, else cpu
-    dtype: str = "float32"      # "bfloat16": bf16 autocast over fp32 master weights (GPUs; CPUs
+    dtype: str = "float32"      # "bfloat16": bf16 compute over fp32 master weights (GPUs; CPUs
                                 # with AMX or AVX512-BF16: without them bf16 matmuls are far slower)
     compile: bool = False       # torch.compile each block (a slow start, then faster steps)
     fsdp: bool = False          # under torchrun: shard params, grads, optimizer (FSDP2), not DDP
+    offload: bool = False       # fsdp: those shards in host memory (AdamW steps on the CPU)
     grad_checkpoint: bool = False  # recompute each block in the backward: less memory for long rows
     eval_every: int = 50        # val loss every N steps (and at the start and end); 0 = those only
     save_every: int = 50        # state.pt every N steps (and at the end); 0 = at the end only
@@ -94,7 +97,7 @@ ROLES = ("system", "user", "assistant")
 FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "tok_s": "tok/s {:,.0f}",
            "grad_norm": "norm {:.3f}", "val_loss": "val {:.4f}"}
 # Keys that may change between a run and its resume without changing what is trained.
-RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "grad_checkpoint", "micro_batch",
+RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "offload", "grad_checkpoint", "micro_batch",
                "eval_every", "save_every", "log_every", "progress"}
 
 
@@ -254,14 +257,15 @@ def build_model(cfg, device, world):
     return raw, tok
 
 
-def wrap(raw, cfg, world, local, device):
-    """The model the training forward calls: activation checkpointing, FSDP2 (in place), compile,
-    DDP, in this order. The optimizer is built on raw's final (sharded) parameters."""
+def wrap(raw, cfg, world, local, device, dtype):
+    """The model the training forward calls: activation checkpointing, FSDP2 (in place; bf16: its
+    mixed precision), compile, DDP, in this order. The optimizer is built on raw's final (sharded)
+    parameters."""
     model = raw
     if cfg.grad_checkpoint:
         common.recompute_blocks(raw)
     if world > 1 and cfg.fsdp:
-        common.fsdp_shard(raw)
+        common.fsdp_shard(raw, dtype, cfg.offload)
     if cfg.compile:  # block by block, dynamic shapes: one graph for every row length
         for block in raw.layers:
             block.forward = torch.compile(block.forward, dynamic=True)
@@ -436,6 +440,8 @@ def check(cfg):
         raise UserError(f"loss_on must be one of ('assistant', 'all'), got {cfg.loss_on!r}")
     if cfg.val_frac >= 1 or cfg.max_steps == 0 and cfg.epochs <= 0:
         raise UserError("need val_frac < 1, and max_steps > 0 or epochs > 0")
+    if cfg.offload and not cfg.fsdp:
+        raise UserError("offload=True needs fsdp=True (it offloads FSDP2's shards)")
 
 
 def saved_state(cfg):
@@ -477,7 +483,7 @@ def main(cfg):
     log(describe(raw, data, max_steps, cfg, world, n_long, n_long_val))
 
     # the wrapped model, the optimizer, the state of a resumed run
-    model = wrap(raw, cfg, world, local, device)
+    model = wrap(raw, cfg, world, local, device, dtype)
     opt = common.make_optimizer(raw, cfg.lr, cfg.weight_decay)
     step, pos = 0, (0, 0)  # pos = (epoch, next row of that epoch)
     if saved:
@@ -485,7 +491,7 @@ def main(cfg):
         pos = tuple(extra["pos"])
         log(f"resumed from {cfg.out_dir}/state.pt at step {step}, data position {pos}")
     del saved
-    proc = Proc(rank, world, device, common.autocast(device, dtype))
+    proc = Proc(rank, world, device, common.training_context(raw, device, dtype))
 
     # train
     if rank == 0:

@@ -2953,7 +2953,7 @@ def test_compiled_blocks_train_as_eager(setup):
     docs, _ = sft.render(convs, tok, cfg)
     eager = tiny_model(vocab_size=tok.n_vocab, max_seq_len=512)
     compiled = copy.deepcopy(eager)
-    sft.wrap(compiled, make(compile=True), 1, 0, "cpu")
+    sft.wrap(compiled, make(compile=True), 1, 0, "cpu", torch.float32)
     for rows in ([[0, 1, 2], [3, 4]], [[5], [0, 2], [1]]):
         grads = []
         for m in (eager, compiled):
@@ -3649,7 +3649,8 @@ def _plan_worker(rank, world, port, out, shapes):
     for shape in shapes:
         torch.manual_seed(0)
         raw = model.Llama(shape)
-        sft.wrap(raw, sft.Config(fsdp=True, grad_checkpoint=True), world, rank, "cpu")
+        sft.wrap(raw, sft.Config(fsdp=True, grad_checkpoint=True), world, rank, "cpu",
+                 torch.float32)
         opt = common.make_optimizer(raw, 1e-3, 0.1)
         casts = _Bf16Casts()
         with common.autocast("cpu", torch.bfloat16):
@@ -4228,6 +4229,55 @@ def test_fsdp_update_equals_single_process(easy, world):
         plan = bench_plan.sharded(net.cfg, world)  # rank 0's shards, the largest
         assert ref16 == plan if rank == 0 else ref16 <= plan
     assert not torch.equal(net.output.weight, checkpoint.load_model(cfg.init)[0].output.weight)
+
+
+def _rl_mixed_worker(rank, world, port, out, init, rows, cfg):
+    """rl.update on FSDP2 with bf16 mixed precision and offload (fsdp_shard as rl.py calls it) and
+    SGD at lr 0: the dtype a block's weights have in its forward, the gathered gradients and the
+    bf16 copies generation_model gathers."""
+    _torchrun_env(rank, world, port)
+    common.dist_setup()
+    net, tok = checkpoint.load_model(init)
+    policy = common.fsdp_shard(common.recompute_blocks(net), torch.bfloat16, offload=True)
+    seen = []
+    policy.layers[0].register_forward_pre_hook(
+        lambda m, _: seen.append(m.attention.wqkv.weight.dtype))
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    amp = common.training_context(policy, "cpu", torch.bfloat16)
+    res = rl.update(policy, None, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id, amp)
+    grads = {k: p.grad.full_tensor().numpy().copy() for k, p in policy.named_parameters()}
+    shards = {p.dtype for p in policy.parameters()} | {p.grad.dtype for p in policy.parameters()}
+    copy16 = rl.generation_model(policy, torch.bfloat16, "cpu")
+    out.put((rank, (res, set(seen), shards, grads,
+                    {k: v.float().numpy().copy() for k, v in copy16.state_dict().items()})))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_and_offload(easy):
+    """rl.py's bf16 FSDP2 layout (fsdp_shard with bf16 and offload: no autocast) at 2 ranks: the
+    blocks compute with bf16 weights, the shards and their gradients stay fp32, the gradient is
+    the 1-process fp32 one within bf16's error, and generation_model's bf16 copy is the weights
+    rounded to bf16."""
+    cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.0, grad_clip=0.0)
+    net, tok = checkpoint.load_model(cfg.init)
+    p1 = tok.render_prompt([{"role": "user", "content": "make 5"}])
+    rnd = random.Random(0)
+    rows = [(p1, [rnd.randrange(256) for _ in range(n)], [0.0] * n, a, [])
+            for n, a in ((3, 1.0), (5, -0.5), (4, 0.7), (6, -1.2))]
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    n_tok, loss_sum = rl.update(net, None, opt, rows, cfg, 1, "cpu", tok.bos_id,
+                                contextlib.nullcontext())[:2]
+    got = _run_ranks(2, _rl_mixed_worker, cfg.init, rows, cfg)
+    assert sum(got[r][0][1] for r in got) == pytest.approx(loss_sum, rel=2e-2)
+    for res, seen, shards, grads, copy16 in got.values():
+        assert res[0] == n_tok and seen == {torch.bfloat16} and shards == {torch.float32}
+        want = torch.cat([p.grad.flatten() for p in net.parameters()])
+        have = torch.cat([torch.from_numpy(grads[k]).flatten() for k, _ in
+                          net.named_parameters()])
+        assert (have - want).norm() < 0.02 * want.norm()
+        for k, v in net.state_dict().items():
+            assert torch.equal(torch.from_numpy(copy16[k]), v.bfloat16().float()), k
 
 
 @pytest.mark.slow
