@@ -4282,12 +4282,12 @@ def test_fsdp_mixed_precision_and_offload(easy):
 
 @pytest.mark.slow
 def test_rl_fsdp_resume_from_shards(easy):
-    """rl.py with fsdp=True at 2 ranks (KL term on, so the sharded reference is used) saves each
-    rank's shards, dies in step 3 after the checkpoint of step 2 and resumes in new processes to
-    the weights and records of the run that never stopped, bitwise; model.pt is written at the end
-    only."""
+    """rl.py with fsdp=True at 2 ranks, in its 70B layout (bf16 mixed precision, shards offloaded;
+    KL term on, so the sharded reference is used) saves each rank's shards, dies in step 3 after
+    the checkpoint of step 2 and resumes in new processes to the weights and records of the run
+    that never stopped, bitwise; model.pt is written at the end only."""
     kw = dict(max_steps=4, save_every=2, eval_every=0, filter_samples=0, kl_beta=0.05,
-              log_kl=True, fsdp=True)
+              log_kl=True, fsdp=True, dtype="bfloat16", offload=True)
     full, cut = easy("fsdp_full", **kw), easy("fsdp_cut", **kw)
     _runs(2, (rl.main, full, None), (rl.main, cut, 3))
     _sharded_state(cut.out_dir, 2, 2)
