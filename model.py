@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import common
 
@@ -205,6 +206,18 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def chunked_logprobs(output, h, targets, chunk):
+    """log p(targets) (n,) from the final norm's outputs h (n, dim): the output layer and the
+    log-softmax run `chunk` positions at a time and are recomputed in the backward
+    (torch.utils.checkpoint), so at most chunk x vocab fp32 logits are alive, not n x vocab (4.2 GB
+    for 8192 positions of Llama 3's vocabulary, three times that in the backward)."""
+    def part(hc, tc):
+        return -F.cross_entropy(output(hc).float(), tc, reduction="none")
+    n = max(1, h.size(0))  # no positions: one empty chunk
+    return torch.cat([checkpoint(part, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                      for i in range(0, n, chunk or n)])
+
+
 class Llama(nn.Module):
     tp = 1  # tensor parallel degree: tensor_parallel() sets it; each rank holds 1/tp of the heads
 
@@ -241,11 +254,12 @@ class Llama(nn.Module):
                 self._rope = (torch.cat([f.cos(), f.cos()], -1), torch.cat([-f.sin(), f.sin()], -1))
         return self._rope
 
-    def forward(self, idx, doc=None, keep=None):
+    def forward(self, idx, doc=None, keep=None, targets=None, chunk=0):
         """idx (B, T) -> fp32 logits (B, T, vocab). doc (B, T): ids of packed documents; each run of
         equal ids is its own document (block-diagonal causal attention, positions restart at 0).
         keep (B, T) bool: only the logits at these positions, (n, vocab) (training computes the
-        output layer only where a loss is taken)."""
+        output layer only where a loss is taken). targets (n,), with keep: log p(targets) (n,)
+        instead of logits, `chunk` positions at a time (chunked_logprobs)."""
         T = idx.size(1)
         docs = None if doc is None else Documents(doc)
         longest = T if doc is None else int(docs.pos.max()) + 1
@@ -260,6 +274,8 @@ class Llama(nn.Module):
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, docs)
+        if targets is not None:
+            return chunked_logprobs(self.output, self.norm(x[keep]), targets, chunk)
         return self.output(self.norm(x if keep is None else x[keep])).float()
 
     def prefill(self, idx):

@@ -137,6 +137,8 @@ class Config:
     offload: bool = False           # fsdp: those shards (and the gradients) in host memory
     tp: int = 1                     # fsdp: rollouts from a copy tensor parallel over tp ranks
     grad_checkpoint: bool = False   # recompute each block in the backward: less memory
+    logit_chunk: int = 0            # > 0: the output layer on this many positions at a time,
+                                    # recomputed in the backward (long rows, large vocabularies)
     oracle: bool = False            # ablation: Countdown's tool writes the grader's verdict
 
     ranges = dict(prompts_per_step=(1, None), group_size=(2, None), temperature=(0.0, None),
@@ -146,14 +148,14 @@ class Config:
                   grad_clip=(0.0, None), micro_batch=(1, None), ppo_epochs=(1, None),
                   clip_eps=(0.0, None), kl_beta=(0.0, None), eval_every=(0, None),
                   eval_limit=(0, None), eval_temperature=(0.0, None), save_every=(0, None),
-                  tp=(1, None))
+                  tp=(1, None), logit_chunk=(0, None))
 
 
 # Keys that may change between a run and its resume without changing what is trained (tp, as the
 # number of processes, changes only how the rollouts are split among ranks and seeded).
 RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "offload", "tp", "grad_checkpoint",
-               "micro_batch", "eval_every", "eval_limit", "eval_temperature", "save_every",
-               "log_kl"}
+               "logit_chunk", "micro_batch", "eval_every", "eval_limit", "eval_temperature",
+               "save_every", "log_kl"}
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -197,9 +199,15 @@ def pg_loss(logp, old_logp, adv, mask, clip_eps, ref_logp=None, beta=0.0):
     return loss[mask].sum(), (clipped & mask).sum().item(), kl[mask].detach().sum().item()
 
 
-def token_logprobs(model, inputs, targets, start=0):
+def token_logprobs(model, inputs, targets, start=0, chunk=0):
     """log p(targets) at positions >= start: model(idx) logits -> log_softmax gathered at the
-    targets, computed as -cross_entropy (the SFT forward, and no [B, T, vocab] log-prob tensor)."""
+    targets, computed as -cross_entropy (the SFT forward, and no [B, T, vocab] log-prob tensor).
+    chunk > 0: the output layer only at those positions, chunk of them at a time
+    (model.chunked_logprobs: chunk x vocab logits alive, not B x T x vocab)."""
+    if chunk:
+        keep = torch.zeros_like(inputs, dtype=torch.bool)
+        keep[:, start:] = True
+        return model(inputs, keep=keep, targets=targets[keep], chunk=chunk).view(len(inputs), -1)
     logits = model(inputs)[:, start:].float()
     nll = F.cross_entropy(logits.flatten(0, 1), targets[:, start:].flatten(), reduction="none")
     return -nll.view(logits.shape[:2])
@@ -355,11 +363,11 @@ def update(model, ref, optimizer, rows, cfg, world, device, pad, amp):
             sync = world == 1 or j == n_micro - 1  # gradients reduced on the last micro-batch
             with common.grad_sync(model, sync):
                 with amp:
-                    logp = token_logprobs(model, inputs, targets, s)
+                    logp = token_logprobs(model, inputs, targets, s, cfg.logit_chunk)
                 ref_logp = None
                 if ref is not None and (cfg.kl_beta > 0 or epoch == 0):
                     with torch.no_grad(), amp:
-                        ref_logp = token_logprobs(ref, inputs, targets, s)
+                        ref_logp = token_logprobs(ref, inputs, targets, s, cfg.logit_chunk)
                 old = logp.detach() if cfg.ppo_epochs == 1 else old  # one epoch: ρ ≡ 1 exactly
                 loss, n_clip, kl = pg_loss(logp, old, adv, mask, cfg.clip_eps, ref_logp,
                                            cfg.kl_beta)

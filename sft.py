@@ -80,6 +80,8 @@ class Config:
     fsdp: bool = False          # under torchrun: shard params, grads, optimizer (FSDP2), not DDP
     offload: bool = False       # fsdp: those shards in host memory (AdamW steps on the CPU)
     grad_checkpoint: bool = False  # recompute each block in the backward: less memory for long rows
+    logit_chunk: int = 0        # > 0: the output layer on this many positions at a time,
+                                # recomputed in the backward (long rows, large vocabularies)
     eval_every: int = 50        # val loss every N steps (and at the start and end); 0 = those only
     save_every: int = 50        # state.pt every N steps (and at the end); 0 = at the end only
     log_every: int = 10         # one log line (and a metrics.jsonl record) every N steps
@@ -90,15 +92,16 @@ class Config:
                   batch_size=(1, None), micro_batch=(1, None), epochs=(0.0, None),
                   max_steps=(0, None), lr=(0.0, None), warmup_steps=(0, None),
                   min_lr_frac=(0.0, 1.0), weight_decay=(0.0, None), grad_clip=(0.0, None),
-                  eval_every=(0, None), save_every=(0, None), log_every=(1, None))
+                  eval_every=(0, None), save_every=(0, None), log_every=(1, None),
+                  logit_chunk=(0, None))
 
 
 ROLES = ("system", "user", "assistant")
 FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "tok_s": "tok/s {:,.0f}",
            "grad_norm": "norm {:.3f}", "val_loss": "val {:.4f}"}
 # Keys that may change between a run and its resume without changing what is trained.
-RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "offload", "grad_checkpoint", "micro_batch",
-               "eval_every", "save_every", "log_every", "progress"}
+RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "offload", "grad_checkpoint", "logit_chunk",
+               "micro_batch", "eval_every", "save_every", "log_every", "progress"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -288,6 +291,8 @@ def forward_loss(model, rows, docs, cfg, device, autocast):
     x, y, d = x[real][None], y[real][None], d[real][None]
     keep = y != -1
     with autocast:
+        if cfg.logit_chunk:  # chunk x vocab logits alive at a time (model.chunked_logprobs)
+            return -model(x, d, keep, y[keep], cfg.logit_chunk).sum(), x.numel()
         logits = model(x, doc=d, keep=keep)
     return F.cross_entropy(logits.float(), y[keep], reduction="sum"), x.numel()
 

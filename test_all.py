@@ -4034,6 +4034,36 @@ def test_logprobs_match_the_sampler(easy):
     assert torch.equal(targets[:, start:][mask], torch.tensor([t for r in rows for t in r[1]]))
 
 
+def test_chunked_logprobs_equal_whole_rows():
+    """The output layer run chunk positions at a time and recomputed in the backward
+    (model.chunked_logprobs; rl.py's and sft.py's logit_chunk) gives the log-probs and gradients of
+    the whole rows, and leaves no more than chunk x vocab logits saved for the backward."""
+    shape = model.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97,
+                              max_seq_len=64)
+    torch.manual_seed(0)
+    net = model.Llama(shape)
+    inputs, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    got = []
+    for chunk in (0, 7):
+        net.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            logp = rl.token_logprobs(net, inputs, targets, 5, chunk)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        widest = max((t.numel() // 97 for t in saved if t.dim() and t.size(-1) == 97),
+                     default=0)  # positions whose logits are saved
+        got.append((logp.detach(), [p.grad.clone() for p in net.parameters()], widest))
+    (whole, g0, w0), (chunked, g1, w1) = got
+    assert whole.shape == chunked.shape == (3, 15) and w0 >= 45 and w1 <= 7
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    # sft.py's path: the kept positions of packed documents, summed
+    doc, keep = torch.tensor([[0] * 8 + [1] * 12] * 3), targets > 40
+    want = F.cross_entropy(net(inputs, doc, keep), targets[keep], reduction="sum")
+    torch.testing.assert_close(-net(inputs, doc, keep, targets[keep], 4).sum(), want)
+
+
 def test_reward_goes_up_and_filter(easy):
     cfg = easy("run", max_steps=12, eval_every=6)
     rl.main(cfg)
@@ -4255,11 +4285,11 @@ def _rl_mixed_worker(rank, world, port, out, init, rows, cfg):
 
 @pytest.mark.slow
 def test_fsdp_mixed_precision_and_offload(easy):
-    """rl.py's bf16 FSDP2 layout (fsdp_shard with bf16 and offload: no autocast) at 2 ranks: the
-    blocks compute with bf16 weights, the shards and their gradients stay fp32, the gradient is
+    """rl.py's bf16 FSDP2 layout (fsdp_shard with bf16 and offload: no autocast; logits 4 positions
+    at a time) at 2 ranks: the blocks compute with bf16 weights, the shards and their gradients stay fp32, the gradient is
     the 1-process fp32 one within bf16's error, and generation_model's bf16 copy is the weights
     rounded to bf16."""
-    cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.0, grad_clip=0.0)
+    cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.0, grad_clip=0.0, logit_chunk=4)
     net, tok = checkpoint.load_model(cfg.init)
     p1 = tok.render_prompt([{"role": "user", "content": "make 5"}])
     rnd = random.Random(0)
