@@ -110,9 +110,9 @@ fragmentation (headroom) and runtime: they need a GPU's allocator to measure
 Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's and
 the reference forward's temporaries (assumed below the backward's peak), the final norm's saved
 tensors (T * (8d + 4)), the prefix cache's overshoot of its bound, rotary tables (2 * max_seq_len *
-head_dim * 4 B per model copy), torch.compile's workspaces; on the host, the whole fp32 model each
-rank builds there before fully_shard keeps its shard (checkpoint.load_model, sft.build_model:
-4 B per parameter per rank, until sharded).
+head_dim * 4 B per model copy), torch.compile's workspaces; on the host, the fp32 copy of a bf16
+checkpoint each rank makes before fully_shard keeps its shard (sft.build_model's load_model:
+4 B per parameter per rank, until sharded; an fp32 model.pt stays memory-mapped).
 """
 import math
 import os
