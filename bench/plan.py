@@ -342,9 +342,9 @@ def shards(n, offload):
 
 
 def training_plan(rows, persistent, tr, phases, n, offload):
-    """The Plan of a training stage: its rows, the training rows tr (training's triple), the
-    persistent rows held in every phase besides the phases given; offload moves the persistent
-    FSDP2 shards (every persistent row named "FSDP shard") to host memory."""
+    """(rows, phases, host) of a training stage: its rows and training's (tr, its triple); the
+    persistent rows are held in every phase, the phases given and training's two; offload (N > 1)
+    moves the persistent FSDP2 shards (the rows named "FSDP shard") from the GPU to host."""
     moved = [k for k in persistent if "FSDP shard" in k] if offload and n > 1 else []
     host = {k: rows.pop(k) for k in moved}
     keep = [k for k in persistent if k not in host]
