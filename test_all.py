@@ -15,6 +15,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import gc
 import glob
 import hashlib
 import importlib.util
@@ -3645,6 +3646,7 @@ class _Bf16Made(TorchDispatchMode):
         return out
 
     def alive(self):
+        gc.collect()  # tensors only a reference cycle holds are not alive
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for r in self.made if (t := r()) is not None}.values())
 
@@ -3680,13 +3682,21 @@ def _plan_worker(rank, world, port, out, shapes, B, T):
         alive = made.alive()
         logits.square().mean().backward()
         opt.step()
+        # rl.py's bf16 reference (offload as rl.reference shards it) after its no-grad forward:
+        # its root stays gathered (no backward reshards it), its blocks do not
+        ref = common.fsdp_shard(model.Llama(shape).to(torch.bfloat16).requires_grad_(False),
+                                offload=True)
+        with torch.no_grad():
+            ref(torch.randint(0, shape.vocab_size, (B, T)))
+        ref_root = _storage_bytes(p for p in ref.parameters()
+                                  if not isinstance(p, torch.distributed.tensor.DTensor))
         ps = list(raw.parameters())
         state = [v for st in opt.state.values() for v in st.values()]
         got.append((alive, {"weights": _storage_bytes(ps),
                             "gradients": _storage_bytes(p.grad for p in ps),
                             "optimizer": _storage_bytes(state)},
                     {t.to_local().device.type for t in ps + [p.grad for p in ps] + state
-                     if isinstance(t, torch.distributed.tensor.DTensor)}))
+                     if isinstance(t, torch.distributed.tensor.DTensor)}, ref_root))
     out.put((rank, got))
     torch.distributed.destroy_process_group()
 
@@ -3696,7 +3706,8 @@ def test_plan_training_state_matches_fully_shard():
     """sft.py's FSDP2 layout at 2 ranks (bf16 mixed precision, offload, blocks recomputed), for an
     odd vocabulary (uneven shards, padded gathers) and tied embeddings: the plan's fp32 weights,
     gradients and AdamW state are what rank 0 holds after one step (the other rank no more), in
-    host memory (the rows --sft_offload moves off the GPU; its host line is those of its ranks);
+    host memory (the rows --sft_offload moves off the GPU; its host line is those of its ranks),
+    and rl.py's bf16 reference keeps its root gathered after its no-grad forward;
     the bf16 storages alive at the end of the forward are the plan's root gathered in bf16 plus its
     bf16 block inputs (no block's weights, no autocast cache) and the final norm's two bf16
     outputs (4d bytes per token, not a row). On one GPU, autocast's cache is the bf16 copy of
@@ -3716,9 +3727,11 @@ def test_plan_training_state_matches_fully_shard():
                           zip(("weights", "gradients", "AdamW state"), plan.values())}
         assert not set(p.host) & set(p.rows) and p.rows["autocast cache (bf16)"] == 0
         assert sum(sum(got[r][i][1].values()) for r in got) <= 2 * sum(p.host.values())
-        # rl.py's offload: those and its bf16 reference's shard (rl's tests check that row)
+        # rl.py's offload: those and its bf16 reference's shard (rl's tests check that row); the
+        # reference's root, gathered on the GPU from its first forward on
         r = bench_plan.plan_rl(shape, 2, dataclasses.replace(c, rl_offload=True))
         assert r.host == {**p.host, "reference (bf16, FSDP shard)": bench_plan.sharded(shape, 2)}
+        assert got[0][i][3] == got[1][i][3] == r.rows["reference, root gathered (bf16)"] > 0
         want = p.rows["gathered (bf16), forward"] + p.rows["block inputs (bf16)"] + B * T * 4 * 24
         assert got[0][i][0] == got[1][i][0] == want
     assert got[0][1][1]["weights"] < got[0][0][1]["weights"]  # the tied matrix is held once

@@ -30,8 +30,10 @@ The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_nod
   --rl_generation=tp plans rl.py --tp=tp instead: that copy tensor parallel over the tp GPUs of a
   node (model.tp_copy, refilled from the FSDP2 shards one parameter at a time), the KV cache
   sharded by kv heads over tp, each tp group decoding its share. Either refill holds one whole
-  parameter besides for a moment (gathered in bf16), before generation: no row. --rl_offload=True
-  plans offload=True: the training state's shards and the reference's in host memory.
+  parameter besides for a moment (gathered in bf16), before generation: no row. The reference's
+  forward runs between the policy's forward and its backward (rl.update), and leaves its root
+  group gathered (a no-grad forward: no backward reshards it). --rl_offload=True plans
+  offload=True: the training state's shards and the reference's in host memory.
 - search, eval: what search.py and eval.py run under torchrun with --tp=tp (model.tensor_parallel,
   which refuses a tp that does not divide the heads; more GPUs than tp are data-parallel copies):
   bf16 weights tensor parallel over tp, the KV cache and search's prefix cache sharded by kv heads.
@@ -83,36 +85,41 @@ width):
   input, its weights freed). Not counted: a group's transient all-gather buffers and
   reduce-scatter output, and with offload the shard copied to the GPU for its gather (at most 6 B
   per shard element of one group). None on one GPU.
+- rl's reference (N > 1): its root stays gathered, 2 B * root, from its first forward on; its
+  forward, estimated: two blocks gathered (4 B * block) and its logits' n * V * 12, beside the
+  policy's forward-end rows. One GPU: its logits only.
 - Peak: training holds the persistent rows plus either its forward-end rows (block inputs, autocast
   cache, root gathered, forward logits) or its backward rows (block inputs, gathers, one block
-  twice, backward logits); rl's generation phase holds the persistent rows, the KV cache and decode
+  twice, backward logits); rl adds a phase for the reference's forward (the forward-end rows and
+  that forward), and its generation phase holds the persistent rows, the KV cache and decode
   logits instead. Needed per GPU: peak * headroom (allocator fragmentation and cached blocks) +
   runtime_gb (CUDA context, NCCL and cuBLAS workspaces, outside PyTorch's allocator). GPUs needed:
   the smallest N of 1, 2, 4, 8 then multiples of gpus_per_node (up to max_gpus; search and eval
   up to gpus_per_node: more GPUs only add data-parallel copies) whose need fits gpu_gb (GB = 10^9
   bytes; an "80 GB" card holds a little more: the margin is the plan's); offload applies where
   N > 1 (one GPU shards nothing).
-Checked by tests (test_all.py, -k "plan or fsdp_update or tensor_parallel"): the weights,
-gradients and AdamW bytes against what fully_shard's ranks hold after one step of sft.wrap's bf16
-mixed precision with offload (2 ranks, gloo, CPU: host memory there), and the bf16 storages alive
-at the end of its checkpointed forward against the root gathered plus the block inputs (their
-rotary tables included); rl's bf16 generation copy and reference shard against what rl.py builds
-(2 and 4 ranks); the autocast cache against the bf16 copies alive at the end of one process's
-checkpointed autocast forward; the KV cache against generate.py's allocation; the TP weights and
-KV cache against what model.tensor_parallel's rank 0 holds at tp = 2; a block's saved tensors
-(T * a, plus its bf16 matrix copies under autocast; packed and plain rows) against what
-saved_tensors_hooks lists for one block on CPU, under bf16 autocast and in a bf16 model (distinct
-storages). Not checked: CUDA's attention kernels' saved tensors (flash or memory-efficient SDPA
-may save other tensors than the CPU kernel), the gradients that flow through the block in the
-backward, logits temporaries, the backward's gathers and reduce-scatter buffers, allocator
-fragmentation (headroom) and runtime: they need a GPU's allocator to measure
-(torch.cuda.max_memory_allocated).
-Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's and
-the reference forward's temporaries (assumed below the backward's peak), the final norm's saved
+Checked by tests (test_all.py, -k "plan or fsdp_update or tensor_parallel"): the weights, gradients
+and AdamW bytes against what fully_shard's ranks hold after one step of sft.wrap's bf16 mixed
+precision with offload (2 ranks, gloo, CPU: host memory there), and the bf16 storages alive at the
+end of its checkpointed forward against the root gathered plus the block inputs (their rotary tables
+included), and the root a bf16 reference keeps gathered after its forward; rl's bf16 generation copy
+and reference shard against what rl.py builds (2 and 4 ranks); the autocast cache against the bf16
+copies alive at the end of one process's checkpointed autocast forward; the KV cache against
+generate.py's allocation; the TP weights and KV cache against what model.tensor_parallel's rank 0
+holds at tp = 2; a block's saved tensors (T * a, plus its bf16 matrix copies under autocast; packed
+and plain rows) against what saved_tensors_hooks lists for one block on CPU, under bf16 autocast and
+in a bf16 model (distinct storages). Not checked: CUDA's attention kernels' saved tensors (flash or
+memory-efficient SDPA may save other tensors than the CPU kernel), the gradients that flow through
+the block in the backward, logits temporaries, the backward's gathers and reduce-scatter buffers,
+the reference's forward, allocator fragmentation (headroom) and runtime: they need a GPU's allocator
+to measure (torch.cuda.max_memory_allocated).
+Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's
+temporaries and the reference's block activations (one block's, no grad), the final norm's saved
 tensors (T * (8d + 4)), the prefix cache's overshoot of its bound, rotary tables (2 * max_seq_len *
-head_dim * 4 B per model copy), torch.compile's workspaces; on the host, the fp32 copy of a bf16
-checkpoint each rank makes before fully_shard keeps its shard (sft.build_model's load_model:
-4 B per parameter per rank, until sharded; an fp32 model.pt stays memory-mapped).
+head_dim * 4 B per model copy), torch.compile's workspaces; on the host, the whole-model copy
+each rank makes of a checkpoint it loads in another dtype before fully_shard keeps its shard
+(sft's fp32 policy from a bf16 init: 4 B per parameter per rank; rl's bf16 reference from the
+fp32 model.pt: 2 B), until sharded; a checkpoint loaded in its own dtype stays memory-mapped.
 """
 import math
 import os
@@ -369,11 +376,12 @@ def plan_sft(shape, n, c):
 
 def plan_rl(shape, n, c):
     tp = min(n, c.gpus_per_node) if c.rl_generation == "tp" else 1
-    groups = max(1, n // tp)
-    seqs = -(-c.rl_prompts_per_step * c.rl_group_size // groups)
+    dp = max(1, n // tp)  # generation groups
+    seqs = -(-c.rl_prompts_per_step * c.rl_group_size // dp)
     gen_rows = min(c.rl_gen_batch_size, seqs)
     gen, kv = ("TP", ", TP") if c.rl_generation == "tp" else ("whole", "")
     st = fsdp_state(shape, n)
+    root, block = groups(shape, n)
     row_len = c.prompt_len + c.rl_max_new_tokens
     tr = training(shape, n, c.rl_micro_batch * row_len, row_len, c.rl_grad_checkpoint, 12,
                   False)
@@ -382,13 +390,15 @@ def plan_rl(shape, n, c):
             "AdamW state (fp32, FSDP shard)": st["optimizer"],
             f"generation weights (bf16, {gen})": tensor_parallel(shape, tp),
             "reference (bf16, FSDP shard)": sharded(shape, n),
+            "reference, root gathered (bf16)": 2 * root if n > 1 else 0,
             f"KV cache (bf16{kv})": kv_cache(shape, gen_rows, c.prompt_len, c.rl_max_new_tokens,
                                              tp),
-            "decode logits": decode_logits(shape, gen_rows)}
-    generation = [f"KV cache (bf16{kv})", "decode logits"]
-    rows, phases, host = training_plan(rows, list(rows)[:5], tr, {"generation": generation}, n,
-                                       c.rl_offload)
-    layout = f"TP {tp} x {groups}" if c.rl_generation == "tp" else "a whole copy per GPU"
+            "decode logits": decode_logits(shape, gen_rows),
+            "reference forward": 4 * block * (n > 1) + tr[0]["logits, forward"]}
+    phases = {"generation": [f"KV cache (bf16{kv})", "decode logits"],
+              "reference forward": tr[1] + ["reference forward"]}
+    rows, phases, host = training_plan(rows, list(rows)[:6], tr, phases, n, c.rl_offload)
+    layout = f"TP {tp} x {dp}" if c.rl_generation == "tp" else "a whole copy per GPU"
     setup = (f"{shards(n, c.rl_offload)}; generation {layout}: {gen_rows} rows of "
              f"{c.prompt_len}+{c.rl_max_new_tokens} tokens; micro-batch {c.rl_micro_batch}"
              + "; recompute" * c.rl_grad_checkpoint)
