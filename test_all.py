@@ -15,6 +15,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import gc
 import glob
 import hashlib
 import importlib.util
@@ -3629,6 +3630,27 @@ class _Bf16Casts(TorchDispatchMode):
         return sum(t.untyped_storage().nbytes() for r in self.copies if (t := r()) is not None)
 
 
+class _Bf16Made(TorchDispatchMode):
+    """Records every bf16 tensor the ops make; alive() = the bytes of the distinct storages still
+    held (a storage FSDP2 has freed has 0 bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+                self.made.append(weakref.ref(t))
+        return out
+
+    def alive(self):
+        gc.collect()  # tensors only a reference cycle holds are not alive
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for r in self.made if (t := r()) is not None}.values())
+
+
 def _storage_bytes(tensors):
     """Bytes of the distinct storages under the local shards of `tensors` (FSDP2 keeps a group's
     gradients as views of one buffer: counted once)."""
@@ -3638,10 +3660,11 @@ def _storage_bytes(tensors):
                 for t in local}.values())
 
 
-def _plan_worker(rank, world, port, out, shapes):
-    """sft.wrap's FSDP2 (per block, then the root; blocks recomputed) on each shape: the bytes of
-    the bf16 weight copies alive at the end of an autocast forward, then of the weights, gradients
-    and AdamW state this rank holds after one step."""
+def _plan_worker(rank, world, port, out, shapes, B, T):
+    """sft.wrap's FSDP2 (per block, then the root; blocks recomputed) with bf16 mixed precision
+    and offload, as sft.py runs it, on each shape: the bytes of the bf16 storages alive at the end
+    of a packed (B, T) forward, then of the weights, gradients and AdamW state this rank holds
+    after one step and the devices they are on."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -3649,45 +3672,79 @@ def _plan_worker(rank, world, port, out, shapes):
     for shape in shapes:
         torch.manual_seed(0)
         raw = model.Llama(shape)
-        sft.wrap(raw, sft.Config(fsdp=True, grad_checkpoint=True), world, rank, "cpu",
-                 torch.float32)
+        cfg = sft.Config(fsdp=True, grad_checkpoint=True, offload=True)
+        sft.wrap(raw, cfg, world, rank, "cpu", torch.bfloat16)
         opt = common.make_optimizer(raw, 1e-3, 0.1)
-        casts = _Bf16Casts()
-        with common.autocast("cpu", torch.bfloat16):
-            with casts:
-                logits = raw(torch.randint(0, shape.vocab_size, (2, 9)))
-            cached = casts.alive()
+        made = _Bf16Made()
+        with common.training_context(raw, "cpu", torch.bfloat16), made:
+            logits = raw(torch.randint(0, shape.vocab_size, (B, T)),
+                         doc=torch.arange(B * T).view(B, T) // 4)  # documents of 4 tokens
+        alive = made.alive()
         logits.square().mean().backward()
         opt.step()
+        # rl.py's bf16 reference (offload as rl.reference shards it) after its no-grad forward:
+        # its root stays gathered (no backward reshards it), its blocks do not
+        ref = common.fsdp_shard(model.Llama(shape).to(torch.bfloat16).requires_grad_(False),
+                                offload=True)
+        with torch.no_grad():
+            ref(torch.randint(0, shape.vocab_size, (B, T)))
+        ref_root = _storage_bytes(p for p in ref.parameters()
+                                  if not isinstance(p, torch.distributed.tensor.DTensor))
         ps = list(raw.parameters())
-        got.append((cached, {"weights": _storage_bytes(ps),
-                             "gradients": _storage_bytes(p.grad for p in ps),
-                             "optimizer": _storage_bytes(v for st in opt.state.values()
-                                                         for v in st.values())}))
+        state = [v for st in opt.state.values() for v in st.values()]
+        got.append((alive, {"weights": _storage_bytes(ps),
+                            "gradients": _storage_bytes(p.grad for p in ps),
+                            "optimizer": _storage_bytes(state)},
+                    {t.to_local().device.type for t in ps + [p.grad for p in ps] + state
+                     if isinstance(t, torch.distributed.tensor.DTensor)}, ref_root))
     out.put((rank, got))
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_plan_training_state_matches_fully_shard():
-    """The plan's fp32 weights, gradients and AdamW state per GPU are what rank 0 holds under FSDP2
-    at 2 ranks after one step (the other rank holds no more), for an odd vocabulary (uneven
-    shards) and tied embeddings; its autocast cache is the bf16 weight copies alive at the end of
-    the checkpointed forward (every Linear's, whole)."""
+    """sft.py's FSDP2 layout at 2 ranks (bf16 mixed precision, offload, blocks recomputed), for an
+    odd vocabulary (uneven shards, padded gathers) and tied embeddings: the plan's fp32 weights,
+    gradients and AdamW state are what rank 0 holds after one step (the other rank no more), in
+    host memory (the rows --sft_offload moves off the GPU; its host line is those of its ranks),
+    and rl.py's bf16 reference keeps its root gathered after its no-grad forward;
+    the bf16 storages alive at the end of the forward are the plan's root gathered in bf16 plus its
+    bf16 block inputs (no block's weights, no autocast cache) and the final norm's two bf16
+    outputs (4d bytes per token, not a row). On one GPU, autocast's cache is the bf16 copy of
+    every Linear weight alive at the end of the checkpointed forward."""
     shapes = [model.ModelConfig(dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=37,
                                 multiple_of=8, max_seq_len=16, tie_embeddings=tie)
               for tie in (False, True)]
-    got = _run_ranks(2, _plan_worker, shapes)
+    B, T = 2, 8
+    got = _run_ranks(2, _plan_worker, shapes, B, T)
+    c = bench_plan.Config(sft_micro_batch=B, sft_seq_len=T, sft_offload=True, gpus_per_node=2)
     for i, shape in enumerate(shapes):
         plan = bench_plan.fsdp_state(shape, 2)
-        assert got[0][i][1] == plan
+        assert got[0][i][1] == plan and got[0][i][2] == got[1][i][2] == {"cpu"}
         assert all(got[1][i][1][k] <= plan[k] for k in plan)
-        assert got[0][i][0] == got[1][i][0] == bench_plan.autocast_cache(shape)
+        p = bench_plan.plan_sft(shape, 2, c)
+        assert p.host == {f"{k} (fp32, FSDP shard)": v for k, v in
+                          zip(("weights", "gradients", "AdamW state"), plan.values())}
+        assert not set(p.host) & set(p.rows) and p.rows["autocast cache (bf16)"] == 0
+        assert sum(sum(got[r][i][1].values()) for r in got) <= 2 * sum(p.host.values())
+        # rl.py's offload: those and its bf16 reference's shard (rl's tests check that row); the
+        # reference's root, gathered on the GPU from its first forward on
+        r = bench_plan.plan_rl(shape, 2, dataclasses.replace(c, rl_offload=True))
+        assert r.host == {**p.host, "reference (bf16, FSDP shard)": bench_plan.sharded(shape, 2)}
+        assert got[0][i][3] == got[1][i][3] == r.rows["reference, root gathered (bf16)"] > 0
+        want = p.rows["gathered (bf16), forward"] + p.rows["block inputs (bf16)"] + B * T * 4 * 24
+        assert got[0][i][0] == got[1][i][0] == want
     assert got[0][1][1]["weights"] < got[0][0][1]["weights"]  # the tied matrix is held once
     # one GPU: the whole state, 16 bytes per parameter and a step per tensor
     ps = list(model.Llama(shapes[0]).parameters())
     assert bench_plan.fsdp_state(shapes[0], 1)["optimizer"] == 8 * sum(p.numel() for p in ps) \
         + 4 * len(ps)
+    # one GPU: bf16 autocast, whose cache holds every Linear's bf16 copy to the forward's end
+    for shape in shapes:
+        net, casts = common.recompute_blocks(model.Llama(shape)), _Bf16Casts()
+        with common.autocast("cpu", torch.bfloat16), casts:
+            net(torch.randint(0, shape.vocab_size, (B, T)))
+            assert casts.alive() == bench_plan.autocast_cache(shape)
 
 
 def test_plan_kv_cache_matches_generate(monkeypatch):
@@ -3720,10 +3777,12 @@ def test_plan_kv_cache_matches_generate(monkeypatch):
 
 
 def _block_saved_bytes(net, T, packed):
-    """Bytes of the distinct storages net.layers[0] saves for its backward on a (1, T) row under
-    bf16 autocast, besides its input, parameters and the forward's rotary and document tables."""
+    """Bytes of the distinct storages net.layers[0] saves for its backward on a (1, T) row, under
+    bf16 autocast for an fp32 net, without autocast for a bf16 one (FSDP2's mixed precision),
+    besides its input, parameters and the forward's rotary and document tables."""
+    dtype = net.output.weight.dtype
     cos, sin = net.rope_table("cpu")
-    x = torch.randn(1, T, net.cfg.dim, requires_grad=True)
+    x = torch.randn(1, T, net.cfg.dim, dtype=dtype, requires_grad=True)
     docs = model.Documents(torch.zeros(1, T, dtype=torch.long)) if packed else None
     if packed:
         cos, sin = cos[docs.pos][:, :, None], sin[docs.pos][:, :, None]
@@ -3732,8 +3791,9 @@ def _block_saved_bytes(net, T, packed):
         cos, sin, tables = cos[None, :T, None], sin[None, :T, None], []
     known = {t.untyped_storage().data_ptr() for t in [x, cos, sin, *tables, *net.parameters()]}
     saved = []
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append(t) or t, lambda t: t):
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.float32 \
+        else contextlib.nullcontext()
+    with amp, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         net.layers[0](x, cos, sin, docs)
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
                 if t.untyped_storage().data_ptr() not in known}.values())
@@ -3741,17 +3801,24 @@ def _block_saved_bytes(net, T, packed):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_plan_block_saved_tensors_match_hooks(packed):
-    """The plan's block term, T * a plus the bf16 copies of the block's matrices, is what one block
-    saves for its backward under bf16 autocast (saved_tensors_hooks, distinct storages) at two
-    lengths: sft's packed rows (per-document attention) and rl's plain causal rows."""
+    """The plan's block term is what one block saves for its backward (saved_tensors_hooks,
+    distinct storages) at two lengths, for sft's packed rows (per-document attention) and rl's
+    plain causal rows: T * a plus the bf16 copies of the block's matrices under bf16 autocast
+    (one GPU), T * a in a bf16 block without autocast (FSDP2's mixed precision)."""
     shape = model.ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=64,
                               multiple_of=16, max_seq_len=256)
     torch.manual_seed(0)
     net = model.Llama(shape)
-    copies = 2 * (bench_plan.params(shape).block - 2 * shape.dim)
+    net16 = copy.deepcopy(net).to(torch.bfloat16)
+    copies = 2 * (bench_plan.groups(shape)[1] - 2 * shape.dim)
     for T in (64, 160):
-        want = T * bench_plan.saved_per_token(shape, packed) + copies
-        assert _block_saved_bytes(net, T, packed) == want
+        Ta = T * bench_plan.saved_per_token(shape, packed)
+        assert _block_saved_bytes(net, T, packed) == Ta + copies
+        assert _block_saved_bytes(net16, T, packed) == Ta
+        # the recomputed block's row (its saved tensors and the gradients through it): one GPU,
+        # and FSDP2 over 2
+        rows = [bench_plan.training(shape, w, T, T, True, 8, packed)[0] for w in (1, 2)]
+        assert [r["block in the backward"] for r in rows] == [2 * Ta + copies, 2 * Ta]
 
 
 def test_plan_prints_one_table_per_stage(capsys):
@@ -3766,6 +3833,17 @@ def test_plan_prints_one_table_per_stage(capsys):
     assert "Llama-3.1-70B" in text and "KV cache (bf16, TP)" in text
     tables = text.split("\n\n")
     assert all(len({len(line) for line in t.splitlines()[1:]}) == 1 for t in tables)  # aligned
+    assert "host memory" not in text and "autocast cache" not in text  # N > 1: mixed precision
+    # offload: the FSDP2 shards leave the GPU rows for a host line (4 ranks' shards on a node)
+    bench_plan.main(common.parse_config(bench_plan.Config, ["--stage=rl", "--gpus=4",
+                                                            "--rl_offload=True"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if "FSDP shard" in line]
+    host = sum(bench_plan.plan_rl(bench_plan.MODELS["8B"][1], 4, bench_plan.Config()).rows[k]
+               for k in ("weights (fp32, FSDP shard)", "gradients (fp32, FSDP shard)",
+                         "AdamW state (fp32, FSDP shard)", "reference (bf16, FSDP shard)"))
+    assert lines[-1].split()[:6] == ["host", "memory", "per", "node", "(4", "ranks'"]
+    assert lines[-1].split()[-1] == f"{4 * host / bench_plan.GB:,.2f}"
     with pytest.raises(common.UserError, match="model must be one of"):
         bench_plan.main(common.parse_config(bench_plan.Config, ["--model=13B"]))
 
@@ -4417,6 +4495,17 @@ def test_math_recipe_configs_agree():
     # and its training step at the config's micro-batch fits the 8 GPUs its torchrun line names
     rl_plan = dataclasses.replace(plan_cfg, rl_micro_batch=rl_a.micro_batch)
     assert bench_plan.gpus_needed("rl", b8, rl_plan) == 8
+    # 70B on those 8 GPUs with the flags the sft and rl configs name, and not without offload
+    fits = lambda stage, c: bench_plan.need(bench_plan.plan_stage(stage, b70, 8, c), plan_cfg) \
+        <= plan_cfg.gpu_gb * bench_plan.GB
+    for stage, name in (("sft", "sft_llama_math.py"), ("rl", "rl_llama_math.py")):
+        with open(os.path.join(ROOT, "config", name)) as f:
+            head = f.read().split("\ninit = ")[0]  # the comment above the keys
+        assert "70B" in head and "--offload=True" in head, name
+        tp = "tp" if "--tp=8" in head else "copy"
+        c70 = dataclasses.replace(plan_cfg, rl_generation=tp)
+        assert not fits(stage, c70)
+        assert fits(stage, dataclasses.replace(c70, **{f"{stage}_offload": True}))
     for a, d, diff in ((lin, lin_d, {"mode", "out"}), (sft_a, sft_d, {"data", "out_dir"}),
                        (rl_a, rl_d, {"init", "out_dir"})):
         assert {k for k, v in dataclasses.asdict(a).items() if getattr(d, k) != v} == diff

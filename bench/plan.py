@@ -5,6 +5,7 @@ GPUs a stage needs. A plan computed from shapes and configs: nothing here runs o
     python bench/plan.py --model=8B --gpus=8 --stage=rl      # one model, one stage
     python bench/plan.py --model=all --gpus=8 --stage=all    # every model and stage (README's)
     python bench/plan.py --model=70B --stage=sft --sft_seq_len=4096 --gpu_gb=141   # what if
+    python bench/plan.py --model=70B --stage=rl --rl_offload=True --rl_generation=tp  # 70B RL
 Models (--model): 1B, 8B, 70B are Llama-3.2-1B (tied embeddings), Llama-3.1-8B and Llama-3.1-70B,
 their public configs' shapes in model.ModelConfig (SwiGLU width from model.ffn_hidden, parameters
 from model.Llama built on the meta device); "all" prints one column each. Batches and lengths come
@@ -13,9 +14,15 @@ config/eval_llama_math.py; every one is a --key=value override below (prompt_len
 rendered prompt, is an assumption of the plan: no config sets it).
 
 The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_node)):
-- sft: sft.py with fsdp=True and its config: fp32 weights, gradients and AdamW's exp_avg and
-  exp_avg_sq sharded over the N ranks by FSDP2 (fully_shard per block, then the root), bf16
-  autocast, each block recomputed in the backward (grad_checkpoint).
+- sft: sft.py with fsdp=True, dtype=bfloat16 and its config: fp32 weights, gradients and AdamW's
+  exp_avg and exp_avg_sq sharded over the N ranks by FSDP2 (fully_shard per block, then the root)
+  with its bf16 mixed precision (common.fsdp_shard: each group all-gathered in bf16, forward and
+  backward in bf16, gradients reduce-scattered in fp32 into the fp32 shards; no autocast), each
+  block recomputed in the backward (grad_checkpoint). On one GPU (N = 1) nothing is sharded and
+  bf16 is torch.autocast over the fp32 weights (common.autocast). --sft_offload=True plans
+  offload=True: the shards, their gradients and AdamW's state live in host memory (FSDP2's
+  CPUOffloadPolicy; AdamW steps on the CPU): those rows leave the GPU, and a line under the table
+  gives the host memory they take on a node (its min(N, gpus_per_node) ranks' shards).
 - rl: rl.py with fsdp=True and its config: that FSDP2 training state and forward (blocks
   recomputed: grad_checkpoint), a bf16 reference policy sharded over the N ranks as the training
   state, and generation on a whole bf16 copy of the policy on every GPU (model.generation_model),
@@ -23,7 +30,10 @@ The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_nod
   --rl_generation=tp plans rl.py --tp=tp instead: that copy tensor parallel over the tp GPUs of a
   node (model.tp_copy, refilled from the FSDP2 shards one parameter at a time), the KV cache
   sharded by kv heads over tp, each tp group decoding its share. Either refill holds one whole
-  fp32 parameter besides for a moment, before generation: no row.
+  parameter besides for a moment (gathered in bf16), before generation: no row. The reference's
+  forward runs between the policy's forward and its backward (rl.update), and leaves its root
+  group gathered (a no-grad forward: no backward reshards it). --rl_offload=True plans
+  offload=True: the training state's shards and the reference's in host memory.
 - search, eval: what search.py and eval.py run under torchrun with --tp=tp (model.tensor_parallel,
   which refuses a tp that does not divide the heads; more GPUs than tp are data-parallel copies):
   bf16 weights tensor parallel over tp, the KV cache and search's prefix cache sharded by kv heads.
@@ -34,7 +44,8 @@ L layers, V vocabulary, d = dim, q = n_heads * head_dim, kv = n_kv_heads * head_
 width):
 - FSDP2 shard of a parameter: dim 0 cut in N chunks as torch.chunk does (rank 0 holds the largest,
   ceil(rows / N) rows). Weights 4 B, gradients 4 B, AdamW 8 B per shard element plus its 4-byte
-  step per parameter tensor (fused AdamW). These three are exact.
+  step per parameter tensor (fused AdamW). These three are exact, on the GPU or (offload) on the
+  host.
 - Tensor parallel weights: every matrix split in tp (by rows or by columns; the same size when tp
   divides them, as for the three shapes up to tp = 8), the norms' vectors whole on each GPU.
 - KV cache: generate.KVCache's tensors, (rows, ceil(n_kv_heads / tp), S, head_dim) per layer for
@@ -43,50 +54,72 @@ width):
   group_size completions is smaller). Exact.
 - Decode logits: rows * V * 14 (the bf16 logits, their fp32 copy, log-softmax and probabilities).
 - Prefix cache (search): prefix_cache_mb MB (2^20 B), its kv heads split over tp.
-- Training activations, estimated: block inputs L * T * 4d (fp32 residual stream that checkpoint
-  keeps); one block recomputed in the backward, T * a + 2 * (the block's matrices: autocast's bf16
-  copies), a = 16d + 6q + 4kv + 4 n_heads + 8H + 8 (what a block saves for its backward per token
-  under bf16 autocast: fp32 norm outputs, their rsqrt and the residual, bf16 matmul inputs,
-  attention's q, k, v, output and log-sum-exp, SwiGLU's gate/up, silu and product; rl's plain
-  causal rows save the whole qkv and rotated qk instead of per-document copies: a + 2kv), counted
-  twice (its saved tensors and the gradients flowing through it); without recompute all L blocks'
-  saved tensors are held. Logits:
+- Training activations: a = 16d + 6q + 4kv + 4 n_heads + 8H + 8 bytes per token is what a block
+  saves for its backward, the same in both layouts: bf16 matmul inputs, attention's q, k, v,
+  output and log-sum-exp, SwiGLU's gate/up, silu and product, and the norms' 16d + 8 (under
+  autocast: their fp32 outputs, bf16 casts and rsqrt and the fp32 residual; in bf16: each norm's
+  fp32 copy of its input, rsqrt, and its bf16 normalized and scaled outputs); rl's plain causal
+  rows save the whole qkv and rotated qk instead of per-document copies: a + 2kv. Checkpointing
+  keeps each block's input: N > 1, L * (T * 2d + r * 4 head_dim) (the bf16 residual stream, and
+  the rotary tables' r rows that FSDP2's mixed precision casts to bf16 for each block: r = T for
+  sft's packed rows, one row's length for rl's plain rows, which share theirs); N = 1,
+  L * T * 4d (fp32). One block is recomputed in the backward: T * a (N > 1) or T * a + 2 * (the
+  block's matrices: autocast's bf16 copies) (N = 1), counted twice (its saved tensors and the
+  gradients flowing through it, estimated at T * a); without recompute all L blocks' saved
+  tensors are held. Logits:
   n * V * 16 in the backward (saved fp32 log-softmax, its incoming gradient, a temporary, the
   result), n * V * 8 (sft: fp32 logits and log-softmax) or 12 (rl: the whole row's fp32 logits,
   the completion slice copied, log-softmax) at the end of the forward. sft: n = T (loss_on="all");
   rl: n = T (token_logprobs computes the output layer on the whole row).
-- Autocast cache: torch.autocast keeps the bf16 copy of every weight a matmul casts until the
-  outermost autocast context exits, and FSDP2's gathered parameters are such weights: by the end of
-  sft.py's forward each GPU holds a bf16 copy of every Linear's whole weight (2 B per element,
-  unsharded). --autocast_cache=False plans the forward without it (autocast(cache_enabled=False)
-  or an FSDP2 MixedPrecisionPolicy instead of autocast).
-- FSDP2 gathers: the root group (embeddings, final norm, output) stays gathered from the forward to
-  the end of the backward (4 B * root); in the backward also the root's gradients (reduce-scattered
-  at its end), two blocks' weights (one computing, one prefetched) and one block's gradients:
-  4 B * (2 root + 3 block). None on one GPU.
+- Autocast cache (N = 1 only): torch.autocast keeps the bf16 copy of every weight a matmul casts
+  until the outermost autocast context exits: by the end of a recomputed forward each GPU holds a
+  bf16 copy of every Linear's weight (2 B per element). FSDP2's mixed precision has no such cache:
+  a group's bf16 weights are freed after its forward.
+- FSDP2 gathers (N > 1, bf16, each parameter's dim 0 padded to a multiple of N as FSDP2 pads):
+  the root group (embeddings, final norm, output) stays gathered from the forward to the end of
+  the backward, 2 B * root; so at the end of the forward. The backward, estimated: the root's
+  weights and its bf16 gradients (held until its reduce-scatter, the backward's last), two
+  blocks' weights (one computing, one prefetched), one block's bf16 gradients and the fp32
+  reduce-scatter input of the block before (FSDP2 keeps one in flight): 4 B * root + 10 B * block,
+  or the root's own reduce-scatter at the end if larger (6 B * root: its gradients and their fp32
+  input, its weights freed). Not counted: a group's transient all-gather buffers and
+  reduce-scatter output, and with offload the shard copied to the GPU for its gather (at most 6 B
+  per shard element of one group). None on one GPU.
+- rl's reference (N > 1): its root stays gathered, 2 B * root, from its first forward on; its
+  forward, estimated: two blocks gathered (4 B * block) and its logits' n * V * 12, beside the
+  policy's forward-end rows. One GPU: its logits only.
 - Peak: training holds the persistent rows plus either its forward-end rows (block inputs, autocast
   cache, root gathered, forward logits) or its backward rows (block inputs, gathers, one block
-  twice, backward logits); rl's generation phase holds the persistent rows, the KV cache and decode
+  twice, backward logits); rl adds a phase for the reference's forward (the forward-end rows and
+  that forward), and its generation phase holds the persistent rows, the KV cache and decode
   logits instead. Needed per GPU: peak * headroom (allocator fragmentation and cached blocks) +
   runtime_gb (CUDA context, NCCL and cuBLAS workspaces, outside PyTorch's allocator). GPUs needed:
   the smallest N of 1, 2, 4, 8 then multiples of gpus_per_node (up to max_gpus; search and eval
   up to gpus_per_node: more GPUs only add data-parallel copies) whose need fits gpu_gb (GB = 10^9
-  bytes; an "80 GB" card holds a little more: the margin is the plan's).
-Checked by tests (test_all.py, -k "plan or fsdp_update or tensor_parallel"): the weights,
-gradients and AdamW bytes against what fully_shard's ranks hold after one step (2 ranks, gloo,
-CPU), rl's bf16 generation copy and reference shard against what rl.py builds (2 and 4 ranks), the
-autocast cache against the bf16 copies alive at the end of sft.wrap's checkpointed forward, the KV
-cache against generate.py's allocation, the TP weights and KV cache against what
-model.tensor_parallel's rank 0 holds at tp = 2, a block's saved tensors (T * a plus its bf16
-matrix copies, packed and plain rows) against what saved_tensors_hooks lists for one block under
-bf16 autocast on CPU (distinct storages). Not checked: CUDA's attention kernels' saved tensors
-(flash or memory-efficient SDPA may save other tensors than the CPU kernel), the gradients that
-flow through the block in the backward, logits temporaries, gathers, allocator fragmentation
-(headroom) and runtime: they need a GPU's allocator to measure (torch.cuda.max_memory_allocated).
-Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's and
-the reference forward's temporaries (assumed below the backward's peak), the prefix cache's
-overshoot of its bound, rotary tables (2 * max_seq_len * head_dim * 4 B per model copy),
-torch.compile's workspaces, pinned host memory.
+  bytes; an "80 GB" card holds a little more: the margin is the plan's); offload applies where
+  N > 1 (one GPU shards nothing).
+Checked by tests (test_all.py, -k "plan or fsdp_update or tensor_parallel"): the weights, gradients
+and AdamW bytes against what fully_shard's ranks hold after one step of sft.wrap's bf16 mixed
+precision with offload (2 ranks, gloo, CPU: host memory there), and the bf16 storages alive at the
+end of its checkpointed forward against the root gathered plus the block inputs (their rotary tables
+included), and the root a bf16 reference keeps gathered after its forward; rl's bf16 generation copy
+and reference shard against what rl.py builds (2 and 4 ranks); the autocast cache against the bf16
+copies alive at the end of one process's checkpointed autocast forward; the KV cache against
+generate.py's allocation; the TP weights and KV cache against what model.tensor_parallel's rank 0
+holds at tp = 2; a block's saved tensors (T * a, plus its bf16 matrix copies under autocast; packed
+and plain rows) against what saved_tensors_hooks lists for one block on CPU, under bf16 autocast and
+in a bf16 model (distinct storages). Not checked: CUDA's attention kernels' saved tensors (flash or
+memory-efficient SDPA may save other tensors than the CPU kernel), the gradients that flow through
+the block in the backward, logits temporaries, the backward's gathers and reduce-scatter buffers,
+the reference's forward, allocator fragmentation (headroom) and runtime: they need a GPU's allocator
+to measure (torch.cuda.max_memory_allocated).
+Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's
+temporaries and the reference's block activations (one block's, no grad), the final norm's saved
+tensors (T * (8d + 4)), the prefix cache's overshoot of its bound, rotary tables (2 * max_seq_len *
+head_dim * 4 B per model copy), torch.compile's workspaces; on the host, the whole-model copy
+each rank makes of a checkpoint it loads in another dtype before fully_shard keeps its shard
+(sft's fp32 policy from a bf16 init: 4 B per parameter per rank; rl's bf16 reference from the
+fp32 model.pt: 2 B), until sharded; a checkpoint loaded in its own dtype stays memory-mapped.
 """
 import math
 import os
@@ -143,13 +176,12 @@ class Config:
     headroom: float = 1.10         # allocator fragmentation and cached blocks: peak * headroom
     runtime_gb: float = 2.0        # per GPU outside PyTorch's allocator: CUDA context, NCCL, cuBLAS
     max_gpus: int = 1024           # the largest N "GPUs needed" tries
-    autocast_cache: bool = True    # torch.autocast's default (common.autocast): the bf16 weight
-                                   # copies live to the end of the forward
     prompt_len: int = 512          # tokens of the longest rendered prompt (a MATH problem + chat)
     # sft: config/sft_llama_math.py
     sft_seq_len: int = SFT.seq_len
     sft_micro_batch: int = SFT.micro_batch
     sft_grad_checkpoint: bool = SFT.grad_checkpoint
+    sft_offload: bool = SFT.offload  # N > 1: FSDP2's shards, gradients, AdamW in host memory
     # rl: config/rl_llama_math.py
     rl_prompts_per_step: int = RL.prompts_per_step
     rl_group_size: int = RL.group_size
@@ -157,6 +189,7 @@ class Config:
     rl_gen_batch_size: int = RL.gen_batch_size
     rl_micro_batch: int = RL.micro_batch
     rl_grad_checkpoint: bool = RL.grad_checkpoint
+    rl_offload: bool = RL.offload  # N > 1: those and the reference's shard in host memory
     rl_generation: str = "copy"    # "copy": rl.py's whole bf16 copy per GPU; "tp": rl.py
                                    # --tp=tp, the copy tensor parallel within a node
     # search: config/search_llama_math.py
@@ -184,8 +217,6 @@ class Config:
 
 class Params(NamedTuple):
     shapes: dict  # parameter name -> shape (a tied matrix once)
-    root: int     # elements of FSDP2's root group: embeddings, final norm, output
-    block: int    # elements of one block
     linear: int   # elements of the Linear weights (what autocast casts to bf16)
 
 
@@ -199,10 +230,8 @@ def params(shape):
         with torch.device("meta"):
             net = Llama(shape)
         shapes = {n: tuple(p.shape) for n, p in net.named_parameters()}
-        size = lambda keep: sum(math.prod(s) for n, s in shapes.items() if keep(n))
         linear = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Linear))
-        _PARAMS[key] = Params(shapes, size(lambda n: not n.startswith("layers.")),
-                              size(lambda n: n.startswith("layers.0.")), linear)
+        _PARAMS[key] = Params(shapes, linear)
     return _PARAMS[key]
 
 
@@ -248,8 +277,9 @@ def decode_logits(shape, rows):
 # ----------------------------------------------------------------------------- training
 
 def saved_per_token(shape, packed):
-    """Bytes one block saves for its backward per token under bf16 autocast (docstring's a);
-    packed: sft's per-document attention, else rl's plain causal rows."""
+    """Bytes one block saves for its backward per token (docstring's a), the same under bf16
+    autocast over fp32 weights and in bf16 without autocast (FSDP2's mixed precision); packed:
+    sft's per-document attention, else rl's plain causal rows."""
     hd = shape.dim // shape.n_heads
     q, kv = shape.n_heads * hd, shape.n_kv_heads * hd
     a = 16 * shape.dim + 6 * q + 4 * kv + 4 * shape.n_heads + 8 * ffn_hidden(shape) + 8
@@ -261,29 +291,46 @@ def autocast_cache(shape):
     return 2 * params(shape).linear
 
 
-def training(shape, world, tokens, recompute, cache, logits_fwd, packed):
-    """{row: bytes} of training's transient memory on one GPU, a micro-batch of `tokens` tokens
-    whose logits are all computed; logits_fwd: bytes per logit at the end of the forward; packed:
-    per-document attention (saved_per_token)."""
-    p, a = params(shape), saved_per_token(shape, packed)
-    block = tokens * a + 2 * (p.block - 2 * shape.dim)  # the block's bf16 matrix copies
-    fsdp = world > 1
-    return {
-        "block inputs (fp32)": shape.n_layers * tokens * 4 * shape.dim,
-        "blocks' saved tensors": 0 if recompute else shape.n_layers * block,
+def groups(shape, world=1):
+    """(root, block): elements of FSDP2's root group (embeddings, final norm, output) and of one
+    block's group as all-gathered over `world` ranks: each parameter's dim 0 padded to a multiple
+    of world, as FSDP2 pads (world 1: the parameters as they are)."""
+    padded = lambda keep: sum(world * chunk0(s, world) for n, s in params(shape).shapes.items()
+                              if keep(n))
+    return (padded(lambda n: not n.startswith("layers.")),
+            padded(lambda n: n.startswith("layers.0.")))
+
+
+def training(shape, world, tokens, table_rows, recompute, logits_fwd, packed):
+    """(rows, forward-end labels, backward labels) of training's transient memory on one GPU, a
+    micro-batch of `tokens` tokens whose logits are all computed; world > 1: FSDP2's bf16 mixed
+    precision, else bf16 autocast over fp32 weights. table_rows: rows of the rotary tables a block
+    is given (packed: one per token; plain rows share theirs); logits_fwd: bytes per logit at the
+    end of the forward; packed: per-document attention (saved_per_token)."""
+    L, d, hd = shape.n_layers, shape.dim, shape.dim // shape.n_heads
+    a, mp = saved_per_token(shape, packed), world > 1
+    root, grp = groups(shape, world)
+    if mp:  # the bf16 residual, and the rotary tables FSDP2 casts to bf16 for each block
+        inputs = ("block inputs (bf16)", L * (tokens * 2 * d + table_rows * 2 * 2 * hd))
+        block = tokens * a
+    else:  # the fp32 residual; the block's saved tensors include its matrices' bf16 copies
+        inputs = ("block inputs (fp32)", L * tokens * 4 * d)
+        block = tokens * a + 2 * (groups(shape)[1] - 2 * d)
+    rows = {
+        inputs[0]: inputs[1],
+        "blocks' saved tensors": 0 if recompute else L * block,
         "block in the backward": (block if recompute else 0) + tokens * a,
-        "autocast cache (bf16)": autocast_cache(shape) if cache and recompute else 0,
+        "autocast cache (bf16)": autocast_cache(shape) if recompute and not mp else 0,
         "logits, forward": tokens * shape.vocab_size * logits_fwd,
         "logits, backward": tokens * shape.vocab_size * 16,
-        "gathered, forward": 4 * p.root if fsdp else 0,
-        "gathered, backward": 4 * (2 * p.root + 3 * p.block) if fsdp else 0,
+        "gathered (bf16), forward": 2 * root if mp else 0,
+        "gathered (bf16), backward": max(4 * root + 10 * grp, 6 * root) if mp else 0,
     }
-
-
-FORWARD = ("block inputs (fp32)", "blocks' saved tensors", "autocast cache (bf16)",
-           "logits, forward", "gathered, forward")
-BACKWARD = ("block inputs (fp32)", "blocks' saved tensors", "block in the backward",
-            "logits, backward", "gathered, backward")
+    forward = [inputs[0], "blocks' saved tensors", "autocast cache (bf16)", "logits, forward",
+               "gathered (bf16), forward"]
+    backward = [inputs[0], "blocks' saved tensors", "block in the backward", "logits, backward",
+                "gathered (bf16), backward"]
+    return rows, forward, backward
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -292,51 +339,70 @@ class Plan(NamedTuple):
     rows: dict    # label -> bytes per GPU
     phases: dict  # phase -> the labels it holds at once
     setup: str    # the batch and layout, in words
+    host: dict    # label -> bytes per rank in host memory (offload), not on its GPU
 
 
-def shards(n):
-    return f"FSDP2 over {n} GPUs" if n > 1 else "one GPU (no sharding)"
+def shards(n, offload):
+    if n == 1:
+        return "one GPU (no sharding; bf16 autocast)"
+    return f"FSDP2 over {n} GPUs, bf16 mixed precision" + ", offload" * offload
+
+
+def training_plan(rows, persistent, tr, phases, n, offload):
+    """(rows, phases, host) of a training stage: its rows and training's (tr, its triple); the
+    persistent rows are held in every phase, the phases given and training's two; offload (N > 1)
+    moves the persistent FSDP2 shards (the rows named "FSDP shard") from the GPU to host."""
+    moved = [k for k in persistent if "FSDP shard" in k] if offload and n > 1 else []
+    host = {k: rows.pop(k) for k in moved}
+    keep = [k for k in persistent if k not in host]
+    rows.update(tr[0])
+    phases = {name: keep + keys for name, keys in phases.items()}
+    phases.update({"forward end": keep + tr[1], "backward": keep + tr[2]})
+    return rows, phases, host
 
 
 def plan_sft(shape, n, c):
     st = fsdp_state(shape, n)
     tokens = c.sft_micro_batch * c.sft_seq_len
-    tr = training(shape, n, tokens, c.sft_grad_checkpoint, c.autocast_cache, 8, True)
+    tr = training(shape, n, tokens, tokens, c.sft_grad_checkpoint, 8, True)
     rows = {"weights (fp32, FSDP shard)": st["weights"],
             "gradients (fp32, FSDP shard)": st["gradients"],
-            "AdamW state (fp32, FSDP shard)": st["optimizer"], **tr}
-    keep = list(rows)[:3]
-    setup = (f"{shards(n)}; micro-batch {c.sft_micro_batch} x {c.sft_seq_len} tokens"
-             + "; recompute" * c.sft_grad_checkpoint)
-    return Plan(rows, {"forward end": keep + list(FORWARD), "backward": keep + list(BACKWARD)},
-                setup)
+            "AdamW state (fp32, FSDP shard)": st["optimizer"]}
+    rows, phases, host = training_plan(rows, list(rows), tr, {}, n, c.sft_offload)
+    setup = (f"{shards(n, c.sft_offload)}; micro-batch {c.sft_micro_batch} x {c.sft_seq_len} "
+             "tokens" + "; recompute" * c.sft_grad_checkpoint)
+    return Plan(rows, phases, setup, host)
 
 
 def plan_rl(shape, n, c):
     tp = min(n, c.gpus_per_node) if c.rl_generation == "tp" else 1
-    groups = max(1, n // tp)
-    seqs = -(-c.rl_prompts_per_step * c.rl_group_size // groups)
+    dp = max(1, n // tp)  # generation groups
+    seqs = -(-c.rl_prompts_per_step * c.rl_group_size // dp)
     gen_rows = min(c.rl_gen_batch_size, seqs)
     gen, kv = ("TP", ", TP") if c.rl_generation == "tp" else ("whole", "")
     st = fsdp_state(shape, n)
-    tokens = c.rl_micro_batch * (c.prompt_len + c.rl_max_new_tokens)
-    tr = training(shape, n, tokens, c.rl_grad_checkpoint, c.autocast_cache, 12, False)
+    root, block = groups(shape, n)
+    row_len = c.prompt_len + c.rl_max_new_tokens
+    tr = training(shape, n, c.rl_micro_batch * row_len, row_len, c.rl_grad_checkpoint, 12,
+                  False)
     rows = {"weights (fp32, FSDP shard)": st["weights"],
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"],
             f"generation weights (bf16, {gen})": tensor_parallel(shape, tp),
             "reference (bf16, FSDP shard)": sharded(shape, n),
+            "reference, root gathered (bf16)": 2 * root if n > 1 else 0,
             f"KV cache (bf16{kv})": kv_cache(shape, gen_rows, c.prompt_len, c.rl_max_new_tokens,
                                              tp),
-            "decode logits": decode_logits(shape, gen_rows), **tr}
-    keep = list(rows)[:5]
-    layout = f"TP {tp} x {groups}" if c.rl_generation == "tp" else "a whole copy per GPU"
-    setup = (f"{shards(n)}; generation {layout}: {gen_rows} rows of {c.prompt_len}+"
-             f"{c.rl_max_new_tokens} tokens; micro-batch {c.rl_micro_batch}"
+            "decode logits": decode_logits(shape, gen_rows),
+            "reference forward": 4 * block * (n > 1) + tr[0]["logits, forward"]}
+    phases = {"generation": [f"KV cache (bf16{kv})", "decode logits"],
+              "reference forward": tr[1] + ["reference forward"]}
+    rows, phases, host = training_plan(rows, list(rows)[:6], tr, phases, n, c.rl_offload)
+    layout = f"TP {tp} x {dp}" if c.rl_generation == "tp" else "a whole copy per GPU"
+    setup = (f"{shards(n, c.rl_offload)}; generation {layout}: {gen_rows} rows of "
+             f"{c.prompt_len}+{c.rl_max_new_tokens} tokens; micro-batch {c.rl_micro_batch}"
              + "; recompute" * c.rl_grad_checkpoint)
-    return Plan(rows, {"generation": keep + [f"KV cache (bf16{kv})", "decode logits"],
-                       "forward end": keep + list(FORWARD), "backward": keep + list(BACKWARD)},
-                setup)
+    return Plan(rows, phases, setup, host)
 
 
 def plan_decode(shape, n, c, rows, new_tokens, context, prefix_mb=0):
@@ -349,7 +415,7 @@ def plan_decode(shape, n, c, rows, new_tokens, context, prefix_mb=0):
     if prefix_mb:
         rows_["prefix cache (bf16, TP)"] = prefix_mb * 2**20 // tp
     setup = f"TP {tp} (--tp={tp}): {rows} rows of {context}+{new_tokens} tokens"
-    return Plan(rows_, {"decode": list(rows_)}, setup)
+    return Plan(rows_, {"decode": list(rows_)}, setup, {})
 
 
 def plan_stage(stage, shape, n, c):
@@ -406,6 +472,10 @@ def stage_table(stage, names, c):
     found = [gpus_needed(stage, MODELS[m][1], c) for m in names]
     rows.append((f"GPUs needed ({c.gpu_gb:g} GB each)",
                  [str(n) if n else "none" for n in found]))
+    if any(p.host for p in plans):  # offload: the ranks of a node hold their shards on its host
+        ranks = min(c.gpus, c.gpus_per_node)
+        rows.append((f"host memory per node ({ranks} ranks' offloaded shards)",
+                     [gb(ranks * sum(p.host.values())) for p in plans]))
     setups = sorted({p.setup for p in plans})
     title = f"{stage} on {c.gpus} GPU{'s' * (c.gpus > 1)}: " + "; ".join(setups)
     return table(title, [MODELS[m][0] for m in names], rows)

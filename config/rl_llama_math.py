@@ -2,8 +2,9 @@
 # The paths are placeholders: point init at your SFT checkpoint (our format, a Meta or a Hugging
 # Face dir).
 #   torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py
-# Written for an 8B policy. A 70B one's whole bf16 generation copy (141 GB) fits no GPU: its
-# rollouts need --tp=8 (bench/plan.py --model=70B --stage=rl --rl_generation=tp).
+# Written for an 8B policy. 70B on 8 x 80 GB: add --offload=True --tp=8 (its whole bf16 generation
+# copy, 141 GB, fits no GPU; bench/plan.py --model=70B --stage=rl --rl_offload=True
+# --rl_generation=tp: 66 GB per GPU, 1.27 TB of host memory for the offloaded shards).
 init = "out/sft_llama_math"  # the ASTRO-SFT policy of config/sft_llama_math.py
 train = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
 val = "data/math/math_val.jsonl"  # held-out MATH problems from the same prepare.py run
@@ -20,13 +21,13 @@ max_steps = 500  # a long run: every prompt a few times over
 truncation = "wrong"  # a long run: masked truncations let answers grow unchecked (rl.py docstring)
 lr = 1e-6  # the usual rate for RL of 1B-70B models
 warmup_steps = 20  # a short warm-up of a long run
-micro_batch = 1  # bench/plan.py: 8B fits 8 x 80 GB at 1 (the fp32 logits of a 4608-token row);
-                # at 4 it needs 113 GB per GPU
+micro_batch = 1  # bench/plan.py, 8B on 8 GPUs: 63 GB per GPU at 1 (generation's peak), 79 at 2,
+                # 113 at 4 (the fp32 logits of 4608-token rows, the policy's and the reference's)
 kl_beta = 0.001  # a light anchor to the SFT policy over a long run
 eval_every = 50  # ten held-out evaluations over the run
 eval_limit = 500  # MATH500's size: a steady estimate for its cost
 save_every = 25  # a crash loses at most 25 slow steps
-dtype = "bfloat16"  # GPUs: bf16 compute, bf16 rollouts and reference
+dtype = "bfloat16"  # GPUs: bf16 compute (FSDP2's mixed precision), bf16 rollouts and reference
 fsdp = True  # 8B with fp32 AdamW state does not fit one GPU
 grad_checkpoint = True  # rows of up to 4608 tokens: recompute activations instead of storing them
 compile = True  # decode speed over thousands of generated tokens is worth the one-off compile

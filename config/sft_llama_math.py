@@ -5,6 +5,8 @@
 #     python sft.py config/sft_llama_math.py --fsdp=False --micro_batch=1
 #   8 GPUs (Llama-3.1-8B-Instruct):
 #     torchrun --standalone --nproc_per_node=8 sft.py config/sft_llama_math.py
+#   8 GPUs (Llama-3.1-70B-Instruct): the same, init a 70B dir, with --offload=True (bench/plan.py
+#     --model=70B --stage=sft --sft_offload=True: 59 GB per GPU, 1.13 TB of host memory for shards)
 # Memory: a full fine-tune keeps fp32 weights + grads + 2 AdamW moments = 16 bytes/param: 1B ~20
 # GB, 3B ~51 GB (one 80 GB GPU), 8B ~128 GB (needs fsdp=True over >= 2 GPUs), plus activations
 # (grad_checkpoint keeps them small) and the fp32 logits of a row (8192 x 128256 x 4 bytes = 4.2
@@ -27,7 +29,8 @@ warmup_steps = 10  # a short warm-up: the weights are already trained
 min_lr_frac = 0.1
 weight_decay = 0.0  # a fine-tune of a pretrained model: no decay
 grad_clip = 1.0
-dtype = "bfloat16"  # GPUs: bf16 autocast over fp32 master weights
+dtype = "bfloat16"  # GPUs: bf16 compute over fp32 master weights (FSDP2's mixed precision;
+                    # one GPU: autocast)
 compile = True  # a long GPU run: the one-off compile pays for itself
 fsdp = True  # 8B with fp32 AdamW state does not fit one GPU
 grad_checkpoint = True  # rows of 8192 tokens: recompute activations instead of storing them
