@@ -16,6 +16,7 @@ import ast
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import math
@@ -208,6 +209,35 @@ def resume_jsonl(path, key="id"):
     return done
 
 
+def derive_seed(*parts):
+    """A 63-bit seed from any parts (a run's seed, a purpose, a step, a rank): stable across runs
+    and machines, unlike hash()."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class MetricsFile:
+    """out_dir/metrics.jsonl, written on rank 0 (master): the records a resumed run's state holds
+    (those `keep` accepts) are kept, the rest dropped (they are redone), then one record is
+    appended per write."""
+
+    def __init__(self, out_dir, keep, master):
+        self.file = None
+        if master:
+            path = os.path.join(out_dir, "metrics.jsonl")
+            write_jsonl(path, [r for r in resume_jsonl(path) if keep(r)])
+            self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, rec):
+        """Appends rec (rank 0); returns whether this rank writes, and so logs."""
+        if self.file:
+            append_jsonl(self.file, rec)
+        return self.file is not None
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
 def append_jsonl(f, rec):
     """Append one record and flush it to disk, so a killed run keeps every finished record."""
     f.write(json.dumps({k: v for k, v in rec.items() if k != "_line"}, ensure_ascii=False) + "\n")
@@ -341,23 +371,33 @@ def grad_sync(model, on):
     return contextlib.nullcontext() if on or is_sharded(model) else model.no_sync()
 
 
-def fsdp_shard(model, dtype=torch.float32, offload=False):
+def fsdp_shard(model, dtype=torch.float32, offload=False, store=None):
     """FSDP2 (torch's fully_shard) over all ranks, in place: each block of model.layers its own
     group (gathered for its forward and its backward, then freed), then the root (embeddings, final
     norm, output). Parameters become DTensors sharded on dim 0; build the optimizer after.
     dtype bfloat16: FSDP2's mixed precision instead of autocast (training_context): each group is
     gathered in bf16 and computes in it, gradients are reduced in fp32 into the fp32 shards, and no
     bf16 copy outlives its group. offload: the shards, their gradients and AdamW's state live in
-    host memory (a group's shard is copied to the GPU for its gather; AdamW steps on the CPU)."""
+    host memory (a group's shard is copied to the GPU for its gather; AdamW steps on the CPU).
+    store: the shards' dtype (None: the weights' own), each group cast just before it is sharded:
+    a checkpoint memory-mapped in another dtype (bf16 weights trained in fp32, an fp32 policy as a
+    bf16 reference) is copied one group at a time, never whole."""
     from torch.distributed import fsdp  # only here: the import costs seconds
     kw = {}
     if dtype != torch.float32:
-        kw["mp_policy"] = fsdp.MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # the blocks' float inputs stay as given: the rotary tables fp32, the residual bf16
+        kw["mp_policy"] = fsdp.MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                    cast_forward_inputs=False)
     if offload:
         kw["offload_policy"] = fsdp.CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+
+    def shard(module, params):
+        for p in params if store is not None else []:
+            p.data = p.data.to(store)  # in place: a tied matrix stays one parameter
+        fsdp.fully_shard(module, **kw)
     for block in model.layers:
-        fsdp.fully_shard(block, **kw)
-    fsdp.fully_shard(model, **kw)
+        shard(block, block.parameters())
+    shard(model, [p for n, p in model.named_parameters() if not n.startswith("layers.")])
     return model
 
 

@@ -67,7 +67,6 @@ tensor-parallel copy per group of tp consecutive ranks (as search and eval's --t
 split the prompts and seeds by dp rank, each rank trains on its share of its group's.
 """
 import contextlib
-import hashlib
 import os
 import random
 import time
@@ -137,8 +136,7 @@ class Config:
     offload: bool = False           # fsdp: those shards (and the gradients) in host memory
     tp: int = 1                     # fsdp: rollouts from a copy tensor parallel over tp ranks
     grad_checkpoint: bool = False   # recompute each block in the backward: less memory
-    logit_chunk: int = 0            # > 0: the output layer on this many positions at a time,
-                                    # recomputed in the backward (long rows, large vocabularies)
+    logit_chunk: int = 0            # > 0: logits this many positions at a time (less memory)
     oracle: bool = False            # ablation: Countdown's tool writes the grader's verdict
 
     ranges = dict(prompts_per_step=(1, None), group_size=(2, None), temperature=(0.0, None),
@@ -151,8 +149,7 @@ class Config:
                   tp=(1, None), logit_chunk=(0, None))
 
 
-# Keys that may change between a run and its resume without changing what is trained (tp, as the
-# number of processes, changes only how the rollouts are split among ranks and seeded).
+# Keys a resume may change without changing what is trained (tp: how rollouts are split and seeded).
 RESUME_FREE = {"out_dir", "device", "compile", "fsdp", "offload", "tp", "grad_checkpoint",
                "logit_chunk", "micro_batch", "eval_every", "eval_limit", "eval_temperature",
                "save_every", "log_kl"}
@@ -237,10 +234,6 @@ def collate(rows, pad, device):
 
 # ----------------------------------------------------------------------------- rollouts and prompts
 
-def derive_seed(*parts):
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
 def step_prompts(n, step, per_step, seed):
     """Indices of the prompts of `step`: positions [step*per_step, (step+1)*per_step) of an endless
     stream of per-epoch permutations seeded by (seed, epoch). Stateless, so a resume needs only the
@@ -310,7 +303,7 @@ def select_prompts(cfg, sampler, tok, recs, rank, world, dp_rank, dp):
             if i + dp_rank < len(todo):
                 k = todo[i + dp_rank]
                 part, n = cands[k:k + C], cfg.filter_samples
-                seed = derive_seed(cfg.seed, "filter", k)
+                seed = common.derive_seed(cfg.seed, "filter", k)
                 comps = rollout(sampler, tok, part, n, cfg.temperature, seed, cfg)
                 res = [{"id": r["id"],
                         "pass_rate": sum(c["correct"] for c in comps[j * n:(j + 1) * n]) / n}
@@ -410,7 +403,7 @@ def evaluate(step, sampler, tok, val, cfg, rank, world, dp_rank, dp, log):
     """Held-out accuracy on the rollout path (generate + tasks.grade), reported by
     eval.summarize. The dp groups split the problems; a tp group's first rank reports them."""
     part = val[dp_rank::dp]
-    seed = derive_seed(cfg.seed, "eval", step, dp_rank)
+    seed = common.derive_seed(cfg.seed, "eval", step, dp_rank)
     comps = rollout(sampler, tok, part, 1, cfg.eval_temperature, seed, cfg)
     preds = [dict(id=r["id"], sample=0, pred=c["pred"], correct=c["correct"],
                   tokens=len(c["tokens"]), backtracks=c["backtracks"],
@@ -443,12 +436,13 @@ def check(cfg):
 
 def reference(cfg, device, dtype, sharded):
     """The frozen start policy of the KL term, or None when the KL is neither used nor logged.
-    Under FSDP2 sharded as the policy: its forward gathers one block at a time."""
+    Under FSDP2 sharded as the policy (cast to dtype group by group): its forward gathers one block
+    at a time."""
     if not (cfg.kl_beta > 0 or cfg.log_kl):
         return None
-    ref, _ = load_model(cfg.init, "cpu" if sharded else device, dtype=dtype)
+    ref, _ = load_model(cfg.init, "cpu" if sharded else device, None if sharded else dtype)
     ref = ref.eval().requires_grad_(False)
-    return common.fsdp_shard(ref, offload=cfg.offload) if sharded else ref
+    return common.fsdp_shard(ref, offload=cfg.offload, store=dtype) if sharded else ref
 
 
 def resume(cfg, policy, optimizer):
@@ -474,25 +468,13 @@ def save(policy, optimizer, tok, steps, cfg, rank):
     save_state(cfg.out_dir, policy, optimizer, steps, extra)
 
 
-class Metrics:
-    """metrics.jsonl and the log lines, on rank 0. A resumed run keeps the records of the steps
-    state.pt holds; the rest is redone."""
-
-    def __init__(self, out_dir, start, rank):
-        self.file = None
-        if rank == 0:
-            path = os.path.join(out_dir, "metrics.jsonl")
-            common.write_jsonl(path, [r for r in common.resume_jsonl(path) if r["step"] < start])
-            self.file = open(path, "a", encoding="utf-8")
+class Metrics(common.MetricsFile):
+    """metrics.jsonl and the log lines, on rank 0; a resumed run keeps the records of the steps
+    state.pt holds."""
 
     def __call__(self, rec, line):
-        if self.file:
-            common.append_jsonl(self.file, rec)
+        if self.write(rec):
             tqdm.write(line)
-
-    def close(self):
-        if self.file:
-            self.file.close()
 
 
 def main(cfg):
@@ -506,11 +488,12 @@ def main(cfg):
 
     # the policy (fp32 master weights; bf16 compute), its sampler, the reference
     sharded = cfg.fsdp and world > 1
-    policy, tok = load_model(cfg.init, "cpu" if sharded else device)
+    fp32 = torch.float32  # sharded: loaded as stored, cast to fp32 group by group by fsdp_shard
+    policy, tok = load_model(cfg.init, "cpu" if sharded else device, None if sharded else fp32)
     if cfg.grad_checkpoint:
         common.recompute_blocks(policy)
-    if sharded:  # FSDP2: this rank's shards only; bf16: its mixed precision, not autocast
-        policy = common.fsdp_shard(policy, dtype, cfg.offload)
+    if sharded:  # FSDP2: this rank's fp32 shards only; bf16: its mixed precision, not autocast
+        policy = common.fsdp_shard(policy, dtype, cfg.offload, store=fp32)
     amp = common.training_context(policy, device, dtype)
     sampler = generation_model(policy, dtype, device, mesh=mesh, where=cfg.init)
     ref = reference(cfg, device, dtype, sharded)
@@ -526,7 +509,7 @@ def main(cfg):
     if world > 1 and not sharded:
         device_ids = [local] if device.startswith("cuda") else None
         model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=device_ids)
-    log = Metrics(cfg.out_dir, start, rank)
+    log = Metrics(cfg.out_dir, lambda r: r["step"] < start, rank == 0)
 
     # each step: rollouts of this rank's prompts -> advantages -> update -> log (-> checkpoint)
     for step in tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl",
@@ -537,7 +520,7 @@ def main(cfg):
         t0 = time.time()
         ids = step_prompts(len(prompts), step, cfg.prompts_per_step, cfg.seed)
         recs = [prompts[i] for i in ids][dp_rank::dp]
-        seed = derive_seed(cfg.seed, "rollout", step, dp_rank)
+        seed = common.derive_seed(cfg.seed, "rollout", step, dp_rank)
         comps = rollout(sampler, tok, recs, cfg.group_size, cfg.temperature, seed, cfg)
         # a tp group's ranks sampled the same groups: each trains on (and logs) every tp-th one
         G, tp = cfg.group_size, world // dp

@@ -80,8 +80,7 @@ class Config:
     fsdp: bool = False          # under torchrun: shard params, grads, optimizer (FSDP2), not DDP
     offload: bool = False       # fsdp: those shards in host memory (AdamW steps on the CPU)
     grad_checkpoint: bool = False  # recompute each block in the backward: less memory for long rows
-    logit_chunk: int = 0        # > 0: the output layer on this many positions at a time,
-                                # recomputed in the backward (long rows, large vocabularies)
+    logit_chunk: int = 0        # > 0: logits this many positions at a time (less memory)
     eval_every: int = 50        # val loss every N steps (and at the start and end); 0 = those only
     save_every: int = 50        # state.pt every N steps (and at the end); 0 = at the end only
     log_every: int = 10         # one log line (and a metrics.jsonl record) every N steps
@@ -253,7 +252,9 @@ def build_model(cfg, device, world):
                             n_kv_heads=cfg.n_kv_heads, vocab_size=tok.n_vocab,
                             max_seq_len=max(cfg.max_seq_len, cfg.seq_len))
         return Llama(shape).to(device), tok
-    raw, tok = load_model(cfg.init, device="cpu" if cfg.fsdp and world > 1 else device)
+    sharded = cfg.fsdp and world > 1  # then loaded as stored; wrap casts it group by group
+    fp32 = torch.float32
+    raw, tok = load_model(cfg.init, "cpu" if sharded else device, None if sharded else fp32)
     if cfg.seq_len > raw.cfg.max_seq_len:
         raise UserError(f"seq_len={cfg.seq_len} exceeds the max_seq_len {raw.cfg.max_seq_len} of "
                         f"{cfg.init}")
@@ -268,7 +269,7 @@ def wrap(raw, cfg, world, local, device, dtype):
     if cfg.grad_checkpoint:
         common.recompute_blocks(raw)
     if world > 1 and cfg.fsdp:
-        common.fsdp_shard(raw, dtype, cfg.offload)
+        common.fsdp_shard(raw, dtype, cfg.offload, store=torch.float32)
     if cfg.compile:  # block by block, dynamic shapes: one graph for every row length
         for block in raw.layers:
             block.forward = torch.compile(block.forward, dynamic=True)
@@ -359,27 +360,18 @@ def window_record(step, lr, norm, window, proc):
                 grad_norm=norm.item(), tokens=int(tokens))
 
 
-class Metrics:
+class Metrics(common.MetricsFile):
     """metrics.jsonl and the log, on rank 0: one line per record. A resumed run keeps the records up
     to its step and drops what a killed run logged after its last checkpoint."""
 
     def __init__(self, out_dir, step, max_steps, master, log):
-        self.max_steps, self.log, self.file = max_steps, log, None
-        if master:
-            path = os.path.join(out_dir, "metrics.jsonl")
-            old = common.resume_jsonl(path) if step else []
-            common.write_jsonl(path, [r for r in old if r.get("step", 0) <= step])
-            self.file = open(path, "a", encoding="utf-8")
+        super().__init__(out_dir, lambda r: step > 0 and r.get("step", 0) <= step, master)
+        self.max_steps, self.log = max_steps, log
 
     def emit(self, rec):
-        if self.file:
-            common.append_jsonl(self.file, rec)
+        if self.write(rec):
             fields = [FORMATS[k].format(v) for k, v in rec.items() if k in FORMATS]
             self.log(" | ".join([f"step {rec['step']}/{self.max_steps}"] + fields))
-
-    def close(self):
-        if self.file:
-            self.file.close()
 
 
 def train(model, raw, opt, data, step, pos, max_steps, cfg, proc, metrics):

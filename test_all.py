@@ -13,6 +13,7 @@ and the main job, guards. transformers, llama-models and math-verify are test-on
 import ast
 import base64
 import contextlib
+import ctypes
 import copy
 import dataclasses
 import gc
@@ -3496,6 +3497,57 @@ def test_load_model_tp_never_holds_a_whole_weight(tmp_path):
         assert whole_first[rank][0] > full
 
 
+def _fsdp_load_worker(rank, world, port, out, small, big, whole_first):
+    """The peak growth of this rank's anonymous memory while it loads the bf16 checkpoint `big`
+    into fp32 FSDP2 shards (after `small`, so one-time costs are paid) as sft.py and rl.py do
+    (loaded as stored, fsdp_shard casting group by group), or with whole_first cast whole first;
+    and its shards gathered back."""
+    _torchrun_env(rank, world, port)
+    # glibc maps allocations over 1 MB on their own and unmaps them when freed (no dynamic
+    # threshold): RssAnon then follows what is allocated, not what the heap keeps
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    common.dist_setup()
+    if whole_first:
+        load = lambda d: common.fsdp_shard(checkpoint.load_model(d)[0])
+    else:
+        load = lambda d: common.fsdp_shard(checkpoint.load_model(d, dtype=None)[0],
+                                           store=torch.float32)
+    load(small)
+    growth, net = _peak_anon_growth(lambda: load(big))
+    full = {k: p.full_tensor().detach().numpy() for k, p in net.named_parameters()}  # all gather
+    full = full if rank == 0 else {}
+    out.put((rank, (growth, _storage_bytes(net.parameters()), full)))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_load_casts_one_group_at_a_time(tmp_path):
+    """An FSDP2 rank (2 ranks) loading a bf16 checkpoint into fp32 shards, as sft.py and rl.py do
+    for a bf16 init, holds the fp32 weights they were cast from (the tied matrix tied), and its
+    anonymous memory grows by its fp32 shards plus about one block's fp32 copy (the one being
+    cast): never the whole model cast (which loading it in fp32 first costs, every rank)."""
+    tok = tiny_tokenizer(tmp_path / "bytes.model")
+    big = tiny_model(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=tok.n_vocab,
+                     ffn_dim_multiplier=1.5, tie_embeddings=True).to(torch.bfloat16)
+    full = sum(p.numel() * 4 for p in big.parameters())  # fp32
+    block = sum(p.numel() * 4 for p in big.layers[0].parameters())
+    assert full > 60e6 and block < full / 7
+    checkpoint.save_checkpoint(str(tmp_path / "big"), big, tok, {})
+    checkpoint.save_checkpoint(str(tmp_path / "small"), random_model(), tok, {})
+    args = (str(tmp_path / "small"), str(tmp_path / "big"))
+    cast = _run_ranks(2, _fsdp_load_worker, *args, False)
+    whole_first = _run_ranks(2, _fsdp_load_worker, *args, True)
+    print(f"RssAnon growth (MB): cast per group {[round(g[0] / 1e6, 1) for g in cast.values()]}, "
+          f"whole first {[round(g[0] / 1e6, 1) for g in whole_first.values()]}; fp32 weights "
+          f"{full / 1e6:.1f}, a block {block / 1e6:.1f}")
+    for rank in (0, 1):
+        growth, shards, _ = cast[rank]
+        assert 0.45 * full < shards < 0.55 * full and shards == whole_first[rank][1]
+        assert growth < shards + 1.5 * block and whole_first[rank][0] > full
+    for k, p in big.named_parameters():
+        assert torch.equal(torch.from_numpy(cast[0][2][k]), p.float()), k
+
+
 def _sharpen(path):
     """Large random weights for the checkpoint at path: greedy decoding has clear winners."""
     net, tok = checkpoint.load_model(path)
@@ -3817,8 +3869,19 @@ def test_plan_block_saved_tensors_match_hooks(packed):
         assert _block_saved_bytes(net16, T, packed) == Ta
         # the recomputed block's row (its saved tensors and the gradients through it): one GPU,
         # and FSDP2 over 2
-        rows = [bench_plan.training(shape, w, T, T, True, 8, packed)[0] for w in (1, 2)]
+        rows = [bench_plan.training(shape, w, T, True, 8, packed)[0] for w in (1, 2)]
         assert [r["block in the backward"] for r in rows] == [2 * Ta + copies, 2 * Ta]
+
+
+def test_gpu_memory_dry_run():
+    """bench/gpu_memory.py (the plan against a GPU's allocator, for a lent GPU) runs every layout's
+    steps on the CPU at a tiny shape with --dry_run: the script a GPU session runs once works."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_memory.py"),
+                          "--dry_run=True"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("dry ")]
+    assert len(lines) == 10 and all(float(line.split()[-2]) > 0 for line in lines)
+    assert sum("FSDP2" in line for line in lines) == 2
 
 
 def test_plan_prints_one_table_per_stage(capsys):
@@ -4009,7 +4072,7 @@ def test_step_prompts_is_a_stream_of_permutations():
         assert sorted(seq[e * n:(e + 1) * n]) == list(range(n))
     assert seq[:n] != seq[n:2 * n]
     assert rl.step_prompts(n, 4, per, 5) == seq[12:15]  # stateless: any step on its own
-    assert rl.derive_seed(1, "rollout", 3, 0) != rl.derive_seed(1, "rollout", 4, 0)
+    assert common.derive_seed(1, "rollout", 3, 0) != common.derive_seed(1, "rollout", 4, 0)
 
 
 # ------------------------------------------------------------ runs on the built-in task's pieces
@@ -4193,7 +4256,7 @@ def test_resume_after_a_crash_is_bitwise(easy, monkeypatch):
     real = rl.generate
 
     def dying(*a, **k):
-        if k["seed"] == rl.derive_seed(cut.seed, "rollout", 3, 0):
+        if k["seed"] == common.derive_seed(cut.seed, "rollout", 3, 0):
             raise Crash
         return real(*a, **k)
     monkeypatch.setattr(rl, "generate", dying)
@@ -4364,9 +4427,9 @@ def _rl_mixed_worker(rank, world, port, out, init, rows, cfg):
 @pytest.mark.slow
 def test_fsdp_mixed_precision_and_offload(easy):
     """rl.py's bf16 FSDP2 layout (fsdp_shard with bf16 and offload: no autocast; logits 4 positions
-    at a time) at 2 ranks: the blocks compute with bf16 weights, the shards and their gradients stay fp32, the gradient is
-    the 1-process fp32 one within bf16's error, and generation_model's bf16 copy is the weights
-    rounded to bf16."""
+    at a time) at 2 ranks: the blocks compute with bf16 weights, the shards and their gradients
+    stay fp32, the gradient is the 1-process fp32 one within bf16's error, and generation_model's
+    bf16 copy is the weights rounded to bf16."""
     cfg = easy("unused", micro_batch=2, ppo_epochs=1, kl_beta=0.0, grad_clip=0.0, logit_chunk=4)
     net, tok = checkpoint.load_model(cfg.init)
     p1 = tok.render_prompt([{"role": "user", "content": "make 5"}])
@@ -4503,7 +4566,8 @@ def test_math_recipe_configs_agree():
             head = f.read().split("\ninit = ")[0]  # the comment above the keys
         assert "70B" in head and "--offload=True" in head, name
         tp = "tp" if "--tp=8" in head else "copy"
-        c70 = dataclasses.replace(plan_cfg, rl_generation=tp)
+        mb = 1 if "--micro_batch=1" in head else getattr(plan_cfg, f"{stage}_micro_batch")
+        c70 = dataclasses.replace(plan_cfg, rl_generation=tp, **{f"{stage}_micro_batch": mb})
         assert not fits(stage, c70)
         assert fits(stage, dataclasses.replace(c70, **{f"{stage}_offload": True}))
     for a, d, diff in ((lin, lin_d, {"mode", "out"}), (sft_a, sft_d, {"data", "out_dir"}),

@@ -56,13 +56,14 @@ VOCAB = 128000  # token ids drawn below this
 
 def report(layout, phase, measured, planned, headroom):
     if dev == "cpu":
-        print(f"dry  {layout:<34} {phase:<18} planned {planned / GiB:6.2f} GiB")
+        print(f"dry  {layout:<36} {phase:<18} planned {planned / 2**20:6.2f} MiB")
         return
     ok = measured <= planned * headroom
     if not ok:
         failed.append(f"{layout}: {phase}")
-    print(f"{'ok  ' if ok else 'FAIL'} {layout:<34} {phase:<18} measured {measured / GiB:6.2f} GiB"
-          f"  planned {planned / GiB:6.2f} GiB  ({measured / planned:.2f}x)")
+    print(f"{'ok  ' if ok else 'FAIL'} {layout:<36} {phase:<18} measured "
+          f"{measured / GiB:6.2f} GiB  planned {planned / GiB:6.2f} GiB "
+          f"({measured / planned:.2f}x)")
 
 
 def planned(p, phase):
@@ -124,7 +125,6 @@ def check_sft(c, pc, chunk):
     p = plan.plan_sft(SHAPE, 1, replace(pc, sft_logit_chunk=chunk))
     report(layout, "forward end", fwd, planned(p, "forward end"), pc.headroom)
     report(layout, "backward", bwd, planned(p, "backward"), pc.headroom)
-    del net, opt
 
 
 def check_rl(c, pc):
@@ -164,7 +164,6 @@ def check_rl(c, pc):
                                         rl_gen_batch_size=c.gen_rows,
                                         rl_prompts_per_step=c.gen_rows, rl_group_size=1))
     report(layout, "generation", gen.bytes, planned(pg, "generation"), pc.headroom)
-    del net, opt, sampler, ref
 
 
 def check_fsdp(c, pc):
@@ -180,8 +179,7 @@ def check_fsdp(c, pc):
     amp = common.training_context(net, dev, torch.bfloat16)
     sft_step(net, opt, x, y, doc, 0, amp)
     fwd, bwd = sft_step(net, opt, x, y, doc, 0, amp)
-    rows, fwd_keys, bwd_keys = plan.training(SHAPE, 1, c.seq_len, c.seq_len, True, 8, True,
-                                             mp=True)
+    rows, fwd_keys, bwd_keys = plan.training(SHAPE, 1, c.seq_len, True, 8, True, mp=True)
     report(layout, "forward end", fwd, sum(rows[k] for k in fwd_keys), pc.headroom)
     report(layout, "backward", bwd, sum(rows[k] for k in bwd_keys), pc.headroom)
     torch.distributed.destroy_process_group()

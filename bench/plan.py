@@ -60,17 +60,18 @@ width):
   autocast: their fp32 outputs, bf16 casts and rsqrt and the fp32 residual; in bf16: each norm's
   fp32 copy of its input, rsqrt, and its bf16 normalized and scaled outputs); rl's plain causal
   rows save the whole qkv and rotated qk instead of per-document copies: a + 2kv. Checkpointing
-  keeps each block's input: N > 1, L * (T * 2d + r * 4 head_dim) (the bf16 residual stream, and
-  the rotary tables' r rows that FSDP2's mixed precision casts to bf16 for each block: r = T for
-  sft's packed rows, one row's length for rl's plain rows, which share theirs); N = 1,
-  L * T * 4d (fp32). One block is recomputed in the backward: T * a (N > 1) or T * a + 2 * (the
+  keeps each block's input: N > 1, L * T * 2d (the bf16 residual stream; the fp32 rotary tables
+  are shared by the blocks, FSDP2's mixed precision leaves its inputs uncast); N = 1, L * T * 4d
+  (fp32). One block is recomputed in the backward: T * a (N > 1) or T * a + 2 * (the
   block's matrices: autocast's bf16 copies) (N = 1), counted twice (its saved tensors and the
   gradients flowing through it, estimated at T * a); without recompute all L blocks' saved
   tensors are held. Logits:
   n * V * 16 in the backward (saved fp32 log-softmax, its incoming gradient, a temporary, the
   result), n * V * 8 (sft: fp32 logits and log-softmax) or 12 (rl: the whole row's fp32 logits,
   the completion slice copied, log-softmax) at the end of the forward. sft: n = T (loss_on="all");
-  rl: n = T (token_logprobs computes the output layer on the whole row).
+  rl: n = T (token_logprobs computes the output layer on the whole row). With logit_chunk (sft.py's
+  and rl.py's; model.chunked_logprobs) n = min(T, logit_chunk): the output layer runs that many
+  positions at a time and again in the backward.
 - Autocast cache (N = 1 only): torch.autocast keeps the bf16 copy of every weight a matmul casts
   until the outermost autocast context exits: by the end of a recomputed forward each GPU holds a
   bf16 copy of every Linear's weight (2 B per element). FSDP2's mixed precision has no such cache:
@@ -101,25 +102,24 @@ width):
 Checked by tests (test_all.py, -k "plan or fsdp_update or tensor_parallel"): the weights, gradients
 and AdamW bytes against what fully_shard's ranks hold after one step of sft.wrap's bf16 mixed
 precision with offload (2 ranks, gloo, CPU: host memory there), and the bf16 storages alive at the
-end of its checkpointed forward against the root gathered plus the block inputs (their rotary tables
-included), and the root a bf16 reference keeps gathered after its forward; rl's bf16 generation copy
-and reference shard against what rl.py builds (2 and 4 ranks); the autocast cache against the bf16
-copies alive at the end of one process's checkpointed autocast forward; the KV cache against
-generate.py's allocation; the TP weights and KV cache against what model.tensor_parallel's rank 0
-holds at tp = 2; a block's saved tensors (T * a, plus its bf16 matrix copies under autocast; packed
-and plain rows) against what saved_tensors_hooks lists for one block on CPU, under bf16 autocast and
-in a bf16 model (distinct storages). Not checked: CUDA's attention kernels' saved tensors (flash or
+end of its checkpointed forward against the root gathered plus the block inputs, and the root a
+bf16 reference keeps gathered after its forward; rl's bf16 generation copy and reference shard
+against what rl.py builds (2 and 4 ranks); the autocast cache against the bf16 copies alive at the
+end of one process's checkpointed autocast forward; the KV cache against generate.py's allocation;
+the TP weights and KV cache against what model.tensor_parallel's rank 0 holds at tp = 2; a block's
+saved tensors (T * a, plus its bf16 matrix copies under autocast; packed and plain rows) against
+what saved_tensors_hooks lists for one block on CPU, under bf16 autocast and in a bf16 model
+(distinct storages). Not checked: CUDA's attention kernels' saved tensors (flash or
 memory-efficient SDPA may save other tensors than the CPU kernel), the gradients that flow through
 the block in the backward, logits temporaries, the backward's gathers and reduce-scatter buffers,
-the reference's forward, allocator fragmentation (headroom) and runtime: they need a GPU's allocator
-to measure (torch.cuda.max_memory_allocated).
+the reference's forward, allocator fragmentation (headroom) and runtime: they need a GPU's
+allocator to measure (torch.cuda.max_memory_allocated).
 Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's
 temporaries and the reference's block activations (one block's, no grad), the final norm's saved
 tensors (T * (8d + 4)), the prefix cache's overshoot of its bound, rotary tables (2 * max_seq_len *
-head_dim * 4 B per model copy), torch.compile's workspaces; on the host, the whole-model copy
-each rank makes of a checkpoint it loads in another dtype before fully_shard keeps its shard
-(sft's fp32 policy from a bf16 init: 4 B per parameter per rank; rl's bf16 reference from the
-fp32 model.pt: 2 B), until sharded; a checkpoint loaded in its own dtype stays memory-mapped.
+head_dim * 4 B per model copy), torch.compile's workspaces; on the host while loading, one
+group's copy in the shards' dtype per rank (sft.py and rl.py load a checkpoint memory-mapped as
+stored, and common.fsdp_shard casts each group just before sharding it: a test measures it).
 """
 import math
 import os
@@ -182,6 +182,7 @@ class Config:
     sft_micro_batch: int = SFT.micro_batch
     sft_grad_checkpoint: bool = SFT.grad_checkpoint
     sft_offload: bool = SFT.offload  # N > 1: FSDP2's shards, gradients, AdamW in host memory
+    sft_logit_chunk: int = SFT.logit_chunk  # logits computed this many positions at a time
     # rl: config/rl_llama_math.py
     rl_prompts_per_step: int = RL.prompts_per_step
     rl_group_size: int = RL.group_size
@@ -190,6 +191,7 @@ class Config:
     rl_micro_batch: int = RL.micro_batch
     rl_grad_checkpoint: bool = RL.grad_checkpoint
     rl_offload: bool = RL.offload  # N > 1: those and the reference's shard in host memory
+    rl_logit_chunk: int = RL.logit_chunk
     rl_generation: str = "copy"    # "copy": rl.py's whole bf16 copy per GPU; "tp": rl.py
                                    # --tp=tp, the copy tensor parallel within a node
     # search: config/search_llama_math.py
@@ -210,7 +212,8 @@ class Config:
                   rl_micro_batch=(1, None), search_batch_size=(1, None),
                   search_max_rollout_tokens=(1, None), search_path_len=(0, None),
                   search_prefix_cache_mb=(0, None), eval_batch_size=(1, None),
-                  eval_max_new_tokens=(1, None))
+                  eval_max_new_tokens=(1, None), sft_logit_chunk=(0, None),
+                  rl_logit_chunk=(0, None))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -301,17 +304,18 @@ def groups(shape, world=1):
             padded(lambda n: n.startswith("layers.0.")))
 
 
-def training(shape, world, tokens, table_rows, recompute, logits_fwd, packed):
+def training(shape, world, tokens, recompute, logits_fwd, packed, chunk=0, mp=None):
     """(rows, forward-end labels, backward labels) of training's transient memory on one GPU, a
-    micro-batch of `tokens` tokens whose logits are all computed; world > 1: FSDP2's bf16 mixed
-    precision, else bf16 autocast over fp32 weights. table_rows: rows of the rotary tables a block
-    is given (packed: one per token; plain rows share theirs); logits_fwd: bytes per logit at the
-    end of the forward; packed: per-document attention (saved_per_token)."""
-    L, d, hd = shape.n_layers, shape.dim, shape.dim // shape.n_heads
-    a, mp = saved_per_token(shape, packed), world > 1
+    micro-batch of `tokens` tokens whose logits are all computed, chunk of them at a time if chunk
+    (logit_chunk); mp (default: world > 1): FSDP2's bf16 mixed precision, else bf16 autocast over
+    fp32 weights. logits_fwd: bytes per logit at the end of the forward; packed: per-document
+    attention (saved_per_token)."""
+    L, d = shape.n_layers, shape.dim
+    a, mp = saved_per_token(shape, packed), world > 1 if mp is None else mp
     root, grp = groups(shape, world)
-    if mp:  # the bf16 residual, and the rotary tables FSDP2 casts to bf16 for each block
-        inputs = ("block inputs (bf16)", L * (tokens * 2 * d + table_rows * 2 * 2 * hd))
+    logits = min(tokens, chunk or tokens) * shape.vocab_size
+    if mp:  # the bf16 residual
+        inputs = ("block inputs (bf16)", L * tokens * 2 * d)
         block = tokens * a
     else:  # the fp32 residual; the block's saved tensors include its matrices' bf16 copies
         inputs = ("block inputs (fp32)", L * tokens * 4 * d)
@@ -321,8 +325,8 @@ def training(shape, world, tokens, table_rows, recompute, logits_fwd, packed):
         "blocks' saved tensors": 0 if recompute else L * block,
         "block in the backward": (block if recompute else 0) + tokens * a,
         "autocast cache (bf16)": autocast_cache(shape) if recompute and not mp else 0,
-        "logits, forward": tokens * shape.vocab_size * logits_fwd,
-        "logits, backward": tokens * shape.vocab_size * 16,
+        "logits, forward": logits * logits_fwd,
+        "logits, backward": logits * 16,
         "gathered (bf16), forward": 2 * root if mp else 0,
         "gathered (bf16), backward": max(4 * root + 10 * grp, 6 * root) if mp else 0,
     }
@@ -364,7 +368,7 @@ def training_plan(rows, persistent, tr, phases, n, offload):
 def plan_sft(shape, n, c):
     st = fsdp_state(shape, n)
     tokens = c.sft_micro_batch * c.sft_seq_len
-    tr = training(shape, n, tokens, tokens, c.sft_grad_checkpoint, 8, True)
+    tr = training(shape, n, tokens, c.sft_grad_checkpoint, 8, True, c.sft_logit_chunk)
     rows = {"weights (fp32, FSDP shard)": st["weights"],
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"]}
@@ -383,8 +387,8 @@ def plan_rl(shape, n, c):
     st = fsdp_state(shape, n)
     root, block = groups(shape, n)
     row_len = c.prompt_len + c.rl_max_new_tokens
-    tr = training(shape, n, c.rl_micro_batch * row_len, row_len, c.rl_grad_checkpoint, 12,
-                  False)
+    tr = training(shape, n, c.rl_micro_batch * row_len, c.rl_grad_checkpoint, 12, False,
+                  c.rl_logit_chunk)
     rows = {"weights (fp32, FSDP shard)": st["weights"],
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"],

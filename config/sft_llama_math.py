@@ -24,6 +24,7 @@ epochs = 1.0
 max_steps = 0  # 0: one epoch decides the step count
 batch_size = 64  # rows of up to 8192 tokens: ~0.5M tokens per step
 micro_batch = 1  # one 8192-token row per forward per GPU: memory
+logit_chunk = 1024  # the output layer 1024 positions at a time: 1 GB of fp32 logits, not 8
 lr = 1e-5  # the paper used 3e-6 for 70B; smaller models take a somewhat larger rate
 warmup_steps = 10  # a short warm-up: the weights are already trained
 min_lr_frac = 0.1
