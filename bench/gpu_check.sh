@@ -5,6 +5,8 @@
 #
 # 1. bench/gpu_check.py --timings=False: model.py and generate.py on CUDA against the CPU (logits,
 #    KV cache, compiled decode, bf16, a compiled bf16 training step).
+#    Then bench/gpu_memory.py: bench/plan.py's phases against the allocator's peaks (1B shape: sft,
+#    rl, and the 70B layout, FSDP2 mixed precision with offload, on one rank).
 # 2. the main job's smoke variant on the GPU: every stage and hand-off, device "" = cuda, fp32.
 # 3. the settings of a Llama-scale run: a 0.36B policy (dim 1024, 8 layers, GQA 16/8) with the real
 #    Llama 3 tokenizer (128k vocab; from the llama-models package, or LLAMA_TOKENIZER), trained
@@ -42,6 +44,8 @@ step() {
 }
 
 step check 150 python bench/gpu_check.py --timings=False
+
+step memory 120 python bench/gpu_memory.py
 
 step smoke 150 env SMOKE=1 OUT="$W/smoke" bash runs/countdown.sh
 
