@@ -198,7 +198,8 @@ def main(c):
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run)"
     print(f"{name}, torch {torch.__version__}; {c.seq_len}-token rows")
     pc = replace(plan.Config(), sft_seq_len=c.seq_len, sft_micro_batch=1, rl_micro_batch=1,
-                 sft_grad_checkpoint=True, rl_grad_checkpoint=True)
+                 sft_grad_checkpoint=True, rl_grad_checkpoint=True, sft_logit_chunk=0,
+                 rl_logit_chunk=0)  # the steps below: whole rows' logits unless told
     for run in (lambda: check_sft(c, pc, 0), lambda: check_sft(c, pc, c.logit_chunk),
                 lambda: check_rl(c, pc), lambda: check_fsdp(c, pc)):
         run()
