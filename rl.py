@@ -361,6 +361,8 @@ def update(model, ref, optimizer, rows, cfg, world, device, pad, amp):
                 if ref is not None and (cfg.kl_beta > 0 or epoch == 0):
                     with torch.no_grad(), amp:
                         ref_logp = token_logprobs(ref, inputs, targets, s, cfg.logit_chunk)
+                    if common.is_sharded(ref):  # no backward frees a no-grad forward's root
+                        ref.reshard()
                 old = logp.detach() if cfg.ppo_epochs == 1 else old  # one epoch: ρ ≡ 1 exactly
                 loss, n_clip, kl = pg_loss(logp, old, adv, mask, cfg.clip_eps, ref_logp,
                                            cfg.kl_beta)

@@ -3735,13 +3735,17 @@ def _plan_worker(rank, world, port, out, shapes, B, T):
         logits.square().mean().backward()
         opt.step()
         # rl.py's bf16 reference (offload as rl.reference shards it) after its no-grad forward:
-        # its root stays gathered (no backward reshards it), its blocks do not
+        # its root stays gathered (no backward reshards it), its blocks do not; rl.update then
+        # reshards it
         ref = common.fsdp_shard(model.Llama(shape).to(torch.bfloat16).requires_grad_(False),
                                 offload=True)
         with torch.no_grad():
             ref(torch.randint(0, shape.vocab_size, (B, T)))
-        ref_root = _storage_bytes(p for p in ref.parameters()
-                                  if not isinstance(p, torch.distributed.tensor.DTensor))
+        whole = lambda: _storage_bytes(p for p in ref.parameters()
+                                       if not isinstance(p, torch.distributed.tensor.DTensor))
+        ref_root = whole()
+        ref.reshard()
+        ref_root = (ref_root, whole())
         ps = list(raw.parameters())
         state = [v for st in opt.state.values() for v in st.values()]
         got.append((alive, {"weights": _storage_bytes(ps),
@@ -3780,10 +3784,11 @@ def test_plan_training_state_matches_fully_shard():
         assert not set(p.host) & set(p.rows) and p.rows["autocast cache (bf16)"] == 0
         assert sum(sum(got[r][i][1].values()) for r in got) <= 2 * sum(p.host.values())
         # rl.py's offload: those and its bf16 reference's shard (rl's tests check that row); the
-        # reference's root, gathered on the GPU from its first forward on
+        # reference's root, gathered on the GPU in its forward (a part of that phase's row)
         r = bench_plan.plan_rl(shape, 2, dataclasses.replace(c, rl_offload=True))
         assert r.host == {**p.host, "reference (bf16, FSDP shard)": bench_plan.sharded(shape, 2)}
-        assert got[0][i][3] == got[1][i][3] == r.rows["reference, root gathered (bf16)"] > 0
+        root = 2 * bench_plan.groups(shape, 2)[0]
+        assert got[0][i][3] == got[1][i][3] == (root, 0) and r.rows["reference forward"] > root
         want = p.rows["gathered (bf16), forward"] + p.rows["block inputs (bf16)"] + B * T * 4 * 24
         assert got[0][i][0] == got[1][i][0] == want
     assert got[0][1][1]["weights"] < got[0][0][1]["weights"]  # the tied matrix is held once
@@ -4356,6 +4361,8 @@ def _rl_fsdp_worker(rank, world, port, init, rows, cfg, out):
     opt = common.make_optimizer(policy, 1e-2, 0.1)
     res = rl.update(policy, ref, opt, rows[rank::world], cfg, world, "cpu", tok.bos_id,
                     contextlib.nullcontext())
+    # the reference's no-grad forwards leave no gathered root behind
+    assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in ref.parameters())
     sampler = rl.generation_model(policy, torch.float32, "cpu")
     # the bytes of bench/plan.py's rl rows: the bf16 generation copy, the bf16 reference's shard
     copy16 = rl.generation_model(policy, torch.bfloat16, "cpu")

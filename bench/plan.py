@@ -31,8 +31,8 @@ The layouts planned (N = --gpus, tensor parallel degree tp = min(N, gpus_per_nod
   node (model.tp_copy, refilled from the FSDP2 shards one parameter at a time), the KV cache
   sharded by kv heads over tp, each tp group decoding its share. Either refill holds one whole
   parameter besides for a moment (gathered in bf16), before generation: no row. The reference's
-  forward runs between the policy's forward and its backward (rl.update), and leaves its root
-  group gathered (a no-grad forward: no backward reshards it). --rl_offload=True plans
+  forward runs between the policy's forward and its backward (rl.update), which then frees its
+  root group (a no-grad forward has no backward to reshard it). --rl_offload=True plans
   offload=True: the training state's shards and the reference's in host memory.
 - search, eval: what search.py and eval.py run under torchrun with --tp=tp (model.tensor_parallel,
   which refuses a tp that does not divide the heads; more GPUs than tp are data-parallel copies):
@@ -86,9 +86,9 @@ width):
   input, its weights freed). Not counted: a group's transient all-gather buffers and
   reduce-scatter output, and with offload the shard copied to the GPU for its gather (at most 6 B
   per shard element of one group). None on one GPU.
-- rl's reference (N > 1): its root stays gathered, 2 B * root, from its first forward on; its
-  forward, estimated: two blocks gathered (4 B * block) and its logits' n * V * 12, beside the
-  policy's forward-end rows. One GPU: its logits only.
+- rl's reference forward (N > 1): its root gathered, 2 B * root (exact), and, estimated, two
+  blocks gathered (4 B * block) and its logits' n * V * 12, beside the policy's forward-end rows.
+  One GPU: its logits only.
 - Peak: training holds the persistent rows plus either its forward-end rows (block inputs, autocast
   cache, root gathered, forward logits) or its backward rows (block inputs, gathers, one block
   twice, backward logits); rl adds a phase for the reference's forward (the forward-end rows and
@@ -394,14 +394,13 @@ def plan_rl(shape, n, c):
             "AdamW state (fp32, FSDP shard)": st["optimizer"],
             f"generation weights (bf16, {gen})": tensor_parallel(shape, tp),
             "reference (bf16, FSDP shard)": sharded(shape, n),
-            "reference, root gathered (bf16)": 2 * root if n > 1 else 0,
             f"KV cache (bf16{kv})": kv_cache(shape, gen_rows, c.prompt_len, c.rl_max_new_tokens,
                                              tp),
             "decode logits": decode_logits(shape, gen_rows),
-            "reference forward": 4 * block * (n > 1) + tr[0]["logits, forward"]}
+            "reference forward": (2 * root + 4 * block) * (n > 1) + tr[0]["logits, forward"]}
     phases = {"generation": [f"KV cache (bf16{kv})", "decode logits"],
               "reference forward": tr[1] + ["reference forward"]}
-    rows, phases, host = training_plan(rows, list(rows)[:6], tr, phases, n, c.rl_offload)
+    rows, phases, host = training_plan(rows, list(rows)[:5], tr, phases, n, c.rl_offload)
     layout = f"TP {tp} x {dp}" if c.rl_generation == "tp" else "a whole copy per GPU"
     setup = (f"{shards(n, c.rl_offload)}; generation {layout}: {gen_rows} rows of "
              f"{c.prompt_len}+{c.rl_max_new_tokens} tokens; micro-batch {c.rl_micro_batch}"

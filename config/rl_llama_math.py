@@ -4,7 +4,7 @@
 #   torchrun --standalone --nproc_per_node=8 rl.py config/rl_llama_math.py
 # Written for an 8B policy. 70B on 8 x 80 GB: add --offload=True --tp=8 --micro_batch=1 (its
 # whole bf16 generation copy, 141 GB, fits no GPU; bench/plan.py --model=70B --stage=rl
-# --rl_offload=True --rl_generation=tp --rl_micro_batch=1: 58 GB per GPU, 1.27 TB of host memory
+# --rl_offload=True --rl_generation=tp --rl_micro_batch=1: 53 GB per GPU, 1.27 TB of host memory
 # for the offloaded shards).
 init = "out/sft_llama_math"  # the ASTRO-SFT policy of config/sft_llama_math.py
 train = "data/math/math_train.jsonl"  # python data/math/prepare.py --train=True
@@ -22,7 +22,7 @@ max_steps = 500  # a long run: every prompt a few times over
 truncation = "wrong"  # a long run: masked truncations let answers grow unchecked (rl.py docstring)
 lr = 1e-6  # the usual rate for RL of 1B-70B models
 warmup_steps = 20  # a short warm-up of a long run
-micro_batch = 4  # bench/plan.py, 8B on 8 GPUs: 65 GB per GPU with logit_chunk (113 without:
+micro_batch = 4  # bench/plan.py, 8B on 8 GPUs: 63 GB per GPU with logit_chunk (113 without:
                 # the fp32 logits of four 4608-token rows, the policy's and the reference's)
 logit_chunk = 1024  # the output layer 1024 positions at a time: 2 GB of logits, not 9.5
 kl_beta = 0.001  # a light anchor to the SFT policy over a long run
