@@ -103,17 +103,18 @@ Checked by tests (test_all.py, -k "plan or fsdp_update or tensor_parallel"): the
 and AdamW bytes against what fully_shard's ranks hold after one step of sft.wrap's bf16 mixed
 precision with offload (2 ranks, gloo, CPU: host memory there), and the bf16 storages alive at the
 end of its checkpointed forward against the root gathered plus the block inputs, and the root a
-bf16 reference holds in its forward (none after rl.update: it reshards); rl's bf16 generation copy and reference shard
-against what rl.py builds (2 and 4 ranks); the autocast cache against the bf16 copies alive at the
-end of one process's checkpointed autocast forward; the KV cache against generate.py's allocation;
-the TP weights and KV cache against what model.tensor_parallel's rank 0 holds at tp = 2; a block's
-saved tensors (T * a, plus its bf16 matrix copies under autocast; packed and plain rows) against
-what saved_tensors_hooks lists for one block on CPU, under bf16 autocast and in a bf16 model
-(distinct storages). Not checked: CUDA's attention kernels' saved tensors (flash or
-memory-efficient SDPA may save other tensors than the CPU kernel), the gradients that flow through
-the block in the backward, logits temporaries, the backward's gathers and reduce-scatter buffers,
-the reference's forward, allocator fragmentation (headroom) and runtime: they need a GPU's
-allocator to measure (torch.cuda.max_memory_allocated): bench/gpu_memory.py does, on a lent GPU.
+bf16 reference holds in its forward (none after rl.update: it reshards); rl's bf16 generation copy
+and reference shard against what rl.py builds (2 and 4 ranks); the autocast cache against the bf16
+copies alive at the end of one process's checkpointed autocast forward; the KV cache against
+generate.py's allocation; the TP weights and KV cache against what model.tensor_parallel's rank 0
+holds at tp = 2; a block's saved tensors (T * a, plus its bf16 matrix copies under autocast; packed
+and plain rows) against what saved_tensors_hooks lists for one block on CPU, under bf16 autocast
+and in a bf16 model (distinct storages). Not checked: CUDA's attention kernels' saved tensors
+(flash or memory-efficient SDPA may save other tensors than the CPU kernel), the gradients that
+flow through the block in the backward, logits temporaries, the backward's gathers and
+reduce-scatter buffers, the reference's forward, allocator fragmentation (headroom) and runtime:
+they need a GPU's allocator to measure (torch.cuda.max_memory_allocated): bench/gpu_memory.py does,
+on a lent GPU.
 Not counted: generate's per-row token and logprob buffers (rows * S * 16 B), prefill's
 temporaries and the reference's block activations (one block's, no grad), the final norm's saved
 tensors (T * (8d + 4)), the prefix cache's overshoot of its bound, rotary tables (2 * max_seq_len *
