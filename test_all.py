@@ -3631,12 +3631,13 @@ def _sharded_state(out_dir, step, world):
 
 @pytest.mark.slow
 def test_fsdp_resume_from_shards(setup, tmp_path):
-    """FSDP2 at 2 ranks saves each rank's shards (no gathered state), dies after the checkpoint of
-    step 3 and resumes: at 2 ranks, bitwise the weights of the run that never stopped; at 4 ranks
-    and in one plain process (the shards resharded), equal within fp32 tolerance. A state.pt whose
-    shards are gone is a UserError."""
+    """FSDP2 at 2 ranks (shards offloaded) saves each rank's shards (no gathered state), dies after
+    the checkpoint of step 3 and resumes: at 2 ranks, bitwise the weights of the run that never
+    stopped; at 4 ranks and in one plain process (the shards resharded), equal within fp32
+    tolerance. A state.pt whose shards are gone is a UserError."""
     _, _, make = setup
-    kw = dict(dtype="float32", max_steps=6, save_every=3, batch_size=8, micro_batch=2, fsdp=True)
+    kw = dict(dtype="float32", max_steps=6, save_every=3, batch_size=8, micro_batch=2, fsdp=True,
+              offload=True)
     full, cut = (make(out_dir=str(tmp_path / name), **kw) for name in ("full", "cut"))
     _runs(2, (sft.main, full, None), (sft.main, cut, 4))
     _sharded_state(full.out_dir, 6, 2)
@@ -3647,7 +3648,7 @@ def test_fsdp_resume_from_shards(setup, tmp_path):
         shutil.copytree(cut.out_dir, c.out_dir)
     _runs(2, (sft.main, cut, None))
     _runs(4, (sft.main, cut4, None))
-    sft.main(dataclasses.replace(cut1, fsdp=False))
+    sft.main(dataclasses.replace(cut1, fsdp=False, offload=False))
     a = final_weights(full.out_dir)
     b = final_weights(cut.out_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
