@@ -217,14 +217,14 @@ def derive_seed(*parts):
 
 class MetricsFile:
     """out_dir/metrics.jsonl, written on rank 0 (master): the records a resumed run's state holds
-    (those `keep` accepts) are kept, the rest dropped (they are redone), then one record is
-    appended per write."""
+    (those `keep` accepts; None: a fresh run, the old file is not read) are kept, the rest dropped
+    (they are redone), then one record is appended per write."""
 
     def __init__(self, out_dir, keep, master):
         self.file = None
         if master:
             path = os.path.join(out_dir, "metrics.jsonl")
-            write_jsonl(path, [r for r in resume_jsonl(path) if keep(r)])
+            write_jsonl(path, [r for r in resume_jsonl(path) if keep(r)] if keep else [])
             self.file = open(path, "a", encoding="utf-8")
 
     def write(self, rec):
@@ -392,8 +392,9 @@ def fsdp_shard(model, dtype=torch.float32, offload=False, store=None):
         kw["offload_policy"] = fsdp.CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
 
     def shard(module, params):
-        for p in params if store is not None else []:
-            p.data = p.data.to(store)  # in place: a tied matrix stays one parameter
+        if store is not None:
+            for p in params:
+                p.data = p.data.to(store)  # in place: a tied matrix stays one parameter
         fsdp.fully_shard(module, **kw)
     for block in model.layers:
         shard(block, block.parameters())
@@ -404,8 +405,7 @@ def fsdp_shard(model, dtype=torch.float32, offload=False, store=None):
 def training_context(model, device, dtype):
     """The context of a training forward: bf16 autocast over fp32 master weights, or nothing where
     FSDP2's mixed precision casts (fsdp_shard with dtype) or the weights are fp32 already."""
-    sharded = is_sharded(getattr(model, "module", model))
-    return contextlib.nullcontext() if sharded else autocast(device, dtype)
+    return contextlib.nullcontext() if is_sharded(model) else autocast(device, dtype)
 
 
 def is_sharded(model):

@@ -290,12 +290,19 @@ def forward_loss(model, rows, docs, cfg, device, autocast):
     real[0, 0] = True  # one token at least (a rank's share of val may be empty rows): no loss
     d = d + torch.arange(len(rows), device=device)[:, None] * d.size(1)  # ids unique across rows
     x, y, d = x[real][None], y[real][None], d[real][None]
+    return summed_loss(model, x, d, y, cfg.logit_chunk, autocast), x.numel()
+
+
+def summed_loss(model, x, d, y, chunk, autocast):
+    """Cross-entropy summed over the targets y (-1: none) of the packed rows x with documents d;
+    the output layer only where a loss is taken, chunk positions at a time if chunk
+    (model.chunked_logprobs: chunk x vocab logits alive)."""
     keep = y != -1
     with autocast:
-        if cfg.logit_chunk:  # chunk x vocab logits alive at a time (model.chunked_logprobs)
-            return -model(x, d, keep, y[keep], cfg.logit_chunk).sum(), x.numel()
+        if chunk:
+            return -model(x, d, keep, y[keep], chunk).sum()
         logits = model(x, doc=d, keep=keep)
-    return F.cross_entropy(logits.float(), y[keep], reduction="sum"), x.numel()
+    return F.cross_entropy(logits.float(), y[keep], reduction="sum")
 
 
 def allsum(proc, *xs):
@@ -365,7 +372,8 @@ class Metrics(common.MetricsFile):
     to its step and drops what a killed run logged after its last checkpoint."""
 
     def __init__(self, out_dir, step, max_steps, master, log):
-        super().__init__(out_dir, lambda r: step > 0 and r.get("step", 0) <= step, master)
+        keep = (lambda r: r.get("step", 0) <= step) if step else None
+        super().__init__(out_dir, keep, master)
         self.max_steps, self.log = max_steps, log
 
     def emit(self, rec):

@@ -27,7 +27,6 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import common  # noqa: E402
 import plan  # noqa: E402
 import rl  # noqa: E402
+import sft  # noqa: E402
 from generate import generate  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
 
@@ -85,11 +85,11 @@ class Peak:
         self.bytes = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
 
 
-def policy(recompute=True):
+def policy():
+    """The 1B-shaped Llama on the GPU, each block recomputed in the backward."""
     torch.manual_seed(0)
     with torch.device(dev):
-        net = Llama(SHAPE)
-    return common.recompute_blocks(net) if recompute else net
+        return common.recompute_blocks(Llama(SHAPE))
 
 
 def packed_row(T):
@@ -100,13 +100,9 @@ def packed_row(T):
 
 
 def sft_step(net, opt, x, y, doc, chunk, amp):
-    """sft.forward_loss's arithmetic on one packed row; returns (forward peak, backward peak)."""
-    keep = torch.ones_like(x, dtype=torch.bool)
-    with Peak() as fwd, amp:
-        if chunk:
-            loss = -net(x, doc, keep, y[keep], chunk).sum()
-        else:
-            loss = F.cross_entropy(net(x, doc, keep).float(), y[keep], reduction="sum")
+    """sft.py's loss on one packed row, backward, AdamW; returns (forward peak, backward peak)."""
+    with Peak() as fwd:
+        loss = sft.summed_loss(net, x, doc, y, chunk, amp)
     with Peak() as bwd:
         loss.backward()
     opt.step()
