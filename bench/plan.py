@@ -390,18 +390,19 @@ def plan_rl(shape, n, c):
     row_len = c.prompt_len + c.rl_max_new_tokens
     tr = training(shape, n, c.rl_micro_batch * row_len, c.rl_grad_checkpoint, 12, False,
                   c.rl_logit_chunk)
-    rows = {"weights (fp32, FSDP shard)": st["weights"],
+    held = {"weights (fp32, FSDP shard)": st["weights"],  # in every phase
             "gradients (fp32, FSDP shard)": st["gradients"],
             "AdamW state (fp32, FSDP shard)": st["optimizer"],
             f"generation weights (bf16, {gen})": tensor_parallel(shape, tp),
-            "reference (bf16, FSDP shard)": sharded(shape, n),
+            "reference (bf16, FSDP shard)": sharded(shape, n)}
+    rows = {**held,
             f"KV cache (bf16{kv})": kv_cache(shape, gen_rows, c.prompt_len, c.rl_max_new_tokens,
                                              tp),
             "decode logits": decode_logits(shape, gen_rows),
             "reference forward": (2 * root + 4 * block) * (n > 1) + tr[0]["logits, forward"]}
     phases = {"generation": [f"KV cache (bf16{kv})", "decode logits"],
               "reference forward": tr[1] + ["reference forward"]}
-    rows, phases, host = training_plan(rows, list(rows)[:5], tr, phases, n, c.rl_offload)
+    rows, phases, host = training_plan(rows, list(held), tr, phases, n, c.rl_offload)
     layout = f"TP {tp} x {dp}" if c.rl_generation == "tp" else "a whole copy per GPU"
     setup = (f"{shards(n, c.rl_offload)}; generation {layout}: {gen_rows} rows of "
              f"{c.prompt_len}+{c.rl_max_new_tokens} tokens; micro-batch {c.rl_micro_batch}"
