@@ -3665,34 +3665,20 @@ def test_fsdp_resume_from_shards(setup, tmp_path):
 
 # ------------------------------------------------------------ the GPU memory plan (bench/plan.py)
 
-class _Bf16Casts(TorchDispatchMode):
-    """Records the bf16 copies autocast makes of parameters; alive() = the bytes still held."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.nn.Parameter) \
-                and out.dtype == torch.bfloat16:
-            self.copies.append(weakref.ref(out))
-        return out
-
-    def alive(self):
-        return sum(t.untyped_storage().nbytes() for r in self.copies if (t := r()) is not None)
-
-
 class _Bf16Made(TorchDispatchMode):
-    """Records every bf16 tensor the ops make; alive() = the bytes of the distinct storages still
-    held (a storage FSDP2 has freed has 0 bytes)."""
+    """Records the bf16 tensors the ops make (only_casts: only the bf16 copies autocast makes of
+    parameters); alive() = the bytes of the distinct storages still held (a storage FSDP2 has
+    freed has 0 bytes)."""
 
-    def __init__(self):
+    def __init__(self, only_casts=False):
         super().__init__()
-        self.made = []
+        self.only_casts, self.made = only_casts, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.only_casts and not (func is torch.ops.aten._to_copy.default
+                                    and isinstance(args[0], torch.nn.Parameter)):
+            return out
         for t in out if isinstance(out, (list, tuple)) else [out]:
             if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
                 self.made.append(weakref.ref(t))
@@ -3799,7 +3785,7 @@ def test_plan_training_state_matches_fully_shard():
         + 4 * len(ps)
     # one GPU: bf16 autocast, whose cache holds every Linear's bf16 copy to the forward's end
     for shape in shapes:
-        net, casts = common.recompute_blocks(model.Llama(shape)), _Bf16Casts()
+        net, casts = common.recompute_blocks(model.Llama(shape)), _Bf16Made(only_casts=True)
         with common.autocast("cpu", torch.bfloat16), casts:
             net(torch.randint(0, shape.vocab_size, (B, T)))
             assert casts.alive() == bench_plan.autocast_cache(shape)
