@@ -89,12 +89,32 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+class _Gather(torch.autograd.Function):
+    """y = x[index] along dim 0 where the gradient needs no scatter: every row of x is read by
+    exactly one row of y marked in `inverse` (x[r] = y[inverse[r]]), and the other rows of y carry
+    no gradient (`live` False, or None when every row of y is live). The backward is a gather, not
+    indexing's scatter-add into zeros (which costs more than the attention on CPUs)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, live):
+        ctx.inverse, ctx.live = inverse, live
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g[ctx.inverse]
+        if ctx.live is not None:
+            g = torch.where(ctx.live.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
+        return g, None, None, None
+
+
 class Documents:
     """Attention per document for packed rows, without a (T, T) mask: the documents of a batch,
     sorted by length and grouped (each group's longest is at most 1.25x its shortest), gathered
-    group by group into (documents, length) batches for plain causal attention, and the outputs
-    gathered back into the rows. doc (B, T): equal ids in a run form one document. Also holds each
-    token's distance to its document's start (its rotary position)."""
+    into one slot per (document, position) of its group's (documents, length) batch for plain
+    causal attention, and the outputs gathered back into the rows. doc (B, T): equal ids in a run
+    form one document. Also holds each token's distance to its document's start (its rotary
+    position)."""
 
     def __init__(self, doc):
         B, T = doc.shape
@@ -107,33 +127,39 @@ class Documents:
         first = lens.cumsum(0) - lens  # flat index of each document's first token
         order = lens.argsort(descending=True, stable=True)
         n = lens[order].tolist()
-        back = torch.empty(B * T, dtype=torch.long, device=doc.device)
-        self.groups, done, a = [], 0, 0
+        slots, real, self.shapes, a = [], [], [], 0
         while a < len(n):
             b = a + 1
             while b < len(n) and n[b] * 5 >= n[a] * 4:
                 b += 1
             docs, L = order[a:b], n[a]
             idx = first[docs, None] + torch.arange(L, device=doc.device)
-            real = torch.arange(L, device=doc.device) < lens[docs, None]
             # a shorter document's padding slots read any token: they come after its last one,
             # so causal attention never shows them to its queries, and their outputs are dropped
-            self.groups.append(idx.clamp(max=B * T - 1))
-            back[idx[real]] = done + torch.arange(idx.numel(), device=doc.device).view_as(idx)[real]
-            done, a = done + idx.numel(), b
-        self.back = back
+            slots.append(idx.clamp(max=B * T - 1).flatten())
+            real.append((torch.arange(L, device=doc.device) < lens[docs, None]).flatten())
+            self.shapes.append((b - a, L))
+            a = b
+        self.slots, self.real = torch.cat(slots), torch.cat(real)  # slot -> token; is it one
+        self.back = torch.empty(B * T, dtype=torch.long, device=doc.device)  # token -> its slot
+        every = torch.arange(len(self.slots), device=doc.device)
+        self.back[self.slots[self.real]] = every[self.real]
 
     @torch.compiler.disable  # data-dependent groups: compiled code calls it as it is
     def attend(self, q, k, v):
         """Causal attention within each document: q (B, T, heads, hd), k and v (B, T, kv heads,
-        hd) -> (B, T, heads, hd)."""
+        hd) -> (B, T, heads, hd). A padding slot's gradient is zero (no real query sees it and its
+        output is dropped), so the gathers' backwards drop it."""
         B, T = q.shape[:2]
-        q, k, v = (x.flatten(0, 1) for x in (q, k, v))
-        out = [F.scaled_dot_product_attention(q[i].transpose(1, 2), k[i].transpose(1, 2),
-                                              v[i].transpose(1, 2), is_causal=True,
-                                              enable_gqa=True).transpose(1, 2).flatten(0, 1)
-               for i in self.groups]
-        return torch.cat(out)[self.back].view(B, T, *q.shape[1:])
+        q, k, v = (_Gather.apply(x.flatten(0, 1), self.slots, self.back, None) for x in (q, k, v))
+        out, a = [], 0
+        for n, L in self.shapes:
+            q_, k_, v_ = (x[a:a + n * L].unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
+            y = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)
+            out.append(y.transpose(1, 2).flatten(0, 1))
+            a += n * L
+        y = _Gather.apply(torch.cat(out), self.back, self.slots, self.real)
+        return y.view(B, T, -1, q.size(-1))
 
 
 class Attention(nn.Module):

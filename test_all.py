@@ -3830,7 +3830,7 @@ def _block_saved_bytes(net, T, packed):
     docs = model.Documents(torch.zeros(1, T, dtype=torch.long)) if packed else None
     if packed:
         cos, sin = cos[docs.pos][:, :, None], sin[docs.pos][:, :, None]
-        tables = [docs.pos, docs.back, *docs.groups]
+        tables = [docs.pos, docs.back, docs.slots, docs.real]
     else:
         cos, sin, tables = cos[None, :T, None], sin[None, :T, None], []
     known = {t.untyped_storage().data_ptr() for t in [x, cos, sin, *tables, *net.parameters()]}
