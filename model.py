@@ -152,12 +152,12 @@ class Documents:
         output is dropped), so the gathers' backwards drop it."""
         B, T = q.shape[:2]
         q, k, v = (_Gather.apply(x.flatten(0, 1), self.slots, self.back, None) for x in (q, k, v))
-        out, a = [], 0
-        for n, L in self.shapes:
-            q_, k_, v_ = (x[a:a + n * L].unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
+        sizes = [n * L for n, L in self.shapes]  # split, not sliced: one cat in the backward
+        out = []
+        for (n, L), q_, k_, v_ in zip(self.shapes, *(x.split(sizes) for x in (q, k, v))):
+            q_, k_, v_ = (x.unflatten(0, (n, L)).transpose(1, 2) for x in (q_, k_, v_))
             y = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)
             out.append(y.transpose(1, 2).flatten(0, 1))
-            a += n * L
         y = _Gather.apply(torch.cat(out), self.back, self.slots, self.real)
         return y.view(B, T, -1, q.size(-1))
 
