@@ -196,7 +196,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L],
                                                attn_mask=mask, enable_gqa=True).transpose(1, 2)
         elif isinstance(mask, Documents):  # packed rows (training): no keys/values kept
-            y = mask.attend(q, k, v)
+            # copies, not views of qkv: a view's backward is a zero-filled qkv per view, then a sum
+            y = mask.attend(q.contiguous(), k.contiguous(), v.contiguous())
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if kv is not None:
