@@ -1539,7 +1539,7 @@ def test_countdown_calculator(cd_data, monkeypatch):
              ("\\boxed{(25+25)+(7-3)}=50+4=", "54")]
     for text, want in cases:
         ids = tok.encode(text)
-        assert ids[-1] in triggers, text  # every "...=" ends in a trigger id
+        assert ids[-1] in triggers or want is None, text  # every "a op b=" ends in a trigger id
         assert calc(prompt, ids) == (tok.encode(want) if want else []), text
         assert calc(other, ids) == calc(prompt, ids), text  # the target changes nothing
     assert not any(i in triggers for i in tok.encode("12*3 left 7 25 36\n"))

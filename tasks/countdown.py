@@ -30,6 +30,7 @@ lines that wrote its operands.
 The grader never eval()s model text: countdown_eval is a tiny recursive-descent parser over
 Fractions.
 """
+import operator
 import re
 import string
 from fractions import Fraction
@@ -40,6 +41,7 @@ import common
 
 CD_MAX_CHARS = 300  # longest expression graded (a 6-number expression needs < 60 chars)
 
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 CALC = re.compile(r"(?<![\d.])(\d{1,6})([-+*/])(\d{1,6})=$")  # "...11*4=" ending the text so far
 TARGET = re.compile(r"Make (\d+) from ([\d ]+) with")  # target and numbers of a countdown_prompt
 BOXED_LINE = re.compile(r".*\\boxed\{(.*)\}=")  # an answer line's box (greedy: up to its last "}=")
@@ -140,13 +142,12 @@ def numbers_left(numbers, text):
     """The numbers left after the complete lines `text` of a response: the start numbers, replaced
     by the list of each step line ("... left 7 61") and of the step a go-back restates, reset by a
     restart."""
-    left = list(numbers)
-    for line in text.split("\n"):
+    for line in reversed(text.split("\n")):  # the last line that sets them decides
         if common.RESTART in line:
-            left = list(numbers)
-        elif m := LEFT.search(line):
-            left = [Fraction(n) for n in m[1].split()]
-    return left
+            break
+        if m := LEFT.search(line):
+            return [Fraction(n) for n in m[1].split()]
+    return list(numbers)
 
 
 def tool(tok, oracle=False):
@@ -165,7 +166,9 @@ def tool(tok, oracle=False):
     reflect, where to go back and what to try next.
     oracle=True is the labelled ablation: on the \\boxed{} line the tool also writes the grader's
     verdict on the row's own problem and ends the line, so every reflection follows an oracle."""
-    triggers = [i for i in tok.ids_containing("=") if tok.decode([i]).endswith("=")]
+    # a token ending in "=" can end "a op b=" only if it is "=" or a digit precedes its "="
+    triggers = [i for i in tok.ids_containing("=")
+                if re.fullmatch(r"(.*\d)?=", tok.decode([i]), re.S)]
 
     def calculator(prompt, ids):
         # the prompt may end in part of the response (search's node paths)
@@ -185,7 +188,8 @@ def tool(tok, oracle=False):
                     {"target": int(target), "numbers": numbers}, box[1])
                 return tok.encode(f"{value}{verdict(value, int(target), ok)}\n")
             return tok.encode(value)
-        value = (countdown_eval(m[0][:-1]) or ("undefined",))[0]  # x/0: "undefined"
+        a, op, b = Fraction(m[1]), m[2], Fraction(m[3])
+        value = "undefined" if op == "/" and b == 0 else OPS[op](a, b)
         if common.REFLECT in line:  # a go-back restating a step: the model restates the rest itself
             return tok.encode(str(value))
         left = numbers_left(numbers, text[: len(text) - len(line)])
