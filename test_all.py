@@ -569,6 +569,34 @@ def test_per_document_attention_equals_the_dense_mask():
     assert model.Documents(doc).pos[:, -1].tolist() == [19, 55, 155]
 
 
+def test_document_gathers_backward_equals_indexing():
+    """Documents.attend's gathers (model._Gather: the backward is a gather too) give exactly the
+    values and gradients of plain indexing, whose backward scatter-adds into zeros."""
+    g = torch.Generator().manual_seed(1)
+    doc = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)]
+                        for row in ([1, 90, 3, 40, 2, 20], [17, 33, 50, 56], [156])])
+    docs = model.Documents(doc)
+    B, T = doc.shape
+    q = torch.randn(B, T, 4, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, T, 2, 16, generator=g, requires_grad=True) for _ in range(2))
+
+    def indexed(q, k, v):
+        q, k, v = (x.flatten(0, 1)[docs.slots] for x in (q, k, v))
+        out, a = [], 0
+        for n, L in docs.shapes:
+            q_, k_, v_ = (x[a:a + n * L].unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
+            out.append(F.scaled_dot_product_attention(q_, k_, v_, is_causal=True,
+                                                      enable_gqa=True).transpose(1, 2).flatten(0, 1))
+            a += n * L
+        return torch.cat(out)[docs.back].view(B, T, 4, 16)
+
+    w = torch.randn(B, T, 4, 16, generator=g)
+    got, want = docs.attend(q, k, v), indexed(q, k, v)
+    assert torch.equal(got, want)
+    for a, b in zip(*(torch.autograd.grad((y * w).sum(), (q, k, v)) for y in (got, want))):
+        assert torch.equal(a, b)
+
+
 # ==================================================================================================
 # checkpoint.py: weights in and out (ours, Meta, Hugging Face)
 # ==================================================================================================
