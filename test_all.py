@@ -585,8 +585,8 @@ def test_document_gathers_backward_equals_indexing():
         out, a = [], 0
         for n, L in docs.shapes:
             q_, k_, v_ = (x[a:a + n * L].unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
-            out.append(F.scaled_dot_product_attention(q_, k_, v_, is_causal=True,
-                                                      enable_gqa=True).transpose(1, 2).flatten(0, 1))
+            y = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)
+            out.append(y.transpose(1, 2).flatten(0, 1))
             a += n * L
         return torch.cat(out)[docs.back].view(B, T, 4, 16)
 
