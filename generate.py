@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 class KVCache:
     """Preallocated keys/values of the rows in flight: per layer, keys (B, n_kv, hd, S), stored
-    transposed so that a decode step's scores are a plain matmul over keys [0, L) (on CPUs ~30%
-    faster than over a transposed slice, same values), and values (B, n_kv, S, hd). Each row holds
+    transposed so that a decode step's scores are a plain matmul over keys [0, L) (faster on CPUs
+    than over a transposed slice, the same values), and values (B, n_kv, S, hd). Each row holds
     its own sequence at its own positions (prompts differ in length), so rows never wait for each
     other. Under tensor parallelism (tp ranks, model.tensor_parallel) a rank keeps its
     n_kv_heads / tp heads."""
@@ -50,7 +50,7 @@ class KVCache:
 
     def keep(self, rows):
         """Keep only these rows. A copy of the whole cache: generate drops idle rows in batches."""
-        self.k = [k.index_select(0, rows) for k in self.k]  # on CPUs ~1.7x faster than k[rows]
+        self.k = [k.index_select(0, rows) for k in self.k]  # a faster gather than k[rows] on CPUs
         self.v = [v.index_select(0, rows) for v in self.v]
 
 

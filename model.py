@@ -98,7 +98,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, inverse, live):
         ctx.inverse, ctx.live = inverse, live
-        return x.index_select(0, index)  # on CPUs ~2.5x faster than x[index], the same copy
+        return x.index_select(0, index)  # a faster gather than x[index] on CPUs
 
     @staticmethod
     def backward(ctx, g):

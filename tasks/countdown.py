@@ -30,7 +30,6 @@ lines that wrote its operands.
 The grader never eval()s model text: countdown_eval is a tiny recursive-descent parser over
 Fractions.
 """
-import operator
 import re
 import string
 from fractions import Fraction
@@ -41,7 +40,6 @@ import common
 
 CD_MAX_CHARS = 300  # longest expression graded (a 6-number expression needs < 60 chars)
 
-OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 CALC = re.compile(r"(?<![\d.])(\d{1,6})([-+*/])(\d{1,6})=$")  # "...11*4=" ending the text so far
 TARGET = re.compile(r"Make (\d+) from ([\d ]+) with")  # target and numbers of a countdown_prompt
 BOXED_LINE = re.compile(r".*\\boxed\{(.*)\}=")  # an answer line's box (greedy: up to its last "}=")
@@ -188,8 +186,7 @@ def tool(tok, oracle=False):
                     {"target": int(target), "numbers": numbers}, box[1])
                 return tok.encode(f"{value}{verdict(value, int(target), ok)}\n")
             return tok.encode(value)
-        a, op, b = Fraction(m[1]), m[2], Fraction(m[3])
-        value = "undefined" if op == "/" and b == 0 else OPS[op](a, b)
+        value = (countdown_eval(m[0][:-1]) or ("undefined",))[0]  # x/0: "undefined"
         if common.REFLECT in line:  # a go-back restating a step: the model restates the rest itself
             return tok.encode(str(value))
         left = numbers_left(numbers, text[: len(text) - len(line)])
