@@ -151,6 +151,10 @@ def main(b):
     with tempfile.TemporaryDirectory() as tmp:
         have = os.path.isfile(b.data) and os.path.isfile(b.tokenizer)
         data, tok = (b.data, b.tokenizer) if have else synthetic(tmp, numbers=4 if b.astro else 2)
+        if not have:  # other lengths and vocabulary: its ratios are not the main job's
+            print(f"no {b.data} or {b.tokenizer}: synthetic byte-level conversations instead "
+                  "(data/countdown/prepare.py writes the tokenizer and warm-up data; --astro reads "
+                  "the main job's out/linearize/astro.jsonl)", flush=True)
         print(f"data {data} | dim {b.dim} x {b.n_layers} layers | {b.batch_size}x{b.seq_len} "
               f"tokens per step ({b.micro_batch} rows per forward) | {b.dtype} | "
               f"compile {b.compile} | "
