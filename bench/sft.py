@@ -149,9 +149,9 @@ def main(b):
     if b.astro:
         b.data, b.seq_len, b.batch_size, b.micro_batch = "out/linearize/astro.jsonl", 448, 18, 18
     with tempfile.TemporaryDirectory() as tmp:
-        have = os.path.isfile(b.data) and os.path.isfile(b.tokenizer)
-        data, tok = (b.data, b.tokenizer) if have else synthetic(tmp, numbers=4 if b.astro else 2)
-        if not have:  # other lengths and vocabulary: its ratios are not the main job's
+        data, tok = b.data, b.tokenizer
+        if not (os.path.isfile(data) and os.path.isfile(tok)):  # not the main job's ratios
+            data, tok = synthetic(tmp, numbers=4 if b.astro else 2)
             print(f"no {b.data} or {b.tokenizer}: synthetic byte-level conversations instead "
                   "(data/countdown/prepare.py writes the tokenizer and warm-up data; --astro reads "
                   "the main job's out/linearize/astro.jsonl)", flush=True)
