@@ -3458,11 +3458,7 @@ def _rss_anon():
 
 def _peak_anon_growth(fn):
     """The peak growth of RssAnon while fn() runs (and with its result alive), sampled by a
-    thread every millisecond. glibc maps allocations over 1 MB on their own from here on and
-    unmaps them when freed (no dynamic threshold): RssAnon then follows what fn allocates, not
-    what the heap keeps (a forked rank inherits the test process's heap, free chunks included,
-    already resident)."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    thread every millisecond."""
     base, peak, done = _rss_anon(), [0], threading.Event()
 
     def poll():
@@ -3535,6 +3531,9 @@ def _fsdp_load_worker(rank, world, port, out, small, big, whole_first):
     (loaded as stored, fsdp_shard casting group by group), or with whole_first cast whole first;
     and its shards gathered back."""
     _torchrun_env(rank, world, port)
+    # glibc maps allocations over 1 MB on their own and unmaps them when freed (no dynamic
+    # threshold): RssAnon then follows what is allocated, not what the heap keeps
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     common.dist_setup()
     if whole_first:
         load = lambda d: common.fsdp_shard(checkpoint.load_model(d)[0])
