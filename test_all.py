@@ -3458,7 +3458,10 @@ def _rss_anon():
 
 def _peak_anon_growth(fn):
     """The peak growth of RssAnon while fn() runs (and with its result alive), sampled by a
-    thread every millisecond."""
+    thread every millisecond. The heap's free pages go back to the system first: a forked rank
+    inherits the test process's heap, whose free chunks are resident already and would hold fn's
+    allocations without any growth (glibc reuses a free chunk of any size before it maps one)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     base, peak, done = _rss_anon(), [0], threading.Event()
 
     def poll():
@@ -3495,11 +3498,12 @@ def _tp_memory_worker(rank, world, port, out, small, big, whole_first):
 def test_load_model_tp_never_holds_a_whole_weight(tmp_path):
     """A rank of load_model(mesh=) at tp = 2 reads only its parts of the memory-mapped weights
     into its shards: its anonymous memory (RssAnon, which the mapped file's clean pages are not;
-    sampled every millisecond) grows by its shards, half the weights, and by less than half the
-    largest weight besides (a whole weight held for a moment, or one layer's wqkv and w13 copied,
-    is more). Loading the whole model and then calling tensor_parallel on it (its stacked weights,
-    2/3 of the bytes here, reordered in place: private copies of the mapped pages, then scattered
-    from rank 0) grows by more than the whole weights: the measurement sees such copies."""
+    sampled every millisecond) grows by its shards, half the weights, and by less than the
+    largest weight besides (a whole weight held for a moment is more; so are one layer's wqkv
+    and w13 copied). Loading the whole model and then calling tensor_parallel on it (its stacked
+    weights, 2/3 of the bytes here, reordered in place: private copies of the mapped pages, then
+    scattered from rank 0) grows by more than the whole weights: the measurement sees such
+    copies."""
     tok = tiny_tokenizer(tmp_path / "bytes.model")
     big = tiny_model(dim=512, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=tok.n_vocab,
                      ffn_dim_multiplier=1.5)
@@ -3521,7 +3525,7 @@ def test_load_model_tp_never_holds_a_whole_weight(tmp_path):
     for rank in (0, 1):
         growth, shards = sharded[rank]
         assert shards == whole_first[rank][1] and 0.45 * full < shards < 0.55 * full
-        assert 0.8 * shards < growth < shards + largest / 2  # the warm-up left some heap free
+        assert 0.8 * shards < growth < shards + largest
         assert whole_first[rank][0] > full
 
 
@@ -3552,8 +3556,9 @@ def _fsdp_load_worker(rank, world, port, out, small, big, whole_first):
 def test_fsdp_load_casts_one_group_at_a_time(tmp_path):
     """An FSDP2 rank (2 ranks) loading a bf16 checkpoint into fp32 shards, as sft.py and rl.py do
     for a bf16 init, holds the fp32 weights they were cast from (the tied matrix tied), and its
-    anonymous memory grows by its fp32 shards plus about one block's fp32 copy (the one being
-    cast): never the whole model cast (which loading it in fp32 first costs, every rank)."""
+    anonymous memory grows by its fp32 shards plus less than three blocks' fp32 copies (the block
+    being cast and the shards cut from it, with the allocator's slack): never the whole model
+    cast (eight blocks here; loading it in fp32 first costs that, every rank)."""
     tok = tiny_tokenizer(tmp_path / "bytes.model")
     big = tiny_model(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=tok.n_vocab,
                      ffn_dim_multiplier=1.5, tie_embeddings=True).to(torch.bfloat16)
@@ -3571,7 +3576,7 @@ def test_fsdp_load_casts_one_group_at_a_time(tmp_path):
     for rank in (0, 1):
         growth, shards, _ = cast[rank]
         assert 0.45 * full < shards < 0.55 * full and shards == whole_first[rank][1]
-        assert growth < shards + 1.5 * block and whole_first[rank][0] > full
+        assert growth < shards + 3 * block and whole_first[rank][0] > full
     for k, p in big.named_parameters():
         assert torch.equal(torch.from_numpy(cast[0][2][k]), p.float()), k
 
