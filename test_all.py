@@ -4350,16 +4350,8 @@ def test_ddp_update_equals_single_process(easy):
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     n_tok, loss_sum, _ = rl.update(net, None, opt, rows, cfg, 1, "cpu", tok.bos_id,
                                    contextlib.nullcontext())[:3]
-    ctx = torch.multiprocessing.get_context("fork")  # fork: no re-import of torch and this file
-    out, port = ctx.Queue(), random.Random().randrange(20000, 60000)
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg.init, rows, cfg, out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    out, port = torch.multiprocessing.get_context("fork").Queue(), _free_port()
+    got = _fork(2, _ddp_worker, port, cfg.init, rows, cfg, out, out=out)
     assert got[0][1][0] == got[1][1][0] == n_tok == 21
     # Σ over ranks = the 1-process sum
     assert got[0][1][1] + got[1][1][1] == pytest.approx(loss_sum, rel=1e-5)
