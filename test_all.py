@@ -3172,11 +3172,19 @@ def test_ddp_and_fsdp_match_one_process(setup):
 
 # ------------------------------------------------------------ tensor parallel inference (--tp)
 
+def _forked(target, *args):
+    """A forked rank: inductor compiles in this process, then target(*args). The parent's compile
+    thread pool comes through the fork without its threads (inductor resets only its process
+    pool), so a compile handed to it would wait for ever."""
+    torch._inductor.config.compile_threads = 1
+    target(*args)
+
+
 def _fork(world, target, *args, out=None, wait=120):
     """target(rank, world, *args) in `world` forked processes (no re-import of torch and this
     file); each must exit cleanly. With a queue `out`, each puts one result: returned, sorted."""
     ctx = torch.multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
+    procs = [ctx.Process(target=_forked, args=(target, r, world, *args)) for r in range(world)]
     for p in procs:
         p.start()
     try:  # results first: a process exits only once what it put is read
@@ -3189,6 +3197,22 @@ def _fork(world, target, *args, out=None, wait=120):
             if p.is_alive():
                 p.kill()
     return got
+
+
+def _compile_worker(rank, world, out, n):
+    out.put((rank, torch.compile(lambda t: (t * 3).cos())(torch.ones(n)).tolist()))
+
+
+def test_forked_ranks_compile_after_the_parent_did(monkeypatch):
+    """A rank forked after this process compiled through inductor's thread pool compiles too
+    (_forked). Sizes no earlier run used, so both compiles miss inductor's cache."""
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 2)  # the pool, even on 1 core
+    n = 1000 + time.time_ns() % 10**6
+    torch.compile(lambda t: (t * 2).sin())(torch.ones(n + 1))
+    out = torch.multiprocessing.get_context("fork").Queue()
+    got = _fork(1, _compile_worker, out, n, out=out, wait=60)
+    assert [r for r, _ in got] == [0]
+    torch.testing.assert_close(torch.tensor(got[0][1]), torch.ones(n).mul(3).cos())
 
 
 def _run_ranks(world, target, *args):
