@@ -128,6 +128,7 @@ def load_script(name, path):
 countdown_prepare = load_script("countdown_prepare", "data/countdown/prepare.py")
 math_prepare = load_script("math_prepare", "data/math/prepare.py")
 bench_plan = load_script("bench_plan", "bench/plan.py")
+bench_sft = load_script("bench_sft", "bench/sft.py")
 smollm2_convert = load_script("smollm2_convert", "data/smollm2/convert.py")
 
 
@@ -3718,6 +3719,31 @@ def test_fsdp_resume_from_shards(setup, tmp_path):
     shutil.rmtree(os.path.join(full.out_dir, "state-6"))  # a state.pt without its shards
     with pytest.raises(common.UserError, match="state-6/ are missing"):
         checkpoint.load_state(full.out_dir, None, None)
+
+
+# ------------------------------------------------------------ the SFT bench's FLOP count
+
+def test_bench_sft_model_flops_equal_the_matmuls_sft_runs(tmp_path):
+    """bench/sft.py's share of the mm peak rests on its FLOP count: the weights' part equals what
+    torch's FLOP counter sees in sft.py's forward and backward of the same packed rows (the counter
+    sees no attention: its term is the causal pairs of each document)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    b = bench_sft.Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=256)
+    data, tok_path = bench_sft.synthetic(str(tmp_path), n=40, numbers=2)
+    tok, docs, rows = bench_sft.epoch_rows(b, data, tok_path)
+    rows = rows[:3]
+    assert all(len(r) > 1 for r in rows)  # packed: documents share rows
+    torch.manual_seed(0)
+    net = model.Llama(model.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                        vocab_size=tok.n_vocab))
+    with FlopCounterMode(display=False) as fc:
+        loss, _ = sft.forward_loss(net, rows, docs, sft.Config(seq_len=256), "cpu",
+                                   contextlib.nullcontext())
+        loss.backward()
+    mine = [docs[i] for r in rows for i in r]
+    weights, attention = bench_sft.model_flops(b, tok.n_vocab, mine)
+    assert fc.get_flop_counts()["Global"][torch.ops.aten.mm] == weights
+    assert attention == 12 * 2 * 64 * sum(len(x) * (len(x) + 1) // 2 for x, _ in mine)
 
 
 # ------------------------------------------------------------ the GPU memory plan (bench/plan.py)

@@ -9,14 +9,17 @@ per step), precision and AdamW, in one process.
     python bench/sft.py --compile=True     # sft.py with torch.compile (the plain loop stays eager)
 Ours is sft.main itself (batch building, doc-masked forward, loss, backward, clip, AdamW), timed
 from its own metrics.jsonl after `warmup` steps. Two baselines: (1) the same packed rows fed to
-LlamaForCausalLM(input_ids, labels) with its plain causal attention: less work than ours (no
-block-diagonal mask) but packed documents see each other; (2) the usual HF SFT loop: the same
+LlamaForCausalLM(input_ids, labels) with its plain causal attention over whole rows (more
+attention work than ours, and packed documents see each other); (2) the usual HF SFT loop: the same
 conversations, one per row, padded to the longest of the micro-batch. Rates are data tokens/s
-(padding excluded; processed tokens in brackets) and the ratio ours / transformers. Target:
->= 1.5x at both shapes. Data: data/countdown/warmup.jsonl (--astro: out/linearize/astro.jsonl) with
-data/countdown/tokenizer.model when present, else synthetic Countdown-like conversations of the
-same length class with a byte-level tokenizer. Don't tune timings while others use the
-CPU.
+(padding excluded; processed tokens in brackets), the ratio ours / transformers, and each side's
+share of the fp32 torch.mm peak measured first in the same process (model FLOPs of the timed rows:
+6 per weight per token, attention over each document's causal pairs, the output layer where a loss
+is taken; work beyond that, such as transformers' attention across documents, counts for nothing).
+Target: >= 1.5x at both shapes. Data: data/countdown/warmup.jsonl (--astro:
+out/linearize/astro.jsonl) with data/countdown/tokenizer.model when present, else synthetic
+Countdown-like conversations of the same length class with a byte-level tokenizer. Don't tune
+timings while others use the CPU.
 """
 import base64
 import json
@@ -34,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import common
 import sft
+from bench.generate import mm_peak
 from model import ModelConfig, ffn_hidden
 from tokenizer import Tokenizer
 
@@ -95,17 +99,36 @@ def ours(b, data, tok, out_dir):
     return data_tokens / seconds, data_tokens / seconds
 
 
-def transformers_loop(b, data, tok_path, packed):
-    """Data tokens/s and processed tokens/s of a plain LlamaForCausalLM loop. packed=True: our
-    packed rows (trimmed as ours), plain causal attention (documents see each other: less work than
-    ours, and a different objective). packed=False: the same conversations per micro-step as ours,
-    one per row, padded to the longest (the usual HF SFT loop)."""
+def epoch_rows(b, data, tok_path):
+    """The rendered conversations and the rows sft.py trains on, in order (its epoch 0)."""
     tok = Tokenizer(tok_path)
     # ours holds out nothing either (val_frac=0)
     docs, _ = sft.render(sft.read_conversations(data), tok, sft.Config(seq_len=b.seq_len))
-    # sft.py's epoch-0 order, so: the rows ours trains on, in order
     order = np.random.default_rng([sft.Config.seed, 2, 0]).permutation(len(docs))
-    rows = sft.pack([len(ids) for ids, _ in docs], order, b.seq_len)
+    return tok, docs, sft.pack([len(ids) for ids, _ in docs], order, b.seq_len)
+
+
+def model_flops(b, vocab, docs):
+    """Model FLOPs of a forward and backward over `docs` ((ids, tgt) pairs): (the matmuls with
+    weights: 6 per weight per token in the blocks, 6 * dim * vocab per token that carries a loss;
+    attention: per layer 12 * dim per causal (query, key) pair of a document, QK and PV)."""
+    mcfg = ModelConfig(dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads, n_kv_heads=b.n_kv_heads)
+    hd = b.dim // b.n_heads
+    block = b.dim * (b.n_heads + 2 * b.n_kv_heads) * hd + b.n_heads * hd * b.dim
+    block += 3 * b.dim * ffn_hidden(mcfg)
+    tokens = sum(len(ids) for ids, _ in docs)
+    loss_tokens = sum(int((tgt >= 0).sum()) for _, tgt in docs)
+    pairs = sum(len(ids) * (len(ids) + 1) // 2 for ids, _ in docs)
+    weights = 6 * b.n_layers * block * tokens + 6 * b.dim * vocab * loss_tokens
+    return weights, 12 * b.n_layers * b.n_heads * hd * pairs
+
+
+def transformers_loop(b, tok, docs, rows, packed):
+    """Data tokens/s and processed tokens/s of a plain LlamaForCausalLM loop. packed=True: our
+    packed rows (trimmed as ours), plain causal attention over whole rows (documents see each other:
+    more attention work than ours, and a different objective). packed=False: the same
+    conversations per micro-step as ours, one per row, padded to the longest (the usual HF SFT
+    loop)."""
     mcfg = ModelConfig(dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads, n_kv_heads=b.n_kv_heads)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(
@@ -159,13 +182,21 @@ def main(b):
               f"tokens per step ({b.micro_batch} rows per forward) | {b.dtype} | "
               f"compile {b.compile} | "
               f"{torch.get_num_threads()} threads | {b.steps} timed steps after {b.warmup}")
-        ours_data, ours_all = ours(b, data, tok, os.path.join(tmp, "out"))
-        print(f"sft.py: {ours_data:,.0f} data tok/s ({ours_all:,.0f} processed, padding included)",
+        tokenizer, docs, rows = epoch_rows(b, data, tok)
+        first, n = b.warmup * b.batch_size, b.steps * b.batch_size  # the timed steps' rows
+        timed = [docs[i] for k in range(first, first + n) for i in rows[k % len(rows)]]
+        flops = sum(model_flops(b, tokenizer.n_vocab, timed)) / sum(len(x) for x, _ in timed)
+        peak = mm_peak()
+        print(f"torch.mm peak {peak:.1f} GFLOP/s | {flops / 1e6:.2f} MFLOP per data token",
               flush=True)
+        ours_data, ours_all = ours(b, data, tok, os.path.join(tmp, "out"))
+        print(f"sft.py: {ours_data:,.0f} data tok/s ({ours_all:,.0f} processed, padding included) "
+              f"| {ours_data * flops / 1e9 / peak:.1%} of mm peak", flush=True)
         for packed, name in ((True, "same packed rows, plain causal"),
                              (False, "one conversation per row, padded")):
-            hf_data, hf_all = transformers_loop(b, data, tok, packed)
+            hf_data, hf_all = transformers_loop(b, tokenizer, docs, rows, packed)
             print(f"transformers ({name}): {hf_data:,.0f} data tok/s ({hf_all:,.0f} processed) | "
+                  f"{hf_data * flops / 1e9 / peak:.1%} of mm peak | "
                   f"ratio sft.py / transformers = {ours_data / hf_data:.2f}x", flush=True)
 
 
