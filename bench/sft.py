@@ -204,5 +204,6 @@ def main(b):
               "share of it: " + ", ".join(f"{k} {r * flops / 1e9 / max(peaks):.1%}"
                                           for k, r in rates.items()))
 
+
 if __name__ == "__main__":
     common.run_main(main, Config)
