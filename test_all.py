@@ -3730,8 +3730,8 @@ def test_bench_sft_model_flops_equal_the_matmuls_sft_runs(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
     b = bench_sft.Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=256)
     data, tok_path = bench_sft.synthetic(str(tmp_path), n=40, numbers=2)
-    tok, docs, rows = bench_sft.epoch_rows(b, data, tok_path)
-    rows = rows[:3]
+    tok, docs, train = bench_sft.stream(b, data, tok_path)
+    rows = train.rows(0)[:3]
     assert all(len(r) > 1 for r in rows)  # packed: documents share rows
     torch.manual_seed(0)
     net = model.Llama(model.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,

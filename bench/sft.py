@@ -31,13 +31,13 @@ import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import common
 import sft
 from bench.generate import mm_peak
+from bench.plan import params
 from model import ModelConfig, ffn_hidden
 from tokenizer import Tokenizer
 
@@ -99,31 +99,31 @@ def ours(b, data, tok, out_dir):
     return data_tokens / seconds, data_tokens / seconds
 
 
-def epoch_rows(b, data, tok_path):
-    """The rendered conversations and the rows sft.py trains on, in order (its epoch 0)."""
+def stream(b, data, tok_path):
+    """The rendered conversations and sft.py's stream of training rows over them (sft.Data: its
+    epochs, each its own seeded order)."""
     tok = Tokenizer(tok_path)
+    cfg = sft.Config(seq_len=b.seq_len)
     # ours holds out nothing either (val_frac=0)
-    docs, _ = sft.render(sft.read_conversations(data), tok, sft.Config(seq_len=b.seq_len))
-    order = np.random.default_rng([sft.Config.seed, 2, 0]).permutation(len(docs))
-    return tok, docs, sft.pack([len(ids) for ids, _ in docs], order, b.seq_len)
+    docs, _ = sft.render(sft.read_conversations(data), tok, cfg)
+    return tok, docs, sft.Data(docs, [], cfg, 1)
 
 
 def model_flops(b, vocab, docs):
     """Model FLOPs of a forward and backward over `docs` ((ids, tgt) pairs): (the matmuls with
     weights: 6 per weight per token in the blocks, 6 * dim * vocab per token that carries a loss;
     attention: per layer 12 * dim per causal (query, key) pair of a document, QK and PV)."""
-    mcfg = ModelConfig(dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads, n_kv_heads=b.n_kv_heads)
-    hd = b.dim // b.n_heads
-    block = b.dim * (b.n_heads + 2 * b.n_kv_heads) * hd + b.n_heads * hd * b.dim
-    block += 3 * b.dim * ffn_hidden(mcfg)
+    shape = ModelConfig(dim=b.dim, n_layers=b.n_layers, n_heads=b.n_heads,
+                        n_kv_heads=b.n_kv_heads, vocab_size=vocab)
+    blocks = params(shape).linear - b.dim * vocab  # every Linear weight but the output layer's
     tokens = sum(len(ids) for ids, _ in docs)
     loss_tokens = sum(int((tgt >= 0).sum()) for _, tgt in docs)
     pairs = sum(len(ids) * (len(ids) + 1) // 2 for ids, _ in docs)
-    weights = 6 * b.n_layers * block * tokens + 6 * b.dim * vocab * loss_tokens
-    return weights, 12 * b.n_layers * b.n_heads * hd * pairs
+    weights = 6 * blocks * tokens + 6 * b.dim * vocab * loss_tokens
+    return weights, 12 * b.n_layers * b.n_heads * (b.dim // b.n_heads) * pairs
 
 
-def transformers_loop(b, tok, docs, rows, packed):
+def transformers_loop(b, tok, docs, data, packed):
     """Data tokens/s and processed tokens/s of a plain LlamaForCausalLM loop. packed=True: our
     packed rows (trimmed as ours), plain causal attention over whole rows (documents see each other:
     more attention work than ours, and a different objective). packed=False: the same
@@ -139,13 +139,12 @@ def transformers_loop(b, tok, docs, rows, packed):
     model = torch.compile(hf) if b.compile_hf else hf
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=b.dtype == "bfloat16")
-    accum, k, t0, data_tokens, slots = b.batch_size // b.micro_batch, 0, None, 0, 0
+    accum, pos, t0, data_tokens, slots = b.batch_size // b.micro_batch, (0, 0), None, 0, 0
     for step in range(b.warmup + b.steps):
         if step == b.warmup:
             t0, data_tokens, slots = time.time(), 0, 0
         for _ in range(accum):
-            mine = [rows[(k + i) % len(rows)] for i in range(b.micro_batch)]
-            k += b.micro_batch
+            mine, pos = data.batch(pos, b.micro_batch)
             if packed:
                 x, y, _ = sft.make_batch(mine, docs, b.seq_len)
             else:
@@ -182,9 +181,9 @@ def main(b):
               f"tokens per step ({b.micro_batch} rows per forward) | {b.dtype} | "
               f"compile {b.compile} | "
               f"{torch.get_num_threads()} threads | {b.steps} timed steps after {b.warmup}")
-        tokenizer, docs, rows = epoch_rows(b, data, tok)
-        first, n = b.warmup * b.batch_size, b.steps * b.batch_size  # the timed steps' rows
-        timed = [docs[i] for k in range(first, first + n) for i in rows[k % len(rows)]]
+        tokenizer, docs, train = stream(b, data, tok)
+        _, pos = train.batch((0, 0), b.warmup * b.batch_size)  # the timed steps' rows follow
+        timed = [docs[i] for r in train.batch(pos, b.steps * b.batch_size)[0] for i in r]
         flops = sum(model_flops(b, tokenizer.n_vocab, timed)) / sum(len(x) for x, _ in timed)
         peaks = [mm_peak()]
         print(f"{flops / 1e6:.2f} MFLOP per data token", flush=True)
@@ -194,7 +193,7 @@ def main(b):
         rates = {"sft.py": ours_data}
         for packed, name in ((True, "same packed rows, plain causal"),
                              (False, "one conversation per row, padded")):
-            hf_data, hf_all = transformers_loop(b, tokenizer, docs, rows, packed)
+            hf_data, hf_all = transformers_loop(b, tokenizer, docs, train, packed)
             rates[f"transformers {'packed' if packed else 'padded'}"] = hf_data
             print(f"transformers ({name}): {hf_data:,.0f} data tok/s ({hf_all:,.0f} processed) | "
                   f"ratio sft.py / transformers = {ours_data / hf_data:.2f}x", flush=True)
