@@ -145,7 +145,9 @@ class Documents:
         every = torch.arange(len(self.slots), device=doc.device)
         self.back[self.slots[self.real]] = every[self.real]
 
-    @torch.compiler.disable  # data-dependent groups: compiled code calls it as it is
+    # data-dependent groups: compiled code calls it as it is. torch's lazy torch.compiler.disable:
+    # the public one imports dynamo, most of a process's start-up, into every process importing us
+    @torch._disable_dynamo
     def attend(self, q, k, v):
         """Causal attention within each document: q (B, T, heads, hd), k and v (B, T, kv heads,
         hd) -> (B, T, heads, hd). A padding slot's gradient is zero (no real query sees it and its
