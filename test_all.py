@@ -5147,6 +5147,17 @@ def test_imports_form_a_dag():
     assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph))
 
 
+def test_importing_the_stages_leaves_the_compiler_out():
+    """Importing a stage pulls in torch but not torch._dynamo, the larger part of a process's
+    start-up: a script that never compiles (linearize, the report, a finished stage's check) does
+    not pay for it. (A real import, in a fresh interpreter: this one has imported everything.)"""
+    code = ("import sys; import search, linearize, sft, rl, eval, generate, model, checkpoint; "
+            "import runs.report; print('torch' in sys.modules, 'torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False"], r.stdout
+
+
 def test_ruff_clean():
     """Lines <= 100 characters and no unused or undefined names (pyproject.toml's ruff settings)."""
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", ROOT],
